@@ -1,0 +1,54 @@
+//! `goms check-config`: validates the files users edit, printing `file:line: reason`.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{
+    load_routes_file, ConfigError, GomsConfig, DEFAULT_CONFIG_PATH, DEFAULT_ROUTES_PATH,
+};
+
+/// Checks goms.yml and/or services.yml; with neither path given, checks both defaults.
+pub fn run(config: Option<&Path>, routes: Option<&Path>) -> anyhow::Result<()> {
+    let (config, routes): (Option<PathBuf>, Option<PathBuf>) = match (config, routes) {
+        (None, None) => (
+            Some(DEFAULT_CONFIG_PATH.into()),
+            Some(DEFAULT_ROUTES_PATH.into()),
+        ),
+        (config, routes) => (config.map(Path::to_path_buf), routes.map(Path::to_path_buf)),
+    };
+    if let Some(path) = config {
+        check_config(&path, routes.is_none())?;
+    }
+    if let Some(path) = routes {
+        let spec = load_routes_file(&path)?;
+        let count: usize = spec.0.values().map(|r| r.len()).sum();
+        println!(
+            "{}: ok ({} services, {count} routes)",
+            path.display(),
+            spec.0.len()
+        );
+    }
+    Ok(())
+}
+
+fn check_config(path: &Path, explicit_only: bool) -> Result<(), ConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && !explicit_only => {
+            println!("{}: absent, built-in defaults apply", path.display());
+            return Ok(());
+        }
+        Err(source) => {
+            return Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source,
+            })
+        }
+    };
+    let config = GomsConfig::check_file(path, &text)?;
+    config.validate().map_err(|reason| ConfigError::Whole {
+        path: path.to_path_buf(),
+        reason,
+    })?;
+    println!("{}: ok", path.display());
+    Ok(())
+}

@@ -1,0 +1,221 @@
+//! The `goms` command line: flags, logging, and one function per subcommand.
+//!
+//! Precedence is flags > `GOMS__*` environment > `goms.yml` > built-in defaults.
+
+mod check;
+mod cluster;
+mod logging;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{GomsConfig, LogFormat, DEFAULT_CONFIG_PATH};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "goms",
+    version,
+    about = "goms: API gateway, service registry on etcd, and distributed trace logs",
+    long_about = "goms routes /api/{service}/{route} to service replicas registered in etcd.\n\n\
+Configuration is read from --config (default config/goms.yml; an absent file means defaults), \
+then overridden by GOMS__* environment variables (GOMS__CALL_SERVICE_KEY, GOMS__GATEWAY__HTTP_PORT, ...), \
+then by the flags below."
+)]
+pub struct Cli {
+    /// Process config file (goms.yml). An absent file means built-in defaults.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+
+    /// Log format: `text` for people, `json` for log shippers. Overrides log.format.
+    #[arg(long, global = true, value_enum, value_name = "FORMAT")]
+    log_format: Option<LogFormat>,
+
+    /// Log filter such as `info` or `goms=debug,info`. Overrides log.level; RUST_LOG wins over both.
+    #[arg(long, global = true, value_name = "FILTER")]
+    log_level: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the API gateway (pingora): routes /api/{service}/{route} to replicas from etcd.
+    Gateway(GatewayArgs),
+    /// Run the stock example service: echoes every request as goms's JSON body.
+    Service(ServiceArgs),
+    /// Print the /cluster document of a running gateway, or straight from etcd.
+    Cluster(ClusterArgs),
+    /// Validate goms.yml and services.yml; exit non-zero with file:line: reason on the first error.
+    CheckConfig(CheckArgs),
+}
+
+/// Flags shared by everything that registers in etcd.
+#[derive(Debug, Args)]
+struct NodeArgs {
+    /// etcd endpoint host:port; repeat the flag or separate with `,` or `|`. Overrides etcdAddr.
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
+    etcd_addr: Vec<String>,
+
+    /// Host other nodes reach this one at (registered in etcd). Overrides *.advertiseHost.
+    #[arg(long, value_name = "HOST")]
+    advertise_host: Option<String>,
+
+    /// Registration lease TTL in seconds; a dead node disappears after at most this. Overrides registry.leaseTtl.
+    #[arg(long, value_name = "SECONDS")]
+    lease_ttl: Option<u64>,
+
+    /// Node id in etcd and in join/leave logs. Default: advertise-host:port.
+    #[arg(long, value_name = "ID")]
+    node_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct GatewayArgs {
+    /// Port the gateway listens on, all interfaces. Overrides gateway.httpPort (default 8080).
+    #[arg(long, value_name = "PORT")]
+    http_port: Option<u16>,
+
+    /// Route file (goms's services.yml format), watched for live edits. Overrides gateway.routes.
+    #[arg(long, value_name = "PATH")]
+    routes: Option<PathBuf>,
+
+    /// Proxy worker threads. Overrides gateway.threads (default 2).
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
+struct ServiceArgs {
+    /// Service name, the {service} in /api/{service}/{route}. Overrides service.name (default user).
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// Port the service listens on; 0 picks a free one. Overrides service.httpPort (default 9080).
+    #[arg(long, value_name = "PORT")]
+    http_port: Option<u16>,
+
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
+struct ClusterArgs {
+    /// Ask this running gateway (host:port) instead of reading etcd; includes live counters.
+    #[arg(long, value_name = "HOST:PORT")]
+    gateway: Option<String>,
+
+    /// etcd endpoint host:port when reading etcd. Overrides etcdAddr.
+    #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
+    etcd_addr: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+struct CheckArgs {
+    /// Route file to check. With only --config, only goms.yml is checked, and vice versa;
+    /// with neither, both default files are checked.
+    #[arg(long, value_name = "PATH")]
+    routes: Option<PathBuf>,
+}
+
+/// Parses the command line and runs the subcommand; the process exit code follows the result.
+pub fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    if let Command::CheckConfig(args) = &cli.command {
+        return check::run(cli.config.as_deref(), args.routes.as_deref());
+    }
+    let config_path = cli
+        .config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH));
+    let mut config = GomsConfig::load(&config_path)?;
+    if let Some(format) = cli.log_format {
+        config.log.format = format;
+    }
+    if let Some(level) = &cli.log_level {
+        config.log.level = level.clone();
+    }
+    logging::init(&config.log);
+    match cli.command {
+        Command::Gateway(args) => run_gateway(config, args),
+        Command::Service(args) => run_service(config, args),
+        Command::Cluster(args) => {
+            if !args.etcd_addr.is_empty() {
+                config.etcd_addr = args.etcd_addr;
+            }
+            runtime()?.block_on(cluster::run(&config, args.gateway.as_deref()))
+        }
+        Command::CheckConfig(_) => unreachable!("handled above"),
+    }
+}
+
+fn apply_node_args(config: &mut GomsConfig, node: &NodeArgs, advertise_host: &mut String) {
+    let endpoints: Vec<String> = node
+        .etcd_addr
+        .iter()
+        .flat_map(|e| e.split('|'))
+        .map(|e| e.trim().to_string())
+        .filter(|e| !e.is_empty())
+        .collect();
+    if !endpoints.is_empty() {
+        config.etcd_addr = endpoints;
+    }
+    if let Some(host) = &node.advertise_host {
+        *advertise_host = host.clone();
+    }
+    if let Some(ttl) = node.lease_ttl {
+        config.registry.lease_ttl = ttl;
+    }
+}
+
+fn run_gateway(mut config: GomsConfig, args: GatewayArgs) -> anyhow::Result<()> {
+    let mut host = config.gateway.advertise_host.clone();
+    apply_node_args(&mut config, &args.node, &mut host);
+    config.gateway.advertise_host = host;
+    if let Some(port) = args.http_port {
+        config.gateway.http_port = port;
+    }
+    if let Some(routes) = args.routes {
+        config.gateway.routes = routes;
+    }
+    if let Some(threads) = args.threads {
+        config.gateway.threads = threads;
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    crate::gateway::run(config, args.node.node_id).context("gateway")?;
+    Ok(())
+}
+
+fn run_service(mut config: GomsConfig, args: ServiceArgs) -> anyhow::Result<()> {
+    let mut host = config.service.advertise_host.clone();
+    apply_node_args(&mut config, &args.node, &mut host);
+    config.service.advertise_host = host;
+    if let Some(name) = args.name {
+        config.service.name = name;
+    }
+    if let Some(port) = args.http_port {
+        config.service.http_port = port;
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    let mut options = crate::service::ServiceOptions::from_config(&config)?;
+    options.node_id = args.node.node_id;
+    runtime()?.block_on(crate::service::serve(
+        options,
+        crate::service::echo::echo_router(),
+        crate::service::termination_signal(),
+    ))?;
+    Ok(())
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}

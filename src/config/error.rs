@@ -1,0 +1,131 @@
+//! Errors raised while loading or validating the two user-edited files.
+//!
+//! Every variant names the file, and where the YAML parser knows it, the line, so that
+//! `goms check-config` and a gateway refusing a live edit print `file:line: reason`.
+
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The file is not valid YAML, or a key or value is refused; `line` is 1-based.
+    #[error("{path}:{line}:{column}: {reason}")]
+    Invalid {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        reason: String,
+    },
+
+    /// A problem that has no single position in the file (an empty document, say).
+    #[error("{path}: {reason}")]
+    Whole { path: PathBuf, reason: String },
+
+    /// A setting that has no default is missing.
+    #[error("{0}")]
+    Missing(String),
+
+    /// A `GOMS__*` environment override could not be applied.
+    #[error("environment override (GOMS__*): {0}")]
+    Environment(String),
+}
+
+impl ConfigError {
+    /// Turns a YAML deserialisation error into a positioned error, adding a
+    /// "did you mean" hint when serde refused an unknown key.
+    pub(crate) fn from_yaml(path: &std::path::Path, error: serde_norway::Error) -> Self {
+        let reason = with_suggestion(&strip_position(&error.to_string()));
+        match error.location() {
+            Some(location) => ConfigError::Invalid {
+                path: path.to_path_buf(),
+                line: location.line(),
+                column: location.column(),
+                reason,
+            },
+            None => ConfigError::Whole {
+                path: path.to_path_buf(),
+                reason,
+            },
+        }
+    }
+}
+
+/// serde_norway appends " at line L column C" to its messages; the position is
+/// printed once, in front, by [`ConfigError::Invalid`].
+fn strip_position(message: &str) -> String {
+    match message.find(" at line ") {
+        Some(index) => message[..index].to_string(),
+        None => message.to_string(),
+    }
+}
+
+/// serde's "unknown field `x`, expected one of `a`, `b`" lists every key; a user
+/// who typed `etcAddr` wants to read `did you mean `etcdAddr`?`.
+fn with_suggestion(reason: &str) -> String {
+    let Some(start) = reason.find("unknown field `") else {
+        return reason.to_string();
+    };
+    let rest = &reason[start + "unknown field `".len()..];
+    let Some((unknown, expected)) = rest.split_once('`') else {
+        return reason.to_string();
+    };
+    let candidates: Vec<&str> = expected
+        .split('`')
+        .enumerate()
+        .filter(|(index, _)| index % 2 == 1)
+        .map(|(_, name)| name)
+        .collect();
+    let best = candidates
+        .iter()
+        .map(|candidate| {
+            (
+                edit_distance(&unknown.to_lowercase(), &candidate.to_lowercase()),
+                candidate,
+            )
+        })
+        .min();
+    match best {
+        Some((distance, candidate)) if distance <= 3 => {
+            format!("{reason}; did you mean `{candidate}`?")
+        }
+        _ => reason.to_string(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut previous: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut current = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let substitution = previous[j] + usize::from(ca != *cb);
+            current.push(substitution.min(previous[j + 1] + 1).min(current[j] + 1));
+        }
+        previous = current;
+    }
+    previous[b.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn suggests_the_closest_known_key() {
+        let reason =
+            "unknown field `etcAddr`, expected one of `callServiceKey`, `etcdAddr`, `esAddr`";
+        assert!(with_suggestion(reason).ends_with("did you mean `etcdAddr`?"));
+    }
+
+    #[test]
+    fn no_suggestion_when_nothing_is_close() {
+        let reason = "unknown field `zzzzzzzzzz`, expected one of `callServiceKey`, `etcdAddr`";
+        assert_eq!(with_suggestion(reason), reason);
+    }
+}

@@ -1,0 +1,423 @@
+//! Process configuration (`config/goms.yml`) and the route file (`config/services.yml`).
+//!
+//! This module owns what users edit: it reads the files, applies `GOMS__*` environment
+//! overrides, validates everything, and reports refusals as `file:line: reason`. It depends
+//! on no other goms module.
+//!
+//! Loading is two passes. The file alone is deserialised first, so errors carry YAML
+//! positions; then the `config` crate layers environment overrides on top, where
+//! `GOMS__CALL_SERVICE_KEY` sets `callServiceKey` and `GOMS__GATEWAY__HTTP_PORT` sets
+//! `gateway.httpPort` (snake case in the environment, camel case in the file).
+
+mod error;
+pub mod routes;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+pub use error::ConfigError;
+pub use routes::{
+    load_routes_file, parse_routes, Route, RouteDefaults, RouteTable, ServiceRoutes, Transform,
+};
+
+/// Prefix of environment overrides; sections are separated by `__`.
+pub const ENV_PREFIX: &str = "GOMS";
+
+/// Where `--config` points when it is not given.
+pub const DEFAULT_CONFIG_PATH: &str = "config/goms.yml";
+/// Where `--routes` points when it is not given.
+pub const DEFAULT_ROUTES_PATH: &str = "config/services.yml";
+
+/// Everything a goms process reads from `goms.yml`. goms's own top-level keys are kept,
+/// so a goms `config.yml` loads unchanged; the sections below them are new.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GomsConfig {
+    /// Shared key the gateway injects as `Call-Service-Key` and services verify.
+    /// No default: gateways and services refuse to start without one.
+    #[serde(default)]
+    pub call_service_key: Option<Secret>,
+    /// etcd endpoints, `host:port`; goms's `a|b` form is accepted too. Default `127.0.0.1:2379`.
+    #[serde(default = "default_etcd_addr", deserialize_with = "etcd_endpoints")]
+    pub etcd_addr: Vec<String>,
+    /// Elasticsearch URL for the trace consumer. Default `http://127.0.0.1:9200`.
+    #[serde(default = "default_es_addr")]
+    pub es_addr: String,
+    /// AMQP URL for trace events. Default `amqp://guest:guest@127.0.0.1:5672`.
+    /// goms's README spells it `amqpaddr`; both are accepted.
+    #[serde(default = "default_amqp_addr", alias = "amqpaddr")]
+    pub amqp_addr: String,
+    /// goms kept routes in `config.yml`; they are used when the route file is absent.
+    #[serde(default)]
+    pub services: Option<ServiceRoutes>,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    #[serde(default)]
+    pub gateway: GatewayConfig,
+    #[serde(default)]
+    pub service: ServiceConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// How nodes register in etcd.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RegistryConfig {
+    /// Lease TTL in seconds; a node that dies disappears after at most this long. Default 10.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl: u64,
+    /// Timeout for connecting to etcd and for each etcd call. Default `3s`.
+    #[serde(default = "default_etcd_timeout", deserialize_with = "duration_text")]
+    pub etcd_timeout: Duration,
+}
+
+/// The gateway's own settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct GatewayConfig {
+    /// Port the proxy listens on (all interfaces). Default 8080.
+    #[serde(default = "default_gateway_port")]
+    pub http_port: u16,
+    /// Route file path. Default `config/services.yml`.
+    #[serde(default = "default_routes_path")]
+    pub routes: PathBuf,
+    /// Host other nodes and clients reach this gateway at; registered in etcd. Default `127.0.0.1`.
+    #[serde(default = "default_advertise_host")]
+    pub advertise_host: String,
+    /// Upstream timeout per attempt for routes that set none. Default `30s`.
+    #[serde(
+        default = "default_upstream_timeout",
+        deserialize_with = "duration_text"
+    )]
+    pub upstream_timeout: Duration,
+    /// Upstream connect timeout. Default `1s`: a replica that cannot accept in a second is skipped.
+    #[serde(
+        default = "default_connect_timeout",
+        deserialize_with = "duration_text"
+    )]
+    pub connect_timeout: Duration,
+    /// Extra attempts for routes that set none. Default 2.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// Interval of the TCP health check of every replica. Default `1s`.
+    #[serde(
+        default = "default_health_interval",
+        deserialize_with = "duration_text"
+    )]
+    pub health_check_interval: Duration,
+    /// Worker threads of the proxy. Default 2.
+    #[serde(default = "default_threads")]
+    pub threads: usize,
+    /// On SIGTERM, how long in-flight requests may take to finish. Default `10s`.
+    #[serde(default = "default_drain", deserialize_with = "duration_text")]
+    pub drain_timeout: Duration,
+}
+
+/// Settings of `goms service` and of services built on the SDK.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ServiceConfig {
+    /// Service name, the `{service}` in `/api/{service}/{route}`. Default `user`.
+    #[serde(default = "default_service_name")]
+    pub name: String,
+    /// Port the service listens on. Default 9080.
+    #[serde(default = "default_service_port")]
+    pub http_port: u16,
+    /// Host the gateway reaches this replica at; registered in etcd. Default `127.0.0.1`.
+    #[serde(default = "default_advertise_host")]
+    pub advertise_host: String,
+    /// Version label registered with the node. Default the goms version.
+    #[serde(default = "default_version")]
+    pub version: String,
+    /// Relative share of traffic. Default 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Free-form zone label registered with the node. Default empty.
+    #[serde(default)]
+    pub zone: String,
+    /// On SIGTERM, how long in-flight requests may take to finish. Default `10s`.
+    #[serde(default = "default_drain", deserialize_with = "duration_text")]
+    pub drain_timeout: Duration,
+}
+
+/// Log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LogConfig {
+    /// `text` or `json`. Default `text`.
+    #[serde(default)]
+    pub format: LogFormat,
+    /// A tracing filter such as `info` or `goms=debug,info`. Default `info`; `RUST_LOG` wins.
+    #[serde(default = "default_log_level")]
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// A value that must never reach a log line: `Debug` and `Display` print `***`.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+fn default_etcd_addr() -> Vec<String> {
+    vec!["127.0.0.1:2379".into()]
+}
+fn default_es_addr() -> String {
+    "http://127.0.0.1:9200".into()
+}
+fn default_amqp_addr() -> String {
+    "amqp://guest:guest@127.0.0.1:5672".into()
+}
+fn default_lease_ttl() -> u64 {
+    10
+}
+fn default_etcd_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_gateway_port() -> u16 {
+    8080
+}
+fn default_routes_path() -> PathBuf {
+    PathBuf::from(DEFAULT_ROUTES_PATH)
+}
+fn default_advertise_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_upstream_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_retries() -> u32 {
+    2
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_threads() -> usize {
+    2
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_service_name() -> String {
+    "user".into()
+}
+fn default_service_port() -> u16 {
+    9080
+}
+fn default_version() -> String {
+    env!("CARGO_PKG_VERSION").into()
+}
+fn default_weight() -> u32 {
+    1
+}
+fn default_log_level() -> String {
+    "info".into()
+}
+
+macro_rules! default_from_serde {
+    ($($ty:ty),*) => {$(
+        impl Default for $ty {
+            fn default() -> Self {
+                serde_norway::from_str("{}").expect("every field has a default")
+            }
+        }
+    )*};
+}
+default_from_serde!(
+    GomsConfig,
+    RegistryConfig,
+    GatewayConfig,
+    ServiceConfig,
+    LogConfig
+);
+
+/// goms wrote endpoints as a list or as `a:2379|b:2379`; the environment writes `a,b`.
+fn etcd_endpoints<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let raw = match Raw::deserialize(deserializer)? {
+        Raw::One(one) => vec![one],
+        Raw::Many(many) => many,
+    };
+    let endpoints: Vec<String> = raw
+        .iter()
+        .flat_map(|entry| entry.split(['|', ',']))
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(str::to_string)
+        .collect();
+    if endpoints.is_empty() {
+        return Err(serde::de::Error::custom("etcdAddr lists no endpoint"));
+    }
+    Ok(endpoints)
+}
+
+fn duration_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    routes::DurationText::deserialize(deserializer).map(|d| d.0)
+}
+
+impl GomsConfig {
+    /// Loads `path` (an absent file means defaults) and applies `GOMS__*` overrides.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Self::check_file(path, &text)?;
+        let config = Self::with_environment(&text)?;
+        config.validate().map_err(|reason| ConfigError::Whole {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(config)
+    }
+
+    /// Validates the file alone, so errors point at a line.
+    pub fn check_file(path: &Path, text: &str) -> Result<GomsConfig, ConfigError> {
+        if text.trim().is_empty() {
+            return Ok(GomsConfig::default());
+        }
+        serde_norway::from_str(text).map_err(|error| ConfigError::from_yaml(path, error))
+    }
+
+    fn with_environment(text: &str) -> Result<Self, ConfigError> {
+        let environment = config::Environment::with_prefix(ENV_PREFIX)
+            .prefix_separator("__")
+            .separator("__")
+            .convert_case(config::Case::Camel)
+            .try_parsing(true)
+            .list_separator(",")
+            .with_list_parse_key("etcdAddr");
+        let mut builder = config::Config::builder();
+        if !text.trim().is_empty() {
+            builder = builder.add_source(config::File::from_str(text, config::FileFormat::Yaml));
+        }
+        builder
+            .add_source(environment)
+            .build()
+            .and_then(|merged| merged.try_deserialize::<GomsConfig>())
+            .map_err(|error| ConfigError::Environment(error.to_string()))
+    }
+
+    /// Checks that span several keys; the message names the key and the fix.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.registry.lease_ttl < 2 {
+            return Err("registry.leaseTtl must be at least 2 seconds".into());
+        }
+        if self.gateway.threads == 0 {
+            return Err("gateway.threads must be at least 1".into());
+        }
+        if self.service.weight == 0 {
+            return Err("service.weight must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    /// The key services verify, or an error telling how to set it.
+    pub fn require_call_service_key(&self) -> Result<&Secret, ConfigError> {
+        match &self.call_service_key {
+            Some(key) if !key.expose().is_empty() => Ok(key),
+            _ => Err(ConfigError::Missing(
+                "callServiceKey is not set: put `callServiceKey: \"...\"` in goms.yml, or set \
+                 GOMS__CALL_SERVICE_KEY; gateways and services must share it"
+                    .into(),
+            )),
+        }
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.registry.lease_ttl)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goms_config_yml_loads_unchanged() {
+        let text = "callServiceKey: \"goms by panco\"\netcdAddr:\n  - \"192.168.125.181:2379\"\nesAddr: \"http://192.168.125.181:9200\"\namqpaddr: \"amqp://guest:guest@192.168.125.181:5672\"\nservices:\n  user:\n    register: \"/register\"\n    login: \"/login\"\n  order:\n    submit: \"/order/submit\"\n";
+        let config = GomsConfig::check_file(Path::new("config.yml"), text).unwrap();
+        assert_eq!(config.call_service_key.unwrap().expose(), "goms by panco");
+        assert_eq!(config.etcd_addr, vec!["192.168.125.181:2379"]);
+        assert_eq!(config.amqp_addr, "amqp://guest:guest@192.168.125.181:5672");
+        assert_eq!(
+            config.services.unwrap().0["order"]["submit"].path,
+            "/order/submit"
+        );
+    }
+
+    #[test]
+    fn goms_pipe_separated_endpoints() {
+        let config = GomsConfig::check_file(
+            Path::new("c.yml"),
+            "etcdAddr: \"127.0.0.1:2379|127.0.0.1:2380\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.etcd_addr, vec!["127.0.0.1:2379", "127.0.0.1:2380"]);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_suggests() {
+        let error =
+            GomsConfig::check_file(Path::new("goms.yml"), "callServiceKey: k\netcAddr: [a]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(error.starts_with("goms.yml:2:"), "{error}");
+        assert!(error.contains("did you mean `etcdAddr`"), "{error}");
+    }
+
+    #[test]
+    fn defaults_without_file() {
+        let config = GomsConfig::default();
+        assert_eq!(config.gateway.http_port, 8080);
+        assert_eq!(config.registry.lease_ttl, 10);
+        assert_eq!(config.gateway.retries, 2);
+        assert!(config.call_service_key.is_none());
+    }
+
+    #[test]
+    fn secret_never_prints() {
+        let secret = Secret::new("hunter2");
+        assert_eq!(format!("{secret:?}"), "***");
+    }
+}

@@ -1,0 +1,579 @@
+//! The route file (`config/services.yml`): goms's `services -> route name -> path` map,
+//! plus an extended per-route form, parsed into the table the gateway matches against.
+//!
+//! Validation happens while deserialising, so every refusal carries the YAML position of
+//! the offending node (`file:line: reason`), which is what `check-config` prints and what
+//! the gateway logs when a live edit is refused.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::de::{self, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer};
+
+use super::error::ConfigError;
+
+/// The whole route file: one top-level key, `services`, exactly as goms wrote it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutesFile {
+    pub services: ServiceRoutes,
+}
+
+/// `service name -> route name -> route`, in file order of names (sorted), duplicates refused.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceRoutes(pub BTreeMap<String, BTreeMap<String, RouteSpec>>);
+
+/// One route as written: either goms's short form (`login: "/login"`) or the extended map.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteSpec {
+    /// Path on the replica, always starting with `/`.
+    pub path: String,
+    /// Allowed methods; `None` allows every method, as goms did.
+    pub methods: Option<Vec<String>>,
+    /// Per-attempt upstream timeout; `None` takes the gateway default.
+    pub timeout: Option<Duration>,
+    /// Extra attempts after the first; `None` takes the gateway default (2).
+    pub retries: Option<u32>,
+    /// Body rewrite before forwarding.
+    pub transform: Transform,
+}
+
+/// How the gateway rewrites a request body before forwarding it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Transform {
+    /// Forward the body untouched (default).
+    #[default]
+    None,
+    /// Re-encode `application/x-www-form-urlencoded` bodies as JSON, as goms did.
+    Json,
+}
+
+/// Upper bound on `retries`: more attempts than this only multiply load during an outage.
+const MAX_RETRIES: u32 = 10;
+
+const KNOWN_METHODS: &[&str] = &[
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExtendedRoute {
+    path: RoutePath,
+    #[serde(default)]
+    methods: Option<Vec<String>>,
+    #[serde(default)]
+    timeout: Option<DurationText>,
+    #[serde(default)]
+    retries: Option<u32>,
+    #[serde(default)]
+    transform: Transform,
+}
+
+/// A route path, refused unless it starts with `/`.
+struct RoutePath(String);
+
+impl<'de> Deserialize<'de> for RoutePath {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let path = String::deserialize(deserializer)?;
+        check_path(&path).map_err(de::Error::custom)?;
+        Ok(RoutePath(path))
+    }
+}
+
+fn check_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err(format!("route path `{path}` must start with `/`"));
+    }
+    if path.contains(char::is_whitespace) || path.contains('?') || path.contains('#') {
+        return Err(format!(
+            "route path `{path}` must be a plain path (no spaces, `?` or `#`)"
+        ));
+    }
+    Ok(())
+}
+
+/// A duration written as `250ms`, `2s`, `1m` or a bare number of milliseconds.
+pub struct DurationText(pub Duration);
+
+impl<'de> Deserialize<'de> for DurationText {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Millis(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Millis(ms) => Ok(DurationText(Duration::from_millis(ms))),
+            Raw::Text(text) => parse_duration(&text)
+                .map(DurationText)
+                .map_err(de::Error::custom),
+        }
+    }
+}
+
+/// Parses `250ms`, `2s`, `1m`, `1h` or bare milliseconds.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration (write 500ms, 2s or 1m)"))?;
+    match unit.trim() {
+        "" | "ms" => Ok(Duration::from_millis(value)),
+        "s" => Ok(Duration::from_secs(value)),
+        "m" => Ok(Duration::from_secs(value * 60)),
+        "h" => Ok(Duration::from_secs(value * 3600)),
+        other => Err(format!(
+            "unknown duration unit `{other}` in `{text}` (use ms, s, m or h)"
+        )),
+    }
+}
+
+impl<'de> Deserialize<'de> for RouteSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(RouteSpecVisitor)
+    }
+}
+
+struct RouteSpecVisitor;
+
+impl<'de> Visitor<'de> for RouteSpecVisitor {
+    type Value = RouteSpec;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str(
+            "a path such as \"/login\" or a map {path, methods, timeout, retries, transform}",
+        )
+    }
+
+    fn visit_str<E: de::Error>(self, path: &str) -> Result<RouteSpec, E> {
+        check_path(path).map_err(E::custom)?;
+        Ok(RouteSpec {
+            path: path.to_string(),
+            methods: None,
+            timeout: None,
+            retries: None,
+            transform: Transform::None,
+        })
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<RouteSpec, A::Error> {
+        let route = ExtendedRoute::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        let methods = route
+            .methods
+            .map(|methods| normalise_methods(methods).map_err(de::Error::custom))
+            .transpose()?;
+        if let Some(retries) = route.retries {
+            if retries > MAX_RETRIES {
+                return Err(de::Error::custom(format!(
+                    "retries {retries} is more than the maximum of {MAX_RETRIES}"
+                )));
+            }
+        }
+        Ok(RouteSpec {
+            path: route.path.0,
+            methods,
+            timeout: route.timeout.map(|t| t.0),
+            retries: route.retries,
+            transform: route.transform,
+        })
+    }
+}
+
+fn normalise_methods(methods: Vec<String>) -> Result<Vec<String>, String> {
+    if methods.is_empty() {
+        return Err("`methods` is empty: list at least one method or leave the key out".into());
+    }
+    methods
+        .into_iter()
+        .map(|method| {
+            let upper = method.to_ascii_uppercase();
+            if KNOWN_METHODS.contains(&upper.as_str()) {
+                Ok(upper)
+            } else {
+                Err(format!("unknown HTTP method `{method}`"))
+            }
+        })
+        .collect()
+}
+
+impl<'de> Deserialize<'de> for ServiceRoutes {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_map(ServicesVisitor)
+    }
+}
+
+struct ServicesVisitor;
+
+impl<'de> Visitor<'de> for ServicesVisitor {
+    type Value = ServiceRoutes;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map of service name to its routes")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ServiceRoutes, A::Error> {
+        let mut services = BTreeMap::new();
+        while let Some(service) = map.next_key_seed(UniqueName {
+            kind: "service",
+            taken: &|name: &str| {
+                services
+                    .contains_key(name)
+                    .then(|| format!("duplicate service `{name}`"))
+            },
+        })? {
+            let routes = map.next_value_seed(RoutesSeed { service: &service })?;
+            services.insert(service, routes);
+        }
+        Ok(ServiceRoutes(services))
+    }
+}
+
+/// Deserialises one service's routes, knowing the service's name for error messages.
+struct RoutesSeed<'a> {
+    service: &'a str,
+}
+
+impl<'de> de::DeserializeSeed<'de> for RoutesSeed<'_> {
+    type Value = BTreeMap<String, RouteSpec>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for RoutesSeed<'_> {
+    type Value = BTreeMap<String, RouteSpec>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(
+            f,
+            "a map of route name to path for service `{}`",
+            self.service
+        )
+    }
+
+    fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
+        Err(E::custom(format!(
+            "service `{}` has no routes: add at least one `name: \"/path\"`",
+            self.service
+        )))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut routes = BTreeMap::new();
+        let service = self.service;
+        while let Some(name) = map.next_key_seed(UniqueName {
+            kind: "route",
+            taken: &|name: &str| {
+                routes
+                    .contains_key(name)
+                    .then(|| format!("duplicate route `{name}` in service `{service}`"))
+            },
+        })? {
+            routes.insert(name, map.next_value::<RouteSpec>()?);
+        }
+        if routes.is_empty() {
+            return Err(de::Error::custom(format!(
+                "service `{}` has no routes: add at least one `name: \"/path\"`",
+                self.service
+            )));
+        }
+        Ok(routes)
+    }
+}
+
+/// A map key checked while it is read, so a refusal points at the key's own line.
+struct UniqueName<'a> {
+    kind: &'static str,
+    /// Returns the refusal when the name was already used.
+    taken: &'a dyn Fn(&str) -> Option<String>,
+}
+
+impl<'de> de::DeserializeSeed<'de> for UniqueName<'_> {
+    type Value = String;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<String, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        check_name(self.kind, &name).map_err(de::Error::custom)?;
+        match (self.taken)(&name) {
+            Some(refusal) => Err(de::Error::custom(refusal)),
+            None => Ok(name),
+        }
+    }
+}
+
+/// Names become URL segments (`/api/{service}/{route}`): keep them to what needs no escaping.
+fn check_name(kind: &str, name: &str) -> Result<(), String> {
+    let valid = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/'))
+        && !name.starts_with('/')
+        && !name.ends_with('/');
+    if valid {
+        Ok(())
+    } else {
+        Err(format!(
+            "{kind} name `{name}` may use only letters, digits, `-`, `_`, `.` and inner `/`"
+        ))
+    }
+}
+
+/// Reads and validates a route file.
+pub fn load_routes_file(path: &Path) -> Result<ServiceRoutes, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_routes(path, &text)
+}
+
+/// Validates route file text; `path` is only used in error messages.
+pub fn parse_routes(path: &Path, text: &str) -> Result<ServiceRoutes, ConfigError> {
+    if text.trim().is_empty() {
+        return Err(ConfigError::Whole {
+            path: path.to_path_buf(),
+            reason: "file is empty: it needs a top-level `services:` map".into(),
+        });
+    }
+    let file: RoutesFile = serde_norway::from_str(text)
+        .map_err(|error| point_at_duplicate(ConfigError::from_yaml(path, error), text))?;
+    Ok(file.services)
+}
+
+/// The YAML parser reports a duplicate key at the start of its map; users want the line of
+/// the second occurrence, found by scanning the map's lines for the key at its indentation.
+fn point_at_duplicate(error: ConfigError, text: &str) -> ConfigError {
+    let ConfigError::Invalid {
+        path,
+        line,
+        column,
+        reason,
+    } = error
+    else {
+        return error;
+    };
+    let duplicate = reason
+        .split_once("duplicate ")
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(name, _)| name.to_string());
+    let Some(name) = duplicate else {
+        return ConfigError::Invalid {
+            path,
+            line,
+            column,
+            reason,
+        };
+    };
+    let indent = column.saturating_sub(1);
+    let occurrences: Vec<usize> = text
+        .lines()
+        .enumerate()
+        .skip(line.saturating_sub(1))
+        .take_while(|(_, l)| {
+            let own_indent = l.len() - l.trim_start().len();
+            l.trim().is_empty() || l.trim_start().starts_with('#') || own_indent >= indent
+        })
+        .filter(|(_, l)| {
+            let own_indent = l.len() - l.trim_start().len();
+            let key = l.trim_start().trim_start_matches(['"', '\'']);
+            own_indent == indent
+                && key.starts_with(name.as_str())
+                && key[name.len()..]
+                    .trim_start_matches(['"', '\''])
+                    .starts_with(':')
+        })
+        .map(|(index, _)| index + 1)
+        .collect();
+    let line = occurrences.get(1).copied().unwrap_or(line);
+    ConfigError::Invalid {
+        path,
+        line,
+        column: indent + 1,
+        reason,
+    }
+}
+
+/// A route resolved with the gateway's defaults, ready to match requests.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub service: Arc<str>,
+    pub name: String,
+    pub path: String,
+    pub methods: Option<Vec<http::Method>>,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub transform: Transform,
+}
+
+impl Route {
+    pub fn allows(&self, method: &http::Method) -> bool {
+        self.methods
+            .as_ref()
+            .is_none_or(|allowed| allowed.iter().any(|m| m == method))
+    }
+}
+
+/// Defaults applied to routes that do not set their own.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteDefaults {
+    pub timeout: Duration,
+    pub retries: u32,
+}
+
+/// The table the gateway matches `/api/{service}/{route}` against.
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    services: HashMap<String, HashMap<String, Arc<Route>>>,
+}
+
+impl RouteTable {
+    pub fn build(spec: &ServiceRoutes, defaults: RouteDefaults) -> Self {
+        let services = spec
+            .0
+            .iter()
+            .map(|(service, routes)| {
+                let service_name: Arc<str> = Arc::from(service.as_str());
+                let routes = routes
+                    .iter()
+                    .map(|(name, route)| {
+                        let resolved = Route {
+                            service: service_name.clone(),
+                            name: name.clone(),
+                            path: route.path.clone(),
+                            methods: route.methods.as_ref().map(|methods| {
+                                methods
+                                    .iter()
+                                    .filter_map(|m| http::Method::from_bytes(m.as_bytes()).ok())
+                                    .collect()
+                            }),
+                            timeout: route.timeout.unwrap_or(defaults.timeout),
+                            retries: route.retries.unwrap_or(defaults.retries),
+                            transform: route.transform,
+                        };
+                        (name.clone(), Arc::new(resolved))
+                    })
+                    .collect();
+                (service.clone(), routes)
+            })
+            .collect();
+        RouteTable { services }
+    }
+
+    /// Finds the route for a request path such as `/api/user/login`.
+    pub fn resolve(&self, request_path: &str) -> Option<&Arc<Route>> {
+        let rest = request_path.strip_prefix("/api/")?;
+        let (service, route) = rest.split_once('/')?;
+        self.services.get(service)?.get(route)
+    }
+
+    pub fn service_names(&self) -> impl Iterator<Item = &str> {
+        self.services.keys().map(String::as_str)
+    }
+
+    pub fn route_count(&self) -> usize {
+        self.services.values().map(HashMap::len).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ServiceRoutes, ConfigError> {
+        parse_routes(Path::new("services.yml"), text)
+    }
+
+    fn error_text(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn goms_short_form_parses() {
+        let routes = parse("services:\n  user:\n    register: \"/register\"\n    login: \"/login\"\n  order:\n    submit: \"/order/submit\"\n").unwrap();
+        assert_eq!(routes.0["user"]["login"].path, "/login");
+        assert_eq!(routes.0["order"]["submit"].path, "/order/submit");
+    }
+
+    #[test]
+    fn extended_form_parses() {
+        let routes = parse(
+            "services:\n  user:\n    login:\n      path: /login\n      methods: [get, POST]\n      timeout: 2s\n      retries: 1\n      transform: json\n",
+        )
+        .unwrap();
+        let login = &routes.0["user"]["login"];
+        assert_eq!(
+            login.methods.as_deref(),
+            Some(&["GET".to_string(), "POST".to_string()][..])
+        );
+        assert_eq!(login.timeout, Some(Duration::from_secs(2)));
+        assert_eq!(login.retries, Some(1));
+        assert_eq!(login.transform, Transform::Json);
+    }
+
+    #[test]
+    fn path_without_slash_names_its_line() {
+        let error =
+            error_text("services:\n  user:\n    login: \"/login\"\n    register: \"register\"\n");
+        assert!(error.starts_with("services.yml:4:"), "{error}");
+        assert!(error.contains("must start with `/`"), "{error}");
+    }
+
+    #[test]
+    fn duplicate_route_names_its_line() {
+        let error = error_text("services:\n  user:\n    login: \"/a\"\n    login: \"/b\"\n");
+        assert!(error.starts_with("services.yml:4:"), "{error}");
+        assert!(error.contains("duplicate route `login`"), "{error}");
+    }
+
+    #[test]
+    fn empty_service_is_refused() {
+        let error = error_text("services:\n  user:\n  order:\n    submit: /submit\n");
+        assert!(error.contains("service `user` has no routes"), "{error}");
+        assert!(
+            error.starts_with("services.yml:2:") || error.starts_with("services.yml:3:"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn unknown_extended_key_suggests() {
+        let error =
+            error_text("services:\n  user:\n    login:\n      path: /login\n      retrys: 1\n");
+        assert!(error.starts_with("services.yml:5:"), "{error}");
+        assert!(error.contains("did you mean `retries`"), "{error}");
+    }
+
+    #[test]
+    fn bad_yaml_names_its_line() {
+        let error = error_text("services:\n  user:\n    login: \"/login\n");
+        assert!(error.starts_with("services.yml:"), "{error}");
+    }
+
+    #[test]
+    fn table_resolves_service_and_route() {
+        let routes = parse("services:\n  user:\n    login: /login\n").unwrap();
+        let table = RouteTable::build(
+            &routes,
+            RouteDefaults {
+                timeout: Duration::from_secs(5),
+                retries: 2,
+            },
+        );
+        assert_eq!(table.resolve("/api/user/login").unwrap().path, "/login");
+        assert!(table.resolve("/api/user/logout").is_none());
+        assert!(table.resolve("/api/order/login").is_none());
+        assert!(table.resolve("/user/login").is_none());
+    }
+}

@@ -1,0 +1,373 @@
+//! The request path through the gateway, as pingora [`ProxyHttp`] filters.
+//!
+//! `request_filter` answers the gateway's own endpoints and matches `/api/{service}/{route}`;
+//! `upstream_peer` picks the next untried replica round robin; `upstream_request_filter`
+//! rewrites the path and sets `X-Request-Id`, `traceparent` and `Call-Service-Key`.
+//! Retries follow one rule: a failed connect (nothing sent) always moves on to the next
+//! replica; a failure after sending, or a 502/503/504 answer, moves on only for idempotent
+//! methods, so the gateway never executes a POST twice.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::HttpPeer;
+use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::{Error, ErrorSource, ErrorType};
+use tokio::sync::watch;
+use tracing::debug;
+
+use super::cluster::cluster_document;
+use super::metrics::GatewayMetrics;
+use super::respond::{write_error, write_json, write_text};
+use super::route_store::RouteStore;
+use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
+use crate::config::{Route, Secret};
+use crate::registry::Members;
+use crate::trace::{
+    request_id_or_new, Attempt, RequestRecord, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER,
+};
+
+/// Header carrying the shared service key.
+pub const CALL_SERVICE_KEY_HEADER: &str = "call-service-key";
+
+/// Everything the filters share; one per gateway process.
+pub struct GatewayProxy {
+    pub routes: Arc<RouteStore>,
+    pub upstreams: Arc<Upstreams>,
+    pub members: watch::Receiver<Arc<Members>>,
+    pub call_service_key: Secret,
+    pub connect_timeout: Duration,
+    pub metrics: Arc<GatewayMetrics>,
+}
+
+/// Per-request state.
+#[derive(Default)]
+pub struct RequestCtx {
+    record: Option<RequestRecord>,
+    route: Option<Arc<Route>>,
+    upstream: Option<Arc<ServiceUpstream>>,
+    tried: Vec<SocketAddr>,
+    current: Option<Arc<NodeState>>,
+    /// Set when the replica answered and the answer went to the client.
+    answered: bool,
+}
+
+impl RequestCtx {
+    fn request_id(&self) -> &str {
+        self.record.as_ref().map_or("", |r| r.request_id.as_str())
+    }
+
+    fn attempts_left(&self) -> bool {
+        let retries = self.route.as_ref().map_or(0, |r| r.retries) as usize;
+        self.tried.len() <= retries
+    }
+
+    fn can_move_on(&self) -> bool {
+        self.attempts_left()
+            && self
+                .upstream
+                .as_ref()
+                .is_some_and(|u| u.has_untried(&self.tried))
+    }
+
+    /// Ends the current attempt: releases the in-flight slot and stamps the record.
+    fn finish_attempt(&mut self, status: Option<u16>, error: Option<String>) {
+        if let Some(node) = self.current.take() {
+            node.in_flight.fetch_sub(1, Ordering::Relaxed);
+            if error.is_some() {
+                node.failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(attempt) = self.record.as_mut().and_then(|r| r.attempts.last_mut()) {
+            if attempt.finished.is_none() {
+                attempt.finished = Some(Instant::now());
+                attempt.status = status;
+                attempt.error = error;
+            }
+        }
+    }
+}
+
+fn is_idempotent(method: &http::Method) -> bool {
+    matches!(
+        *method,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::OPTIONS
+    )
+}
+
+fn gateway_error(status: u16, why: &'static str) -> Box<Error> {
+    Error::explain(ErrorType::HTTPStatus(status), why)
+}
+
+impl GatewayProxy {
+    async fn serve_own_endpoint(&self, session: &mut Session, path: &str) -> pingora::Result<bool> {
+        match path {
+            "/cluster" => {
+                let members = self.members.borrow().clone();
+                let document = cluster_document(&members, Some(&self.upstreams));
+                let body =
+                    serde_json::to_vec_pretty(&document).expect("cluster document serialises");
+                write_json(session, 200, body, None).await?;
+                Ok(true)
+            }
+            "/healthz" => {
+                write_json(session, 200, br#"{"status":true}"#.to_vec(), None).await?;
+                Ok(true)
+            }
+            "/metrics" => {
+                let text = self.metrics.render(&self.upstreams, &self.routes);
+                write_text(session, "text/plain; version=0.0.4", text).await?;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+}
+
+#[async_trait]
+impl ProxyHttp for GatewayProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx::default()
+    }
+
+    async fn request_filter(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        let path = session.req_header().uri.path().to_string();
+        if !path.starts_with("/api/") && self.serve_own_endpoint(session, &path).await? {
+            return Ok(true);
+        }
+        let header = session.req_header();
+        let request_id =
+            request_id_or_new(header.headers.get(REQUEST_ID_HEADER).map(|v| v.as_bytes()));
+        let trace = TraceContext::continue_or_start(
+            header.headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()),
+        );
+        ctx.record = Some(RequestRecord::new(request_id, trace));
+        self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+
+        let route = self.routes.current().resolve(&path).cloned();
+        let Some(route) = route else {
+            self.metrics.count_status(404);
+            write_error(session, 404, "no route matches this path", ctx.request_id()).await?;
+            return Ok(true);
+        };
+        if !route.allows(&session.req_header().method) {
+            self.metrics.count_status(405);
+            write_error(
+                session,
+                405,
+                "method not allowed on this route",
+                ctx.request_id(),
+            )
+            .await?;
+            return Ok(true);
+        }
+        let upstream = self.upstreams.get(&route.service).filter(|u| !u.is_empty());
+        let Some(upstream) = upstream else {
+            self.metrics.count_status(503);
+            let message = format!("no replica of service `{}` is registered", route.service);
+            write_error(session, 503, &message, ctx.request_id()).await?;
+            return Ok(true);
+        };
+        // Keeps the request body so an idempotent request can be replayed on another replica.
+        session.enable_retry_buffering();
+        ctx.route = Some(route);
+        ctx.upstream = Some(upstream);
+        Ok(false)
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Box<HttpPeer>> {
+        let (Some(route), Some(upstream)) = (ctx.route.clone(), ctx.upstream.clone()) else {
+            return Err(gateway_error(503, "no replica"));
+        };
+        let node = upstream
+            .select(&ctx.tried)
+            .ok_or_else(|| gateway_error(503, "no healthy replica left"))?;
+        if !ctx.tried.is_empty() {
+            self.metrics.retries.fetch_add(1, Ordering::Relaxed);
+        }
+        ctx.tried.push(node.addr);
+        node.in_flight.fetch_add(1, Ordering::Relaxed);
+        node.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(record) = ctx.record.as_mut() {
+            record.attempts.push(Attempt {
+                node_id: node.info.id.clone(),
+                upstream: node.addr.to_string(),
+                started: Instant::now(),
+                finished: None,
+                status: None,
+                error: None,
+            });
+        }
+        let mut peer = HttpPeer::new(node.addr, false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = Some(route.timeout);
+        peer.options.write_timeout = Some(route.timeout);
+        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        ctx.current = Some(node);
+        Ok(Box::new(peer))
+    }
+
+    async fn upstream_request_filter(
+        &self,
+        session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let route = ctx.route.as_ref().expect("routed requests have a route");
+        let target = match upstream_request.uri.query() {
+            Some(query) => format!("{}?{query}", route.path),
+            None => route.path.clone(),
+        };
+        let uri = target
+            .parse::<http::Uri>()
+            .map_err(|_| gateway_error(400, "request target cannot be rewritten"))?;
+        upstream_request.set_uri(uri);
+        upstream_request.remove_header(CALL_SERVICE_KEY_HEADER);
+        upstream_request.insert_header(CALL_SERVICE_KEY_HEADER, self.call_service_key.expose())?;
+        if let Some(record) = ctx.record.as_ref() {
+            upstream_request.insert_header(REQUEST_ID_HEADER, record.request_id.as_str())?;
+            upstream_request.insert_header(TRACEPARENT_HEADER, record.trace.traceparent())?;
+        }
+        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
+            let forwarded = match upstream_request.headers.get("x-forwarded-for") {
+                Some(previous) => format!("{}, {}", previous.to_str().unwrap_or(""), client.ip()),
+                None => client.ip().to_string(),
+            };
+            upstream_request.insert_header("x-forwarded-for", forwarded)?;
+        }
+        Ok(())
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let status = upstream_response.status.as_u16();
+        let unavailable = matches!(status, 502..=504);
+        if unavailable && is_idempotent(&session.req_header().method) && ctx.can_move_on() {
+            // Turned into a retryable error so pingora asks `upstream_peer` for the next replica.
+            let mut error = Error::explain(
+                ErrorType::HTTPStatus(status),
+                "replica answered unavailable",
+            );
+            error.set_retry(true);
+            return Err(error);
+        }
+        ctx.answered = true;
+        ctx.finish_attempt(Some(status), None);
+        Ok(())
+    }
+
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let Some(record) = ctx.record.as_ref() {
+            response.insert_header(REQUEST_ID_HEADER, record.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    fn fail_to_connect(
+        &self,
+        _session: &mut Session,
+        _peer: &HttpPeer,
+        ctx: &mut RequestCtx,
+        mut error: Box<Error>,
+    ) -> Box<Error> {
+        ctx.finish_attempt(None, Some(error.to_string()));
+        // Nothing reached the replica: moving on is safe for every method.
+        error.set_retry(ctx.can_move_on());
+        error
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        error: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut error = error.more_context(format!("replica {peer}"));
+        let status = match error.etype() {
+            ErrorType::HTTPStatus(code) => Some(*code),
+            _ => None,
+        };
+        ctx.finish_attempt(status, Some(error.to_string()));
+        let replayable = is_idempotent(&session.req_header().method)
+            && !session.as_ref().retry_buffer_truncated();
+        error.set_retry(replayable && ctx.can_move_on());
+        error
+    }
+
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        error: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        ctx.finish_attempt(None, Some(error.to_string()));
+        let code = match error.etype() {
+            ErrorType::HTTPStatus(code) => *code,
+            ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
+            _ if error.esource() == &ErrorSource::Downstream => 0,
+            _ => 502,
+        };
+        if code > 0 {
+            self.metrics.count_status(code);
+            let message = match code {
+                503 => "no healthy replica could take the request",
+                504 => "the replica did not answer in time",
+                _ => "the replica failed to answer",
+            };
+            let request_id = ctx.request_id().to_string();
+            let _ = write_error(session, code, message, &request_id).await;
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        ctx.finish_attempt(None, error.map(|e| e.to_string()));
+        if ctx.answered {
+            if let Some(upstream) = ctx.upstream.as_ref() {
+                upstream.finished.fetch_add(1, Ordering::Relaxed);
+            }
+            let status = session.response_written().map_or(0, |r| r.status.as_u16());
+            self.metrics.count_status(status);
+        }
+        if let Some(record) = ctx.record.as_ref() {
+            debug!(
+                request_id = %record.request_id,
+                attempts = record.attempts.len(),
+                elapsed_ms = record.elapsed().as_millis() as u64,
+                "request finished"
+            );
+        }
+    }
+}

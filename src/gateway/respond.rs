@@ -1,0 +1,73 @@
+//! Responses the gateway writes itself: goms's JSON envelope for errors, and JSON documents.
+
+use bytes::Bytes;
+use pingora::http::ResponseHeader;
+use pingora::proxy::Session;
+use serde::Serialize;
+
+use crate::trace::REQUEST_ID_HEADER;
+
+/// goms's error body: `{"code":N,"msg":"...","status":false,"requestId":"..."}`.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ErrorEnvelope<'a> {
+    pub code: u16,
+    pub msg: &'a str,
+    pub status: bool,
+    pub request_id: &'a str,
+}
+
+/// Writes an error envelope with `status` as both the HTTP status and `code`.
+pub async fn write_error(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    request_id: &str,
+) -> pingora::Result<()> {
+    let envelope = ErrorEnvelope {
+        code: status,
+        msg: message,
+        status: false,
+        request_id,
+    };
+    let body = serde_json::to_vec(&envelope).expect("envelope serialises");
+    write_json(session, status, body, Some(request_id)).await
+}
+
+/// Writes a complete JSON response.
+pub async fn write_json(
+    session: &mut Session,
+    status: u16,
+    body: Vec<u8>,
+    request_id: Option<&str>,
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    if let Some(request_id) = request_id {
+        header.insert_header(REQUEST_ID_HEADER, request_id)?;
+    }
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}
+
+/// Writes a complete plain-text response (Prometheus exposition format).
+pub async fn write_text(
+    session: &mut Session,
+    content_type: &str,
+    body: String,
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(200, Some(3))?;
+    header.insert_header(http::header::CONTENT_TYPE, content_type)?;
+    header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    session
+        .write_response_header(Box::new(header), false)
+        .await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await
+}

@@ -1,0 +1,102 @@
+//! Service registry on etcd v3: nodes register under a lease, everybody watches everybody.
+//!
+//! - [`Registration`] keeps one node's key alive (lease, keep-alive, re-grant after a loss,
+//!   revoke on shutdown).
+//! - [`membership::watch_members`] lists the prefix, watches from the next revision, and
+//!   republishes a [`Members`] snapshot on every change, logging goms's
+//!   `[service] node [id] join|leave` lines.
+//!
+//! Both reconnect on their own: etcd restarting, a broken stream or a compacted revision
+//! never needs a process restart.
+
+pub mod lease;
+pub mod membership;
+pub mod node;
+
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions};
+
+pub use lease::Registration;
+pub use membership::{watch_members, Members};
+pub use node::{node_key, parse_node_key, NodeInfo, KEY_PREFIX};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("etcd at {endpoints}: {source}")]
+    Etcd {
+        endpoints: String,
+        #[source]
+        source: etcd_client::Error,
+    },
+    #[error("etcd at {endpoints}: no answer within {timeout:?}")]
+    Timeout {
+        endpoints: String,
+        timeout: Duration,
+    },
+}
+
+/// How to reach etcd; cheap to clone, connects afresh on demand.
+#[derive(Debug, Clone)]
+pub struct EtcdEndpoints {
+    endpoints: Vec<String>,
+    timeout: Duration,
+}
+
+impl EtcdEndpoints {
+    pub fn new(endpoints: Vec<String>, timeout: Duration) -> Self {
+        EtcdEndpoints { endpoints, timeout }
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    fn describe(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    pub(crate) fn error(&self, source: etcd_client::Error) -> RegistryError {
+        RegistryError::Etcd {
+            endpoints: self.describe(),
+            source,
+        }
+    }
+
+    pub(crate) fn timed_out(&self) -> RegistryError {
+        RegistryError::Timeout {
+            endpoints: self.describe(),
+            timeout: self.timeout,
+        }
+    }
+
+    /// Opens a client. HTTP/2 keep-alive pings make a dead etcd visible within seconds
+    /// even on an idle watch stream.
+    pub async fn connect(&self) -> Result<Client, RegistryError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(self.timeout)
+            .with_timeout(self.timeout)
+            .with_keep_alive(Duration::from_secs(2), self.timeout)
+            .with_keep_alive_while_idle(true);
+        self.bounded(Client::connect(&self.endpoints, Some(options)))
+            .await
+    }
+
+    /// Runs one etcd call with the configured timeout, mapping both failure kinds.
+    pub(crate) async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, RegistryError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(source)) => Err(self.error(source)),
+            Err(_) => Err(self.timed_out()),
+        }
+    }
+}
+
+/// Delay before the next reconnect attempt: doubles from 200 ms up to 5 s.
+pub(crate) fn backoff(attempt: u32) -> Duration {
+    let millis = 200u64.saturating_mul(1 << attempt.min(5));
+    Duration::from_millis(millis.min(5_000))
+}

@@ -1,0 +1,73 @@
+//! `Call-Service-Key` verification: every request must carry the shared key.
+//!
+//! The comparison is constant time, so response timing does not leak how much of a guessed
+//! key was right. The key is never logged.
+
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use subtle::ConstantTimeEq;
+
+use crate::config::Secret;
+
+pub const CALL_SERVICE_KEY_HEADER: &str = "call-service-key";
+pub const SERVED_BY_HEADER: &str = "x-served-by";
+const REQUEST_ID_HEADER: &str = "x-request-id";
+
+/// What the middleware needs: the expected key and this node's id for `X-Served-By`.
+#[derive(Clone)]
+pub struct Guard {
+    pub key: Secret,
+    pub node_id: HeaderValue,
+}
+
+/// Refuses requests without the right key (401 JSON); stamps `X-Served-By` on every answer.
+pub async fn require_key(State(guard): State<Guard>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(CALL_SERVICE_KEY_HEADER)
+        .map(HeaderValue::as_bytes)
+        .unwrap_or_default();
+    let mut response = if keys_match(presented, guard.key.expose().as_bytes()) {
+        next.run(request).await
+    } else {
+        let request_id = request
+            .headers()
+            .get(REQUEST_ID_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let body = serde_json::json!({
+            "code": 401,
+            "msg": "Call-Service-Key is missing or wrong",
+            "status": false,
+            "requestId": request_id,
+        });
+        (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+    };
+    response
+        .headers_mut()
+        .insert(SERVED_BY_HEADER, guard.node_id.clone());
+    response
+}
+
+fn keys_match(presented: &[u8], expected: &[u8]) -> bool {
+    // ct_eq on slices of different lengths returns false without comparing contents; the
+    // length of the key is not the secret.
+    !expected.is_empty() && bool::from(presented.ct_eq(expected))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keys_match;
+
+    #[test]
+    fn only_the_exact_key_matches() {
+        assert!(keys_match(b"secret", b"secret"));
+        assert!(!keys_match(b"secreT", b"secret"));
+        assert!(!keys_match(b"secret-longer", b"secret"));
+        assert!(!keys_match(b"", b"secret"));
+        assert!(!keys_match(b"", b""));
+    }
+}

@@ -1,0 +1,158 @@
+//! The service SDK: serve an axum router as a goms service.
+//!
+//! [`serve`] binds the port, wraps the router with the `Call-Service-Key` check and the
+//! `X-Served-By` header, registers the node in etcd, follows membership (logging every
+//! node's join and leave), and on shutdown leaves the registry before it drains in-flight
+//! requests. [`echo`] is the stock service built on it, and the reference use of the SDK.
+
+pub mod auth;
+pub mod echo;
+
+use std::future::Future;
+use std::time::Duration;
+
+use axum::http::HeaderValue;
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::config::{ConfigError, GomsConfig, Secret};
+use crate::registry::{node, watch_members, EtcdEndpoints, NodeInfo, Registration};
+
+/// After the lease is revoked, gateways need a moment to see the `leave`; the node keeps
+/// serving meanwhile so requests already routed to it do not hit a closed socket.
+const DEREGISTER_GRACE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on port {port}: {source}")]
+    Listen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node id `{0}` cannot be sent as a header value")]
+    NodeId(String),
+    #[error("serving HTTP failed: {0}")]
+    Serve(#[source] std::io::Error),
+}
+
+/// Everything a service needs to join the cluster.
+#[derive(Debug, Clone)]
+pub struct ServiceOptions {
+    pub name: String,
+    /// 0 picks a free port; the bound port is what gets registered.
+    pub http_port: u16,
+    pub advertise_host: String,
+    /// Defaults to `advertise_host:port`.
+    pub node_id: Option<String>,
+    pub version: String,
+    pub weight: u32,
+    pub zone: String,
+    pub lease_ttl: Duration,
+    pub etcd: EtcdEndpoints,
+    pub call_service_key: Secret,
+    pub drain_timeout: Duration,
+}
+
+impl ServiceOptions {
+    pub fn from_config(config: &GomsConfig) -> Result<Self, ConfigError> {
+        let service = &config.service;
+        Ok(ServiceOptions {
+            name: service.name.clone(),
+            http_port: service.http_port,
+            advertise_host: service.advertise_host.clone(),
+            node_id: None,
+            version: service.version.clone(),
+            weight: service.weight,
+            zone: service.zone.clone(),
+            lease_ttl: config.lease_ttl(),
+            etcd: EtcdEndpoints::new(config.etcd_addr.clone(), config.registry.etcd_timeout),
+            call_service_key: config.require_call_service_key()?.clone(),
+            drain_timeout: service.drain_timeout,
+        })
+    }
+}
+
+/// Serves `router` as a goms service until `shutdown` completes, then deregisters and drains.
+pub async fn serve(
+    options: ServiceOptions,
+    router: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
+    let listener = TcpListener::bind(("0.0.0.0", options.http_port))
+        .await
+        .map_err(|source| ServiceError::Listen {
+            port: options.http_port,
+            source,
+        })?;
+    let port = listener.local_addr().map_err(ServiceError::Serve)?.port();
+    let http = format!("{}:{port}", options.advertise_host);
+    let node = NodeInfo {
+        id: options.node_id.clone().unwrap_or_else(|| http.clone()),
+        service: options.name.clone(),
+        http,
+        version: options.version.clone(),
+        weight: options.weight,
+        zone: options.zone.clone(),
+        started_at: node::now_rfc3339(),
+    };
+    let guard = auth::Guard {
+        key: options.call_service_key.clone(),
+        node_id: HeaderValue::from_str(&node.id)
+            .map_err(|_| ServiceError::NodeId(node.id.clone()))?,
+    };
+    let app = router.layer(axum::middleware::from_fn_with_state(
+        guard,
+        auth::require_key,
+    ));
+    info!("[{}] Http Listen on port: {port}", options.name);
+
+    let (stop, stopped) = watch::channel(false);
+    let _members = watch_members(options.etcd.clone(), stopped);
+    let (registration, first) =
+        Registration::start(options.etcd.clone(), node, options.lease_ttl).await;
+    if let Err(error) = first {
+        warn!(message = "Not registered yet; retrying in the background.", %error);
+    }
+
+    let (draining_tx, mut draining) = watch::channel(false);
+    let leave_then_drain = async move {
+        shutdown.await;
+        info!("Shutting down: leaving the registry, then draining in-flight requests.");
+        if let Err(error) = registration.deregister().await {
+            warn!(message = "Could not revoke the lease; it expires by TTL.", %error);
+        }
+        tokio::time::sleep(DEREGISTER_GRACE).await;
+        let _ = draining_tx.send(true);
+    };
+    let server = axum::serve(listener, app).with_graceful_shutdown(leave_then_drain);
+    let drain_timeout = options.drain_timeout;
+    let deadline = async move {
+        let _ = draining.wait_for(|draining| *draining).await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+    let result = tokio::select! {
+        result = server => result.map_err(ServiceError::Serve),
+        _ = deadline => {
+            warn!(message = "Drain timeout reached; closing remaining connections.", timeout = ?drain_timeout);
+            Ok(())
+        }
+    };
+    let _ = stop.send(true);
+    info!("[{}] stopped", options.name);
+    result
+}
+
+/// Completes on SIGTERM or SIGINT.
+pub async fn termination_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler installs");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
