@@ -8,6 +8,7 @@ use crate::config::{
 
 /// Checks goms.yml and/or services.yml; with neither path given, checks both defaults.
 pub fn run(config: Option<&Path>, routes: Option<&Path>) -> anyhow::Result<()> {
+    let config_named = config.is_some();
     let (config, routes): (Option<PathBuf>, Option<PathBuf>) = match (config, routes) {
         (None, None) => (
             Some(DEFAULT_CONFIG_PATH.into()),
@@ -16,7 +17,7 @@ pub fn run(config: Option<&Path>, routes: Option<&Path>) -> anyhow::Result<()> {
         (config, routes) => (config.map(Path::to_path_buf), routes.map(Path::to_path_buf)),
     };
     if let Some(path) = config {
-        check_config(&path, routes.is_none())?;
+        check_config(&path, config_named)?;
     }
     if let Some(path) = routes {
         let spec = load_routes_file(&path)?;
@@ -30,10 +31,10 @@ pub fn run(config: Option<&Path>, routes: Option<&Path>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn check_config(path: &Path, explicit_only: bool) -> Result<(), ConfigError> {
+fn check_config(path: &Path, must_exist: bool) -> Result<(), ConfigError> {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound && !explicit_only => {
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound && !must_exist => {
             println!("{}: absent, built-in defaults apply", path.display());
             return Ok(());
         }

@@ -1,5 +1,7 @@
 //! Log setup: tracing to stderr, text or JSON, with pingora's `log` records bridged in.
 
+use std::io::IsTerminal;
+
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
@@ -10,7 +12,8 @@ pub fn init(config: &LogConfig) {
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     // `init` also installs the `log` -> `tracing` bridge, so pingora's records appear.
     match config.format {
         LogFormat::Text => builder.init(),

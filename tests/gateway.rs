@@ -1,0 +1,487 @@
+//! End-to-end: real etcd (container), real `goms service` replicas, real `goms gateway`.
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use support::{eventually, free_port, http, route_file, wait_for_nodes, Etcd, Goms, KEY, ROUTES};
+
+struct Stack {
+    etcd: Etcd,
+    services: Vec<Goms>,
+    gateway: Goms,
+    gateway_port: u16,
+    _routes: tempfile::TempDir,
+    routes_path: std::path::PathBuf,
+}
+
+async fn stack(replicas: usize) -> Stack {
+    let etcd = Etcd::start().await;
+    let services = (0..replicas)
+        .map(|_| Goms::service(&etcd, free_port(), &["--lease-ttl", "3"]))
+        .collect();
+    let (folder, routes_path) = route_file(ROUTES);
+    let gateway_port = free_port();
+    let gateway = Goms::gateway(&etcd, gateway_port, &routes_path, &["--lease-ttl", "3"]);
+    wait_for_nodes(gateway_port, "user", replicas).await;
+    Stack {
+        etcd,
+        services,
+        gateway,
+        gateway_port,
+        _routes: folder,
+        routes_path,
+    }
+}
+
+impl Stack {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.gateway_port)
+    }
+}
+
+fn served_by(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get("x-served-by")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[tokio::test]
+async fn round_robin_counts_are_exact_across_three_replicas() {
+    let stack = stack(3).await;
+    let client = http();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for _ in 0..30 {
+        let response = client
+            .get(stack.url("/api/user/login"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        *counts.entry(served_by(&response)).or_default() += 1;
+    }
+    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert!(counts.values().all(|count| *count == 10), "{counts:?}");
+}
+
+#[tokio::test]
+async fn forwards_method_query_body_and_headers_as_goms_echo() {
+    let stack = stack(1).await;
+    let response = http()
+        .post(stack.url("/api/user/login?a=1&b=3"))
+        .header("X-Request-Id", "client-chosen-id-1")
+        .header("Call-Service-Key", "forged-by-client")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .form(&[("username", "test"), ("password", "test")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-request-id"], "client-chosen-id-1");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], 0);
+    assert_eq!(body["status"], true);
+    assert_eq!(body["msg"], "success");
+    let data = &body["data"];
+    assert_eq!(data["method"], "POST");
+    assert_eq!(data["urlParam"], "?a=1&b=3");
+    assert_eq!(data["body"]["username"], "test");
+    assert_eq!(data["headers"]["X-Request-Id"], "client-chosen-id-1");
+    assert!(
+        data["headers"].get("Call-Service-Key").is_none(),
+        "key echoed: {data}"
+    );
+    let traceparent = data["headers"]["Traceparent"].as_str().unwrap();
+    assert!(
+        traceparent.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{traceparent}"
+    );
+    assert!(
+        !traceparent.contains("00f067aa0ba902b7"),
+        "span not replaced: {traceparent}"
+    );
+
+    // A malformed request id is replaced by a UUID, returned to the client and sent upstream.
+    let response = http()
+        .get(stack.url("/api/user/login"))
+        .header("X-Request-Id", "has spaces in it")
+        .send()
+        .await
+        .unwrap();
+    let id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(uuid::Uuid::parse_str(&id).is_ok(), "{id}");
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["data"]["headers"]["X-Request-Id"], id.as_str());
+}
+
+#[tokio::test]
+async fn json_and_multipart_bodies_are_decoded() {
+    let stack = stack(1).await;
+    let body: serde_json::Value = http()
+        .post(stack.url("/api/user/register"))
+        .json(&serde_json::json!({"username": "ann", "age": 3}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        body["data"]["body"],
+        serde_json::json!({"username": "ann", "age": 3})
+    );
+
+    let form = reqwest::multipart::Form::new()
+        .text("username", "bob")
+        .part(
+            "avatar",
+            reqwest::multipart::Part::bytes(vec![1u8; 10]).file_name("a.png"),
+        );
+    let body: serde_json::Value = http()
+        .post(stack.url("/api/user/register"))
+        .multipart(form)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body["data"]["body"]["username"], "bob");
+    assert_eq!(body["data"]["body"]["avatar"]["size"], 10);
+}
+
+#[tokio::test]
+async fn gateway_errors_use_the_goms_envelope() {
+    let stack = stack(1).await;
+    let client = http();
+
+    let response = client
+        .get(stack.url("/api/user/unknown"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 404);
+    let request_id = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], 404);
+    assert_eq!(body["status"], false);
+    assert_eq!(body["requestId"], request_id.as_str());
+
+    // `order` has a route but no replica.
+    let response = client
+        .get(stack.url("/api/order/submit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], 503);
+    assert_eq!(body["status"], false);
+}
+
+#[tokio::test]
+async fn services_refuse_a_missing_or_wrong_key() {
+    let etcd = Etcd::start().await;
+    let port = free_port();
+    let service = Goms::service(&etcd, port, &[]);
+    service
+        .wait_for_line("registered at", Duration::from_secs(20))
+        .await;
+    let url = format!("http://127.0.0.1:{port}/login");
+    let client = http();
+
+    for key in [None, Some("wrong"), Some(&KEY[..KEY.len() - 1])] {
+        let mut request = client.get(&url);
+        if let Some(key) = key {
+            request = request.header("Call-Service-Key", key);
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 401, "key {key:?}");
+        let body: serde_json::Value = response.json().await.unwrap();
+        assert_eq!(body["code"], 401);
+        assert_eq!(body["status"], false);
+    }
+    let response = client
+        .get(&url)
+        .header("Call-Service-Key", KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    // A gateway configured with another key is refused by the service.
+    let (_folder, routes) = route_file(ROUTES);
+    let gateway_port = free_port();
+    let _gateway = Goms::spawn(
+        "gateway-wrong-key",
+        &[
+            "gateway",
+            "--http-port",
+            &gateway_port.to_string(),
+            "--etcd-addr",
+            &etcd.endpoint(),
+            "--routes",
+            &routes.display().to_string(),
+        ],
+        &[("GOMS__CALL_SERVICE_KEY", "not-the-shared-key")],
+    );
+    wait_for_nodes(gateway_port, "user", 1).await;
+    let response = client
+        .get(format!("http://127.0.0.1:{gateway_port}/api/user/login"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+}
+
+#[tokio::test]
+async fn a_replica_killed_under_sequential_load_loses_no_request() {
+    let mut stack = stack(3).await;
+    let client = http();
+    let mut failures = Vec::new();
+    let mut served_after_kill: HashMap<String, usize> = HashMap::new();
+    let victim = stack.services[1].name.clone();
+    for i in 0..300 {
+        if i == 100 {
+            stack.services[1].kill();
+        }
+        let request = if i % 2 == 0 {
+            client.get(stack.url("/api/user/login"))
+        } else {
+            client.post(stack.url("/api/user/login")).body("x=1")
+        };
+        match request.send().await {
+            Ok(response) if response.status() == 200 => {
+                if i > 100 {
+                    *served_after_kill.entry(served_by(&response)).or_default() += 1;
+                }
+            }
+            Ok(response) => failures.push(format!("request {i}: status {}", response.status())),
+            Err(error) => failures.push(format!("request {i}: {error}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    let victim_port = victim.trim_start_matches("user:");
+    assert!(
+        served_after_kill
+            .keys()
+            .all(|node| !node.ends_with(victim_port)),
+        "{served_after_kill:?}"
+    );
+    assert_eq!(served_after_kill.len(), 2, "{served_after_kill:?}");
+}
+
+#[tokio::test]
+async fn join_and_leave_are_seen_by_other_nodes_and_new_replicas_get_traffic() {
+    let stack = stack(1).await;
+    let first = &stack.services[0];
+    let port = free_port();
+    let mut second = Goms::service(&stack.etcd, port, &["--lease-ttl", "3"]);
+    let id = format!("127.0.0.1:{port}");
+    first
+        .wait_for_line(&format!("[user] node [{id}] join"), Duration::from_secs(10))
+        .await;
+    stack
+        .gateway
+        .wait_for_line(&format!("[user] node [{id}] join"), Duration::from_secs(10))
+        .await;
+    // The gateway routes to the new replica without a restart.
+    wait_for_nodes(stack.gateway_port, "user", 2).await;
+    let client = http();
+    let mut served = Vec::new();
+    for _ in 0..4 {
+        let response = client
+            .get(stack.url("/api/user/login"))
+            .send()
+            .await
+            .unwrap();
+        served.push(served_by(&response));
+    }
+    assert!(served.contains(&id), "{served:?}");
+
+    // SIGKILL: no deregistration, the lease (TTL 3 s) expires and everyone sees the leave.
+    second.kill();
+    first
+        .wait_for_line(&format!("[user] node [{id}] leave"), Duration::from_secs(8))
+        .await;
+    stack
+        .gateway
+        .wait_for_line(&format!("[user] node [{id}] leave"), Duration::from_secs(8))
+        .await;
+}
+
+#[tokio::test]
+async fn sigterm_revokes_the_lease_before_draining() {
+    let mut stack = stack(2).await;
+    let id = stack.services[1].name.replace("user:", "127.0.0.1:");
+    let status = stack.services[1].terminate(Duration::from_secs(15)).await;
+    assert!(status.success(), "{status:?}");
+    let output = stack.services[1].output();
+    let revoked = output
+        .find("deregistered (lease revoked)")
+        .expect("lease revoked");
+    let stopped = output.find("[user] stopped").expect("stopped");
+    assert!(revoked < stopped, "{output}");
+    // Seen at once, far sooner than the 3 s TTL would allow after a silent death.
+    stack
+        .gateway
+        .wait_for_line(&format!("[user] node [{id}] leave"), Duration::from_secs(2))
+        .await;
+
+    let gateway_id = format!("127.0.0.1:{}", stack.gateway_port);
+    let status = stack.gateway.terminate(Duration::from_secs(20)).await;
+    assert!(status.success(), "{status:?}");
+    stack.services[0]
+        .wait_for_line(
+            &format!("[gateway] node [{gateway_id}] leave"),
+            Duration::from_secs(2),
+        )
+        .await;
+}
+
+#[tokio::test]
+async fn cluster_document_lists_every_service_with_goms_keys() {
+    let stack = stack(2).await;
+    let second_gateway_port = free_port();
+    let _second = Goms::gateway(&stack.etcd, second_gateway_port, &stack.routes_path, &[]);
+    let client = http();
+    client
+        .get(stack.url("/api/user/login"))
+        .send()
+        .await
+        .unwrap();
+    let url = stack.url("/cluster");
+    eventually("two gateways in /cluster", Duration::from_secs(10), || {
+        let client = client.clone();
+        let url = url.clone();
+        async move {
+            let document: serde_json::Value =
+                client.get(&url).send().await.unwrap().json().await.unwrap();
+            document["services"]["gateway"]["Nodes"]
+                .as_array()
+                .map(Vec::len)
+                == Some(2)
+        }
+    })
+    .await;
+    let document: serde_json::Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    assert_eq!(document["status"], true);
+    let user = &document["services"]["user"];
+    assert_eq!(user["Nodes"].as_array().unwrap().len(), 2);
+    assert_eq!(user["RequestFinish"], 1);
+    assert_eq!(user["PollNext"], 1);
+    let detail = user["NodeDetail"].as_array().unwrap();
+    assert_eq!(detail.len(), 2);
+    for node in detail {
+        assert_eq!(node["healthy"], true);
+        assert_eq!(node["inFlight"], 0);
+        assert_eq!(node["failures"], 0);
+    }
+    // The CLI prints the same document, from the gateway or straight from etcd.
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_goms"))
+        .args([
+            "--config",
+            "/nonexistent",
+            "cluster",
+            "--etcd-addr",
+            &stack.etcd.endpoint(),
+        ])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let from_etcd: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(from_etcd["services"]["user"]["Nodes"], user["Nodes"]);
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_goms"))
+        .args([
+            "--config",
+            "/nonexistent",
+            "cluster",
+            "--gateway",
+            &format!("127.0.0.1:{}", stack.gateway_port),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let from_gateway: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(from_gateway["services"]["user"]["RequestFinish"], 1);
+}
+
+#[tokio::test]
+async fn route_file_edits_apply_live_and_invalid_edits_change_nothing() {
+    let stack = stack(1).await;
+    let client = http();
+    assert_eq!(
+        client
+            .get(stack.url("/api/user/profile"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+
+    let edited = "services:\n  user:\n    register: \"/register\"\n    login: \"/login\"\n    profile: \"/profile\"\n";
+    std::fs::write(&stack.routes_path, edited).unwrap();
+    let url = stack.url("/api/user/profile");
+    eventually("new route answers", Duration::from_secs(10), || {
+        let client = client.clone();
+        let url = url.clone();
+        async move { client.get(&url).send().await.unwrap().status() == 200 }
+    })
+    .await;
+
+    std::fs::write(
+        &stack.routes_path,
+        "services:\n  user:\n    login: \"/login\"\n    broken: \"no-slash\"\n",
+    )
+    .unwrap();
+    stack
+        .gateway
+        .wait_for_line("services.yml:4:", Duration::from_secs(10))
+        .await;
+    assert!(
+        stack.gateway.has_line("must start with `/`"),
+        "{}",
+        stack.gateway.output()
+    );
+    // The previous table keeps serving, including the route added live.
+    assert_eq!(
+        client
+            .get(stack.url("/api/user/profile"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        client
+            .get(stack.url("/api/user/register"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+}

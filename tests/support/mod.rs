@@ -1,0 +1,339 @@
+//! Starts the real things the suites need: etcd in a container (testcontainers), and the
+//! `goms` binary as child processes. Everything waits on a deadline and panics with what it
+//! was waiting for; nothing sleeps to synchronise.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::runners::AsyncRunner;
+use testcontainers::{ContainerAsync, GenericImage, ImageExt};
+
+/// The key every test cluster shares.
+pub const KEY: &str = "test-call-service-key";
+
+/// Default etcd image where a registry is reachable; `GOMS_ETCD_IMAGE` overrides it.
+const DEFAULT_ETCD_IMAGE: &str = "quay.io/coreos/etcd:v3.5.17";
+
+/// Polls `check` until it returns true or `timeout` passes; panics naming `what`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A port nothing listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral port")
+        .port()
+}
+
+fn split_image(reference: &str) -> (String, String) {
+    match reference.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name.to_string(), tag.to_string()),
+        _ => (reference.to_string(), "latest".to_string()),
+    }
+}
+
+/// A real etcd in a container, published on a fixed host port so that it can be stopped
+/// and started (or replaced by an empty one) without clients changing address.
+pub struct Etcd {
+    pub port: u16,
+    container: Option<ContainerAsync<GenericImage>>,
+}
+
+impl Etcd {
+    pub async fn start() -> Etcd {
+        let port = free_port();
+        let container = Self::launch(port).await;
+        Etcd {
+            port,
+            container: Some(container),
+        }
+    }
+
+    async fn launch(port: u16) -> ContainerAsync<GenericImage> {
+        let reference =
+            std::env::var("GOMS_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_ETCD_IMAGE.to_string());
+        let (name, tag) = split_image(&reference);
+        GenericImage::new(name, tag)
+            .with_wait_for(WaitFor::message_on_stderr("ready to serve client requests"))
+            .with_exposed_port(2379.tcp())
+            .with_env_var("ETCD_NAME", "default")
+            .with_env_var("ETCD_DATA_DIR", "/tmp/etcd-data")
+            .with_env_var("ETCD_LISTEN_CLIENT_URLS", "http://0.0.0.0:2379")
+            .with_env_var("ETCD_ADVERTISE_CLIENT_URLS", "http://127.0.0.1:2379")
+            .with_env_var("ETCD_LISTEN_PEER_URLS", "http://127.0.0.1:2380")
+            .with_env_var("ETCD_INITIAL_ADVERTISE_PEER_URLS", "http://127.0.0.1:2380")
+            .with_env_var("ETCD_INITIAL_CLUSTER", "default=http://127.0.0.1:2380")
+            .with_mapped_port(port, 2379.tcp())
+            .with_startup_timeout(Duration::from_secs(60))
+            .start()
+            .await
+            .unwrap_or_else(|error| {
+                panic!("etcd container `{reference}` did not start (set GOMS_ETCD_IMAGE, or run scripts/test.sh which builds offline images): {error}")
+            })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn client(&self) -> etcd_client::Client {
+        etcd_client::Client::connect([self.endpoint()], None)
+            .await
+            .expect("connect to test etcd")
+    }
+
+    /// Stops the container; its data stays for [`Etcd::resume`].
+    pub async fn pause(&self) {
+        let container = self.container.as_ref().expect("etcd running");
+        container
+            .stop_with_timeout(Some(1))
+            .await
+            .expect("stop etcd");
+    }
+
+    /// Starts the stopped container again and waits until it answers.
+    pub async fn resume(&self) {
+        let container = self.container.as_ref().expect("etcd exists");
+        container.start().await.expect("start etcd again");
+        self.wait_ready().await;
+    }
+
+    /// Replaces etcd by a fresh one with no data on the same port: every lease and key is gone.
+    pub async fn replace_with_empty(&mut self) {
+        if let Some(old) = self.container.take() {
+            old.rm().await.expect("remove etcd");
+        }
+        self.container = Some(Self::launch(self.port).await);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let endpoint = self.endpoint();
+        eventually("etcd answers", Duration::from_secs(30), || {
+            let endpoint = endpoint.clone();
+            async move {
+                match etcd_client::Client::connect([endpoint], None).await {
+                    Ok(mut client) => client.get("probe", None).await.is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// A `goms` child process whose output is captured line by line.
+pub struct Goms {
+    pub name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Goms {
+    /// Runs `goms <args>` with the test key, no config file, and text logs.
+    pub fn spawn(name: &str, args: &[&str], env: &[(&str, &str)]) -> Goms {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_goms"));
+        command
+            .args(["--config", "/nonexistent/goms.yml", "--log-level", "info"])
+            .args(args)
+            .env("GOMS__CALL_SERVICE_KEY", KEY)
+            .env("GOMS__GATEWAY__DRAIN_TIMEOUT", "1s")
+            .env("GOMS__GATEWAY__HEALTH_CHECK_INTERVAL", "500ms")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let mut child = command.spawn().expect("spawn goms binary");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        for stream in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let lines = lines.clone();
+            let label = name.to_string();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("GOMS_TEST_ECHO").is_some() {
+                        eprintln!("[{label}] {line}");
+                    }
+                    lines.lock().unwrap().push(line);
+                }
+            });
+        }
+        Goms {
+            name: name.to_string(),
+            child,
+            lines,
+        }
+    }
+
+    pub fn service(etcd: &Etcd, port: u16, extra: &[&str]) -> Goms {
+        let port = port.to_string();
+        let mut args = vec![
+            "service",
+            "--name",
+            "user",
+            "--http-port",
+            &port,
+            "--etcd-addr",
+        ];
+        let endpoint = etcd.endpoint();
+        args.push(&endpoint);
+        args.extend_from_slice(extra);
+        Goms::spawn(&format!("user:{port}"), &args, &[])
+    }
+
+    pub fn gateway(etcd: &Etcd, port: u16, routes: &std::path::Path, extra: &[&str]) -> Goms {
+        let port_text = port.to_string();
+        let endpoint = etcd.endpoint();
+        let routes = routes.display().to_string();
+        let mut args = vec![
+            "gateway",
+            "--http-port",
+            &port_text,
+            "--etcd-addr",
+            &endpoint,
+            "--routes",
+            &routes,
+        ];
+        args.extend_from_slice(extra);
+        Goms::spawn(&format!("gateway:{port}"), &args, &[])
+    }
+
+    pub fn output(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn has_line(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    pub async fn wait_for_line(&self, needle: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.has_line(needle) {
+            if Instant::now() > deadline {
+                panic!(
+                    "{}: no line containing {needle:?} within {timeout:?}; output:\n{}",
+                    self.name,
+                    self.output()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGKILL: the process gets no chance to deregister.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the process to exit; returns its exit status.
+    pub async fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        unsafe {
+            libc::kill(self.pid(), libc::SIGTERM);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait child") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "{} did not exit within {timeout:?} after SIGTERM",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Goms {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP client that never uses a proxy from the environment.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("build HTTP client")
+}
+
+/// Waits until the gateway's `/cluster` lists `count` nodes of `service`.
+pub async fn wait_for_nodes(gateway_port: u16, service: &str, count: usize) {
+    let client = http();
+    let url = format!("http://127.0.0.1:{gateway_port}/cluster");
+    eventually(
+        &format!("{count} `{service}` nodes in {url}"),
+        Duration::from_secs(20),
+        || {
+            let client = client.clone();
+            let url = url.clone();
+            async move {
+                let Ok(response) = client.get(&url).send().await else {
+                    return false;
+                };
+                let Ok(document) = response.json::<serde_json::Value>().await else {
+                    return false;
+                };
+                let nodes = document["services"][service]["NodeDetail"]
+                    .as_array()
+                    .map(|nodes| {
+                        nodes
+                            .iter()
+                            .filter(|n| n["healthy"].as_bool() == Some(true))
+                            .count()
+                    })
+                    .unwrap_or(0);
+                nodes == count
+            }
+        },
+    )
+    .await;
+}
+
+/// Writes a route file into a temp folder and returns both (keep the folder alive).
+pub fn route_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+    let folder = tempfile::tempdir().expect("temp dir");
+    let path = folder.path().join("services.yml");
+    std::fs::write(&path, text).expect("write route file");
+    (folder, path)
+}
+
+pub const ROUTES: &str = "services:\n  user:\n    register: \"/register\"\n    login: \"/login\"\n  order:\n    submit: \"/order/submit\"\n";
