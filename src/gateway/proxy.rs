@@ -344,6 +344,9 @@ impl ProxyHttp for GatewayProxy {
                 _ => "the replica failed to answer",
             };
             let request_id = ctx.request_id().to_string();
+            // pingora will not reuse this connection; `Connection: close` tells the client
+            // so, instead of letting it send its next request into a closing socket.
+            session.set_keepalive(None);
             let _ = write_error(session, code, message, &request_id).await;
         }
         FailToProxy {

@@ -1,0 +1,136 @@
+//! Retry rules against a replica that answers 503 or hangs: idempotent requests move on
+//! to the next replica, a POST that reached a replica is never sent twice.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use support::{free_port, http, route_file, wait_for_nodes, Etcd, Goms, ROUTES};
+
+/// A replica written in the test: registers itself like any service in any language would
+/// (a JSON value under `/goms/services/user/{id}` with a lease), and answers with `behaviour`.
+struct FakeReplica {
+    id: String,
+    hits: Arc<AtomicUsize>,
+    posts: Arc<AtomicUsize>,
+}
+
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Unavailable,
+    Hang,
+}
+
+async fn fake_replica(etcd: &Etcd, behaviour: Behaviour) -> FakeReplica {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let posts = Arc::new(AtomicUsize::new(0));
+    let (h, p) = (hits.clone(), posts.clone());
+    let app = axum::Router::new().fallback(move |method: axum::http::Method| {
+        let (h, p) = (h.clone(), p.clone());
+        async move {
+            h.fetch_add(1, Ordering::SeqCst);
+            if method == axum::http::Method::POST {
+                p.fetch_add(1, Ordering::SeqCst);
+            }
+            if let Behaviour::Hang = behaviour {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            }
+            (StatusCode::SERVICE_UNAVAILABLE, "fake replica unavailable")
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let id = format!("fake-{}", addr.port());
+    let mut client = etcd.client().await;
+    let lease = client.lease_grant(30, None).await.unwrap().id();
+    let value = serde_json::json!({
+        "id": id, "service": "user", "http": addr.to_string(),
+        "version": "test", "weight": 1, "zone": "", "started_at": ""
+    });
+    client
+        .put(
+            format!("/goms/services/user/{id}"),
+            value.to_string(),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .unwrap();
+    FakeReplica { id, hits, posts }
+}
+
+#[tokio::test]
+async fn post_is_not_retried_after_a_503_but_get_is() {
+    let etcd = Etcd::start().await;
+    let _healthy = Goms::service(&etcd, free_port(), &[]);
+    let fake = fake_replica(&etcd, Behaviour::Unavailable).await;
+    let (_folder, routes) = route_file(ROUTES);
+    let port = free_port();
+    let _gateway = Goms::gateway(&etcd, port, &routes, &[]);
+    wait_for_nodes(port, "user", 2).await;
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}/api/user/login");
+
+    for _ in 0..6 {
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(
+            response.status(),
+            200,
+            "GET must move on to the healthy replica"
+        );
+    }
+    let get_hits = fake.hits.load(Ordering::SeqCst);
+    assert!(get_hits >= 1, "round robin never reached {}", fake.id);
+
+    let mut unavailable = 0;
+    for _ in 0..6 {
+        let response = client.post(&url).body("a=1").send().await.unwrap();
+        match response.status().as_u16() {
+            200 => {}
+            503 => unavailable += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    let posts = fake.posts.load(Ordering::SeqCst);
+    assert!(posts >= 1, "round robin never sent a POST to {}", fake.id);
+    assert_eq!(
+        unavailable, posts,
+        "every POST the fake replica saw must reach the client as its 503, never be replayed"
+    );
+}
+
+#[tokio::test]
+async fn a_hanging_replica_times_out_with_504_for_post_and_is_skipped_for_get() {
+    let etcd = Etcd::start().await;
+    let _healthy = Goms::service(&etcd, free_port(), &[]);
+    let fake = fake_replica(&etcd, Behaviour::Hang).await;
+    let (_folder, routes) =
+        route_file("services:\n  user:\n    login:\n      path: /login\n      timeout: 300ms\n");
+    let port = free_port();
+    let _gateway = Goms::gateway(&etcd, port, &routes, &[]);
+    wait_for_nodes(port, "user", 2).await;
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}/api/user/login");
+
+    for _ in 0..4 {
+        assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+    }
+    assert!(fake.hits.load(Ordering::SeqCst) >= 1);
+
+    let mut timed_out = 0;
+    for _ in 0..4 {
+        let response = client.post(&url).send().await.unwrap();
+        if response.status() == 504 {
+            let body: serde_json::Value = response.json().await.unwrap();
+            assert_eq!(body["code"], 504);
+            timed_out += 1;
+        } else {
+            assert_eq!(response.status(), 200);
+        }
+    }
+    assert_eq!(timed_out, fake.posts.load(Ordering::SeqCst));
+    assert!(timed_out >= 1);
+}
