@@ -485,3 +485,35 @@ async fn route_file_edits_apply_live_and_invalid_edits_change_nothing() {
         200
     );
 }
+
+#[tokio::test]
+async fn transform_json_reencodes_form_bodies() {
+    let etcd = Etcd::start().await;
+    let _service = Goms::service(&etcd, free_port(), &[]);
+    let (_folder, routes) = route_file(
+        "services:\n  user:\n    login:\n      path: /login\n      transform: json\n    raw: /raw\n",
+    );
+    let port = free_port();
+    let _gateway = Goms::gateway(&etcd, port, &routes, &[]);
+    wait_for_nodes(port, "user", 1).await;
+    let client = http();
+    for (route, expected_type) in [
+        ("login", "application/json"),
+        ("raw", "application/x-www-form-urlencoded"),
+    ] {
+        let body: serde_json::Value = client
+            .post(format!("http://127.0.0.1:{port}/api/user/{route}"))
+            .form(&[("username", "test"), ("password", "p&w=")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(
+            body["data"]["headers"]["Content-Type"], expected_type,
+            "{body}"
+        );
+        assert_eq!(body["data"]["body"]["password"], "p&w=", "{body}");
+    }
+}

@@ -25,7 +25,7 @@ use super::metrics::GatewayMetrics;
 use super::respond::{write_error, write_json, write_text};
 use super::route_store::RouteStore;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
-use crate::config::{Route, Secret};
+use crate::config::{Route, Secret, Transform};
 use crate::registry::Members;
 use crate::trace::{
     request_id_or_new, Attempt, RequestRecord, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER,
@@ -54,6 +54,8 @@ pub struct RequestCtx {
     current: Option<Arc<NodeState>>,
     /// Set when the replica answered and the answer went to the client.
     answered: bool,
+    /// Form body collected for `transform: json`; `None` when the body passes untouched.
+    form_to_json: Option<Vec<u8>>,
 }
 
 impl RequestCtx {
@@ -101,6 +103,25 @@ fn is_idempotent(method: &http::Method) -> bool {
             | http::Method::DELETE
             | http::Method::OPTIONS
     )
+}
+
+fn is_form(request: &RequestHeader) -> bool {
+    request
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.to_ascii_lowercase()
+                .starts_with("application/x-www-form-urlencoded")
+        })
+}
+
+/// goms sent form posts to services as JSON objects; repeated keys keep the last value.
+fn form_as_json(form: &[u8]) -> Vec<u8> {
+    let object: serde_json::Map<String, serde_json::Value> = url::form_urlencoded::parse(form)
+        .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
+        .collect();
+    serde_json::to_vec(&object).expect("a JSON object serialises")
 }
 
 fn gateway_error(status: u16, why: &'static str) -> Box<Error> {
@@ -240,6 +261,13 @@ impl ProxyHttp for GatewayProxy {
             .parse::<http::Uri>()
             .map_err(|_| gateway_error(400, "request target cannot be rewritten"))?;
         upstream_request.set_uri(uri);
+        ctx.form_to_json = None;
+        if route.transform == Transform::Json && is_form(upstream_request) {
+            // The JSON body has another length: without Content-Length pingora sends it chunked.
+            upstream_request.remove_header(&http::header::CONTENT_LENGTH);
+            upstream_request.insert_header(http::header::CONTENT_TYPE, "application/json")?;
+            ctx.form_to_json = Some(Vec::new());
+        }
         upstream_request.remove_header(CALL_SERVICE_KEY_HEADER);
         upstream_request.insert_header(CALL_SERVICE_KEY_HEADER, self.call_service_key.expose())?;
         if let Some(record) = ctx.record.as_ref() {
@@ -252,6 +280,25 @@ impl ProxyHttp for GatewayProxy {
                 None => client.ip().to_string(),
             };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
+        }
+        Ok(())
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        let Some(collected) = ctx.form_to_json.as_mut() else {
+            return Ok(());
+        };
+        if let Some(chunk) = body.take() {
+            collected.extend_from_slice(&chunk);
+        }
+        if end_of_stream {
+            *body = Some(bytes::Bytes::from(form_as_json(collected)));
         }
         Ok(())
     }
