@@ -46,6 +46,8 @@ enum Command {
     Gateway(GatewayArgs),
     /// Run the stock example service: echoes every request as goms's JSON body.
     Service(ServiceArgs),
+    /// Move trace events from RabbitMQ into Elasticsearch; run as many as you like.
+    TraceConsumer(TraceConsumerArgs),
     /// Print the /cluster document of a running gateway, or straight from etcd.
     Cluster(ClusterArgs),
     /// Validate goms.yml and services.yml; exit non-zero with file:line: reason on the first error.
@@ -70,6 +72,21 @@ struct NodeArgs {
     /// Node id in etcd and in join/leave logs. Default: advertise-host:port.
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
+
+    /// RabbitMQ URL trace events are published to. Overrides amqpAddr.
+    #[arg(long, value_name = "URL")]
+    amqp_addr: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct TraceConsumerArgs {
+    /// RabbitMQ URL to consume trace events from. Overrides amqpAddr.
+    #[arg(long, value_name = "URL")]
+    amqp_addr: Option<String>,
+
+    /// Elasticsearch URL to index into. Overrides esAddr.
+    #[arg(long, value_name = "URL")]
+    es_addr: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -144,6 +161,7 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Gateway(args) => run_gateway(config, args),
         Command::Service(args) => run_service(config, args),
+        Command::TraceConsumer(args) => run_trace_consumer(config, args),
         Command::Cluster(args) => {
             if !args.etcd_addr.is_empty() {
                 config.etcd_addr = args.etcd_addr;
@@ -170,6 +188,9 @@ fn apply_node_args(config: &mut GomsConfig, node: &NodeArgs, advertise_host: &mu
     }
     if let Some(ttl) = node.lease_ttl {
         config.registry.lease_ttl = ttl;
+    }
+    if let Some(amqp) = &node.amqp_addr {
+        config.amqp_addr = amqp.clone();
     }
 }
 
@@ -210,6 +231,28 @@ fn run_service(mut config: GomsConfig, args: ServiceArgs) -> anyhow::Result<()> 
         crate::service::termination_signal(),
     ))?;
     Ok(())
+}
+
+fn run_trace_consumer(mut config: GomsConfig, args: TraceConsumerArgs) -> anyhow::Result<()> {
+    if let Some(amqp) = args.amqp_addr {
+        config.amqp_addr = amqp;
+    }
+    if let Some(es) = args.es_addr {
+        config.es_addr = es;
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    let settings = crate::trace::consumer_settings(&config);
+    runtime()?.block_on(async {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            crate::service::termination_signal().await;
+            let _ = stop.send(true);
+        });
+        let stats = crate::trace::consumer::ConsumerStats::default();
+        let result = crate::trace::consumer::run(settings, &stats, stopped).await;
+        tracing::info!("trace consumer stopped: {}", stats.summary());
+        result.context("trace consumer")
+    })
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

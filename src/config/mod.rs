@@ -11,6 +11,7 @@
 
 mod error;
 pub mod routes;
+mod time;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -22,6 +23,7 @@ pub use error::ConfigError;
 pub use routes::{
     load_routes_file, parse_routes, Route, RouteDefaults, RouteTable, ServiceRoutes, Transform,
 };
+pub use time::{now_rfc3339, rfc3339_from_unix};
 
 /// Prefix of environment overrides; sections are separated by `__`.
 pub const ENV_PREFIX: &str = "GOMS";
@@ -61,6 +63,63 @@ pub struct GomsConfig {
     pub service: ServiceConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub trace: TraceConfig,
+    #[serde(default)]
+    pub trace_consumer: TraceConsumerConfig,
+}
+
+/// Trace events published by gateways and services.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TraceConfig {
+    /// Publish trace events to `amqpAddr`. Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// goms's `projectName` field. Default `goms`.
+    #[serde(default = "default_project_name")]
+    pub project_name: String,
+    /// Durable queue events go to. Default `goms.trace` (dead letters: `<queue>.dead`).
+    #[serde(default = "default_trace_queue")]
+    pub queue: String,
+    /// Events held in memory between the request path and the publisher. Default 10000;
+    /// beyond it events go to the spool, and only a full spool drops.
+    #[serde(default = "default_queue_capacity")]
+    pub queue_capacity: usize,
+    /// Folder for the disk spool used while the broker is away. Default `/tmp/goms-spool`;
+    /// each node uses its own subfolder.
+    #[serde(default = "default_spool_dir")]
+    pub spool_dir: PathBuf,
+    /// Size cap of the spool in bytes; events beyond it are dropped and counted. Default 256 MiB.
+    #[serde(default = "default_spool_max_bytes")]
+    pub spool_max_bytes: u64,
+    /// Request bodies are cut to this many bytes in events. Default 4096.
+    #[serde(default = "default_body_max_bytes")]
+    pub body_max_bytes: usize,
+    /// Header names redacted in addition to Authorization, Cookie, Set-Cookie and Call-Service-Key.
+    #[serde(default)]
+    pub redact_headers: Vec<String>,
+}
+
+/// `goms trace-consumer`: RabbitMQ -> Elasticsearch.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TraceConsumerConfig {
+    /// Events per `_bulk` request. Default 500.
+    #[serde(default = "default_batch_size")]
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill. Default `200ms`.
+    #[serde(default = "default_batch_wait", deserialize_with = "duration_text")]
+    pub batch_wait: Duration,
+    /// Unacknowledged messages the broker hands this consumer. Default 1000.
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+    /// Daily index prefix: `<prefix>-YYYY.MM.DD`. Default `trace_logs`.
+    #[serde(default = "default_index_prefix")]
+    pub index_prefix: String,
+    /// Longest pause between retries of a failing bulk request. Default `30s`.
+    #[serde(default = "default_max_backoff", deserialize_with = "duration_text")]
+    pub max_backoff: Duration,
 }
 
 /// How nodes register in etcd.
@@ -239,6 +298,42 @@ fn default_version() -> String {
 fn default_weight() -> u32 {
     1
 }
+fn default_true() -> bool {
+    true
+}
+fn default_project_name() -> String {
+    "goms".into()
+}
+fn default_trace_queue() -> String {
+    "goms.trace".into()
+}
+fn default_queue_capacity() -> usize {
+    10_000
+}
+fn default_spool_dir() -> PathBuf {
+    PathBuf::from("/tmp/goms-spool")
+}
+fn default_spool_max_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_body_max_bytes() -> usize {
+    4096
+}
+fn default_batch_size() -> usize {
+    500
+}
+fn default_batch_wait() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_prefetch() -> u16 {
+    1000
+}
+fn default_index_prefix() -> String {
+    "trace_logs".into()
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_log_level() -> String {
     "info".into()
 }
@@ -257,7 +352,9 @@ default_from_serde!(
     RegistryConfig,
     GatewayConfig,
     ServiceConfig,
-    LogConfig
+    LogConfig,
+    TraceConfig,
+    TraceConsumerConfig
 );
 
 /// goms wrote endpoints as a list or as `a:2379|b:2379`; the environment writes `a,b`.
@@ -326,7 +423,8 @@ impl GomsConfig {
             .convert_case(config::Case::Camel)
             .try_parsing(true)
             .list_separator(",")
-            .with_list_parse_key("etcdAddr");
+            .with_list_parse_key("etcdAddr")
+            .with_list_parse_key("trace.redactHeaders");
         let mut builder = config::Config::builder();
         if !text.trim().is_empty() {
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Yaml));
@@ -345,6 +443,12 @@ impl GomsConfig {
         }
         if self.gateway.threads == 0 {
             return Err("gateway.threads must be at least 1".into());
+        }
+        if self.trace.queue_capacity == 0 {
+            return Err("trace.queueCapacity must be at least 1".into());
+        }
+        if self.trace_consumer.batch_size == 0 {
+            return Err("traceConsumer.batchSize must be at least 1".into());
         }
         if self.service.weight == 0 {
             return Err("service.weight must be at least 1".into());

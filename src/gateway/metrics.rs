@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::route_store::RouteStore;
 use super::upstreams::Upstreams;
+use crate::trace::publisher::PublisherStats;
 
 /// Status codes tracked one by one; anything else is counted as `other`.
 const TRACKED_STATUS: [u16; 11] = [200, 201, 204, 400, 401, 404, 405, 500, 502, 503, 504];
@@ -28,8 +29,14 @@ impl GatewayMetrics {
         };
     }
 
-    pub fn render(&self, upstreams: &Upstreams, routes: &RouteStore) -> String {
+    pub fn render(
+        &self,
+        upstreams: &Upstreams,
+        routes: &RouteStore,
+        trace: &PublisherStats,
+    ) -> String {
         let mut out = String::new();
+        render_trace(&mut out, trace);
         let _ = writeln!(
             out,
             "# HELP goms_gateway_requests_total Requests received on /api/."
@@ -123,5 +130,40 @@ impl GatewayMetrics {
             }
         }
         out
+    }
+}
+
+/// `goms_trace_events_*_total`: what the trace publisher did with events.
+pub fn render_trace(out: &mut String, trace: &PublisherStats) {
+    let counters = [
+        (
+            "emitted",
+            "Trace events produced on the request path.",
+            &trace.emitted,
+        ),
+        (
+            "published",
+            "Trace events confirmed by the broker.",
+            &trace.published,
+        ),
+        (
+            "spooled",
+            "Trace events written to the disk spool.",
+            &trace.spooled,
+        ),
+        (
+            "dropped",
+            "Trace events lost because the spool was full or unwritable.",
+            &trace.dropped,
+        ),
+    ];
+    for (name, help, counter) in counters {
+        let _ = writeln!(out, "# HELP goms_trace_events_{name}_total {help}");
+        let _ = writeln!(out, "# TYPE goms_trace_events_{name}_total counter");
+        let _ = writeln!(
+            out,
+            "goms_trace_events_{name}_total {}",
+            counter.load(Ordering::Relaxed)
+        );
     }
 }

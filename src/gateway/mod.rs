@@ -8,6 +8,7 @@
 //! - [`cluster`]: goms's `/cluster` document.
 //! - [`metrics`]: Prometheus counters at `/metrics`.
 //! - [`respond`]: responses the gateway writes itself (goms's JSON envelope).
+//! - [`trace_events`]: the gateway's `request.start` / `request.end` trace events.
 //!
 //! Threads: pingora gives the proxy and the registry link each their own tokio runtime;
 //! they share only lock-free snapshots ([`arc_swap`]) and atomics.
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod respond;
 pub mod route_store;
+pub mod trace_events;
 pub mod upstreams;
 
 use std::convert::Infallible;
@@ -32,9 +34,11 @@ use tracing::{info, warn};
 
 use crate::config::{ConfigError, GomsConfig, RouteDefaults};
 use crate::registry::{node, watch_members, EtcdEndpoints, Members, NodeInfo, Registration};
+use crate::trace::{Publisher, Redactor, TraceSink};
 use metrics::GatewayMetrics;
 use proxy::GatewayProxy;
 use route_store::{route_source, RouteStore};
+use trace_events::GatewayTracer;
 use upstreams::Upstreams;
 
 /// The service name gateways register under.
@@ -44,6 +48,8 @@ pub const GATEWAY_SERVICE: &str = "gateway";
 pub enum GatewayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Spool(#[from] crate::trace::spool::SpoolError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,
@@ -88,6 +94,19 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
         started_at: node::now_rfc3339(),
     };
 
+    let (trace, publisher) = if config.trace.enabled {
+        let settings = crate::trace::publisher_settings(&config, &format!("gateway-{}", node.id));
+        let (sink, publisher) = Publisher::prepare(settings)?;
+        (sink, Some(publisher))
+    } else {
+        (TraceSink::disabled(), None)
+    };
+    let tracer = GatewayTracer {
+        node_id: node.id.clone(),
+        project_name: config.trace.project_name.clone(),
+        redactor: Redactor::new(&config.trace.redact_headers, config.trace.body_max_bytes),
+    };
+
     let mut server = Server::new_with_opt_and_conf(
         None,
         ServerConf {
@@ -108,6 +127,8 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
             call_service_key,
             connect_timeout: gateway.connect_timeout,
             metrics,
+            trace,
+            tracer,
         },
     );
     proxy.add_tcp(&listen);
@@ -124,6 +145,12 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
             members_tx,
         },
     ));
+    if let Some(publisher) = publisher {
+        server.add_service(background_service(
+            "trace publisher",
+            PublisherService(std::sync::Mutex::new(Some(publisher))),
+        ));
+    }
     info!("[gateway] Http Listen on port: {}", gateway.http_port);
     server.run_forever()
 }
@@ -174,6 +201,20 @@ impl BackgroundService for RegistryLink {
             warn!(message = "Could not revoke the gateway's lease; it expires by TTL.", %error);
         }
         let _ = stop.send(true);
+    }
+}
+
+/// Runs the trace publisher in pingora's runtime; on shutdown it drains the queue into
+/// the broker or the spool.
+struct PublisherService(std::sync::Mutex<Option<Publisher>>);
+
+#[async_trait]
+impl BackgroundService for PublisherService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let publisher = self.0.lock().expect("publisher slot").take();
+        if let Some(publisher) = publisher {
+            publisher.run(shutdown).await;
+        }
     }
 }
 

@@ -24,11 +24,14 @@ use super::cluster::cluster_document;
 use super::metrics::GatewayMetrics;
 use super::respond::{write_error, write_json, write_text};
 use super::route_store::RouteStore;
+use super::trace_events::GatewayTracer;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
 use crate::config::{Route, Secret, Transform};
 use crate::registry::Members;
+use crate::trace::event::BodyCapture;
 use crate::trace::{
-    request_id_or_new, Attempt, RequestRecord, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER,
+    request_id_or_new, Attempt, RequestRecord, TraceContext, TraceSink, ATTEMPT_HEADER,
+    REQUEST_ID_HEADER, TRACEPARENT_HEADER,
 };
 
 /// Header carrying the shared service key.
@@ -42,6 +45,8 @@ pub struct GatewayProxy {
     pub call_service_key: Secret,
     pub connect_timeout: Duration,
     pub metrics: Arc<GatewayMetrics>,
+    pub trace: TraceSink,
+    pub tracer: GatewayTracer,
 }
 
 /// Per-request state.
@@ -56,6 +61,8 @@ pub struct RequestCtx {
     answered: bool,
     /// Form body collected for `transform: json`; `None` when the body passes untouched.
     form_to_json: Option<Vec<u8>>,
+    /// The first bytes of the request body, for the trace event.
+    body: BodyCapture,
 }
 
 impl RequestCtx {
@@ -144,7 +151,9 @@ impl GatewayProxy {
                 Ok(true)
             }
             "/metrics" => {
-                let text = self.metrics.render(&self.upstreams, &self.routes);
+                let text = self
+                    .metrics
+                    .render(&self.upstreams, &self.routes, self.trace.stats());
                 write_text(session, "text/plain; version=0.0.4", text).await?;
                 Ok(true)
             }
@@ -270,6 +279,7 @@ impl ProxyHttp for GatewayProxy {
         }
         upstream_request.remove_header(CALL_SERVICE_KEY_HEADER);
         upstream_request.insert_header(CALL_SERVICE_KEY_HEADER, self.call_service_key.expose())?;
+        upstream_request.insert_header(ATTEMPT_HEADER, ctx.tried.len().to_string())?;
         if let Some(record) = ctx.record.as_ref() {
             upstream_request.insert_header(REQUEST_ID_HEADER, record.request_id.as_str())?;
             upstream_request.insert_header(TRACEPARENT_HEADER, record.trace.traceparent())?;
@@ -291,6 +301,12 @@ impl ProxyHttp for GatewayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        // Only the first attempt's body is captured: a retry replays the same bytes.
+        if self.trace.is_enabled() && ctx.tried.len() <= 1 {
+            if let Some(chunk) = body.as_ref() {
+                ctx.body.push(chunk, self.tracer.redactor.body_max_bytes);
+            }
+        }
         let Some(collected) = ctx.form_to_json.as_mut() else {
             return Ok(());
         };
@@ -404,12 +420,25 @@ impl ProxyHttp for GatewayProxy {
 
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.finish_attempt(None, error.map(|e| e.to_string()));
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
         if ctx.answered {
             if let Some(upstream) = ctx.upstream.as_ref() {
                 upstream.finished.fetch_add(1, Ordering::Relaxed);
             }
-            let status = session.response_written().map_or(0, |r| r.status.as_u16());
             self.metrics.count_status(status);
+        }
+        if let (true, Some(record)) = (self.trace.is_enabled(), ctx.record.as_ref()) {
+            let client_ip = session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip().to_string())
+                .unwrap_or_default();
+            let events =
+                self.tracer
+                    .events(session.req_header(), client_ip, &ctx.body, record, status);
+            for event in events {
+                self.trace.emit(event);
+            }
         }
         if let Some(record) = ctx.record.as_ref() {
             debug!(

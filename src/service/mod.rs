@@ -7,6 +7,7 @@
 
 pub mod auth;
 pub mod echo;
+pub mod tracing_layer;
 
 use std::future::Future;
 use std::time::Duration;
@@ -19,6 +20,8 @@ use tracing::{info, warn};
 
 use crate::config::{ConfigError, GomsConfig, Secret};
 use crate::registry::{node, watch_members, EtcdEndpoints, NodeInfo, Registration};
+use crate::trace::{Publisher, PublisherSettings, Redactor, RunningPublisher, TraceSink};
+use std::sync::Arc;
 
 /// After the lease is revoked, gateways need a moment to see the `leave`; the node keeps
 /// serving meanwhile so requests already routed to it do not hit a closed socket.
@@ -36,6 +39,8 @@ pub enum ServiceError {
     },
     #[error("node id `{0}` cannot be sent as a header value")]
     NodeId(String),
+    #[error(transparent)]
+    Spool(#[from] crate::trace::spool::SpoolError),
     #[error("serving HTTP failed: {0}")]
     Serve(#[source] std::io::Error),
 }
@@ -56,6 +61,21 @@ pub struct ServiceOptions {
     pub etcd: EtcdEndpoints,
     pub call_service_key: Secret,
     pub drain_timeout: Duration,
+    /// Where trace events go; `None` switches them off.
+    pub trace: Option<TraceOptions>,
+}
+
+/// Trace settings of a service node.
+#[derive(Debug, Clone)]
+pub struct TraceOptions {
+    pub amqp_url: String,
+    pub queue: String,
+    pub queue_capacity: usize,
+    pub spool_dir: std::path::PathBuf,
+    pub spool_max_bytes: u64,
+    pub project_name: String,
+    pub redact_headers: Vec<String>,
+    pub body_max_bytes: usize,
 }
 
 impl ServiceOptions {
@@ -73,6 +93,16 @@ impl ServiceOptions {
             etcd: EtcdEndpoints::new(config.etcd_addr.clone(), config.registry.etcd_timeout),
             call_service_key: config.require_call_service_key()?.clone(),
             drain_timeout: service.drain_timeout,
+            trace: config.trace.enabled.then(|| TraceOptions {
+                amqp_url: config.amqp_addr.clone(),
+                queue: config.trace.queue.clone(),
+                queue_capacity: config.trace.queue_capacity,
+                spool_dir: config.trace.spool_dir.clone(),
+                spool_max_bytes: config.trace.spool_max_bytes,
+                project_name: config.trace.project_name.clone(),
+                redact_headers: config.trace.redact_headers.clone(),
+                body_max_bytes: config.trace.body_max_bytes,
+            }),
         })
     }
 }
@@ -105,10 +135,17 @@ pub async fn serve(
         node_id: HeaderValue::from_str(&node.id)
             .map_err(|_| ServiceError::NodeId(node.id.clone()))?,
     };
-    let app = router.layer(axum::middleware::from_fn_with_state(
-        guard,
-        auth::require_key,
-    ));
+    let (tracer, publisher) = start_tracing(&options, &node)?;
+    // Outermost first: the key check runs before tracing, so refused calls leave no events.
+    let app = router
+        .layer(axum::middleware::from_fn_with_state(
+            tracer,
+            tracing_layer::trace_request,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            guard,
+            auth::require_key,
+        ));
     info!("[{}] Http Listen on port: {port}", options.name);
 
     let (stop, stopped) = watch::channel(false);
@@ -143,8 +180,52 @@ pub async fn serve(
         }
     };
     let _ = stop.send(true);
+    if let Some(publisher) = publisher {
+        publisher.shutdown(Duration::from_secs(5)).await;
+    }
     info!("[{}] stopped", options.name);
     result
+}
+
+fn start_tracing(
+    options: &ServiceOptions,
+    node: &NodeInfo,
+) -> Result<(tracing_layer::ServiceTracer, Option<RunningPublisher>), ServiceError> {
+    let Some(trace) = &options.trace else {
+        let tracer = tracing_layer::ServiceTracer {
+            sink: TraceSink::disabled(),
+            redactor: Arc::new(Redactor::new(&[], 0)),
+            service: options.name.clone(),
+            node_id: node.id.clone(),
+            project_name: String::new(),
+        };
+        return Ok((tracer, None));
+    };
+    let folder: String = format!("{}-{}", node.service, node.id)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let (sink, publisher) = Publisher::prepare(PublisherSettings {
+        amqp_url: trace.amqp_url.clone(),
+        queue: trace.queue.clone(),
+        queue_capacity: trace.queue_capacity,
+        spool_dir: trace.spool_dir.join(folder),
+        spool_max_bytes: trace.spool_max_bytes,
+    })?;
+    let tracer = tracing_layer::ServiceTracer {
+        sink,
+        redactor: Arc::new(Redactor::new(&trace.redact_headers, trace.body_max_bytes)),
+        service: options.name.clone(),
+        node_id: node.id.clone(),
+        project_name: trace.project_name.clone(),
+    };
+    Ok((tracer, Some(RunningPublisher::spawn(publisher))))
 }
 
 /// Completes on SIGTERM or SIGINT.

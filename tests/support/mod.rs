@@ -15,6 +15,8 @@ use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 /// The key every test cluster shares.
 pub const KEY: &str = "test-call-service-key";
 
+pub mod es_standin;
+
 /// Default etcd image where a registry is reachable; `GOMS_ETCD_IMAGE` overrides it.
 const DEFAULT_ETCD_IMAGE: &str = "quay.io/coreos/etcd:v3.5.17";
 
@@ -146,11 +148,14 @@ pub struct Goms {
     pub name: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// Each process spools trace events into its own folder, removed with it.
+    _spool: tempfile::TempDir,
 }
 
 impl Goms {
     /// Runs `goms <args>` with the test key, no config file, and text logs.
     pub fn spawn(name: &str, args: &[&str], env: &[(&str, &str)]) -> Goms {
+        let spool = tempfile::tempdir().expect("spool dir");
         let mut command = Command::new(env!("CARGO_BIN_EXE_goms"));
         command
             .args(["--config", "/nonexistent/goms.yml", "--log-level", "info"])
@@ -158,6 +163,9 @@ impl Goms {
             .env("GOMS__CALL_SERVICE_KEY", KEY)
             .env("GOMS__GATEWAY__DRAIN_TIMEOUT", "1s")
             .env("GOMS__GATEWAY__HEALTH_CHECK_INTERVAL", "500ms")
+            // No broker unless a test names one: nothing reaches a developer's local RabbitMQ.
+            .env("GOMS__AMQP_ADDR", "amqp://guest:guest@127.0.0.1:1/%2f")
+            .env("GOMS__TRACE__SPOOL_DIR", spool.path())
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -186,6 +194,7 @@ impl Goms {
             name: name.to_string(),
             child,
             lines,
+            _spool: spool,
         }
     }
 
@@ -389,5 +398,92 @@ impl TcpCut {
 
     pub fn restore(&self) {
         self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Default RabbitMQ image where a registry is reachable; `GOMS_RABBITMQ_IMAGE` overrides it.
+const DEFAULT_RABBITMQ_IMAGE: &str = "rabbitmq:3.13-management";
+
+/// A real RabbitMQ in a container on a fixed host port, so it can be stopped and started.
+pub struct RabbitMq {
+    pub port: u16,
+    container: ContainerAsync<GenericImage>,
+}
+
+impl RabbitMq {
+    pub async fn start() -> RabbitMq {
+        let port = free_port();
+        let reference = std::env::var("GOMS_RABBITMQ_IMAGE")
+            .unwrap_or_else(|_| DEFAULT_RABBITMQ_IMAGE.to_string());
+        let (name, tag) = split_image(&reference);
+        let container = GenericImage::new(name, tag)
+            .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+            .with_exposed_port(5672.tcp())
+            .with_mapped_port(port, 5672.tcp())
+            .with_startup_timeout(Duration::from_secs(120))
+            .start()
+            .await
+            .unwrap_or_else(|error| {
+                panic!("RabbitMQ container `{reference}` did not start (set GOMS_RABBITMQ_IMAGE, or run scripts/test.sh): {error}")
+            });
+        let broker = RabbitMq { port, container };
+        broker.wait_ready().await;
+        broker
+    }
+
+    pub fn url(&self) -> String {
+        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
+    }
+
+    pub async fn pause(&self) {
+        self.container
+            .stop_with_timeout(Some(10))
+            .await
+            .expect("stop RabbitMQ");
+    }
+
+    pub async fn resume(&self) {
+        self.container.start().await.expect("start RabbitMQ again");
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let url = self.url();
+        eventually(
+            "RabbitMQ accepts AMQP connections",
+            Duration::from_secs(90),
+            || {
+                let url = url.clone();
+                async move {
+                    lapin::Connection::connect(&url, lapin::ConnectionProperties::default())
+                        .await
+                        .is_ok()
+                }
+            },
+        )
+        .await;
+    }
+
+    pub async fn channel(&self) -> (lapin::Connection, lapin::Channel) {
+        let connection =
+            lapin::Connection::connect(&self.url(), lapin::ConnectionProperties::default())
+                .await
+                .expect("connect to test RabbitMQ");
+        let channel = connection.create_channel().await.expect("channel");
+        (connection, channel)
+    }
+
+    /// Messages waiting in `queue` (declared by goms with its dead-letter arguments).
+    pub async fn depth(&self, queue: &str) -> u32 {
+        let (_connection, channel) = self.channel().await;
+        let options = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        channel
+            .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
+            .await
+            .map(|q| q.message_count())
+            .unwrap_or(0)
     }
 }

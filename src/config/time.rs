@@ -1,0 +1,50 @@
+//! Wall-clock timestamps as RFC 3339 strings, shared by registry entries and trace events.
+
+/// Current UTC time as RFC 3339, without pulling a date crate for one field.
+pub fn now_rfc3339() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339_from_unix(now.as_secs(), now.subsec_millis())
+}
+
+/// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+pub fn rfc3339_from_unix(secs: u64, millis: u32) -> String {
+    let days = (secs / 86_400) as i64;
+    let time = secs % 86_400;
+    let (year, month, day) = civil_from_days(days);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        time / 3600,
+        (time % 3600) / 60,
+        time % 60
+    )
+}
+
+/// Howard Hinnant's days-to-civil algorithm.
+fn civil_from_days(days: i64) -> (i64, u32, u32) {
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_known_instant() {
+        assert_eq!(
+            rfc3339_from_unix(1_628_565_000, 7),
+            "2021-08-10T03:10:00.007Z"
+        );
+        assert_eq!(rfc3339_from_unix(0, 0), "1970-01-01T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,98 @@
+//! The SDK's trace events: `service.start` when a request arrives at the replica and
+//! `service.end` when its response is ready, sharing the gateway's request id and trace.
+
+use std::time::{Instant, SystemTime};
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
+
+use crate::trace::event::{new_event_id, RequestInfo, Timing, TraceTiming};
+use crate::trace::{
+    millis, request_id_or_new, rfc3339, EventKind, Redactor, TraceContext, TraceEvent, TraceSink,
+    ATTEMPT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER,
+};
+
+#[derive(Clone)]
+pub struct ServiceTracer {
+    pub sink: TraceSink,
+    pub redactor: std::sync::Arc<Redactor>,
+    pub service: String,
+    pub node_id: String,
+    pub project_name: String,
+}
+
+/// Emits `service.start` and `service.end` around the handler. The body is not read here
+/// (the gateway's `request.start` carries it), so handlers still stream their input.
+pub async fn trace_request(
+    State(tracer): State<ServiceTracer>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !tracer.sink.is_enabled() {
+        return next.run(request).await;
+    }
+    let received = SystemTime::now();
+    let started = Instant::now();
+    let headers = request.headers();
+    let header = |name: &str| headers.get(name).map(|v| v.as_bytes());
+    let request_id = request_id_or_new(header(REQUEST_ID_HEADER));
+    let trace = TraceContext::continue_or_start(header(TRACEPARENT_HEADER));
+    let attempt = header(ATTEMPT_HEADER)
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.parse().ok());
+    let client_ip = header("x-forwarded-for")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .and_then(|v| v.split(',').next_back())
+        .map(|v| v.trim().to_string())
+        .unwrap_or_default();
+    let info = RequestInfo {
+        method: request.method().to_string(),
+        url: request.uri().path().to_string(),
+        url_param: request
+            .uri()
+            .query()
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default(),
+        client_ip,
+        headers: tracer
+            .redactor
+            .headers(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()))),
+        body: serde_json::Value::Null,
+        body_truncated: false,
+    };
+    let start = TraceEvent {
+        event_id: new_event_id(),
+        request_id,
+        event: EventKind::ServiceStart,
+        time: rfc3339(received),
+        service_name: tracer.service.clone(),
+        service_id: tracer.node_id.clone(),
+        project_name: tracer.project_name.clone(),
+        request: info,
+        trace: TraceTiming {
+            timing: Timing {
+                started_at: rfc3339(received),
+                attempts: Vec::new(),
+            },
+        },
+        duration_ms: None,
+        status: None,
+        upstream: None,
+        attempt,
+        trace_id: trace.trace_id.clone(),
+        span_id: trace.span_id.clone(),
+        parent_span_id: trace.parent_span_id.clone(),
+    };
+    tracer.sink.emit(start.clone());
+    let response = next.run(request).await;
+    tracer.sink.emit(TraceEvent {
+        event_id: new_event_id(),
+        event: EventKind::ServiceEnd,
+        time: rfc3339(SystemTime::now()),
+        duration_ms: Some(millis(started.elapsed())),
+        status: Some(response.status().as_u16()),
+        ..start
+    });
+    response
+}

@@ -1,0 +1,330 @@
+//! `goms trace-consumer`: moves trace events from the durable queue into daily Elasticsearch
+//! indices. Run as many as you like; they share the queue as competing consumers.
+//!
+//! A message is acknowledged only after Elasticsearch accepted its document (created, or
+//! already there from an earlier delivery). Items that failed are retried with backoff while
+//! their messages stay unacknowledged, so an Elasticsearch outage parks events in RabbitMQ
+//! instead of losing them. A message that is not a trace event goes to the dead-letter queue.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
+use lapin::types::FieldTable;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::amqp;
+use super::elasticsearch::{BulkItem, ItemOutcome, SinkError, TraceIndex};
+use super::event::daily_index;
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub amqp_url: String,
+    pub queue: String,
+    pub es_addr: String,
+    pub index_prefix: String,
+    pub batch_size: usize,
+    pub batch_wait: Duration,
+    pub prefetch: u16,
+    pub max_backoff: Duration,
+}
+
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    pub indexed: AtomicU64,
+    pub already_indexed: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+impl ConsumerStats {
+    pub fn summary(&self) -> String {
+        format!(
+            "indexed={} already_indexed={} retried={} dead_lettered={}",
+            self.indexed.load(Ordering::Relaxed),
+            self.already_indexed.load(Ordering::Relaxed),
+            self.retried.load(Ordering::Relaxed),
+            self.dead_lettered.load(Ordering::Relaxed)
+        )
+    }
+}
+
+/// Why a consume session ended.
+enum SessionEnd {
+    Stopped,
+    BrokerLost(String),
+}
+
+/// One message waiting for Elasticsearch.
+struct Pending {
+    delivery: Delivery,
+    event_id: String,
+    index: String,
+}
+
+fn backoff(attempt: u32, max: Duration) -> Duration {
+    Duration::from_millis(200u64.saturating_mul(1 << attempt.min(10))).min(max)
+}
+
+/// Runs until `shutdown` flips; reconnects to RabbitMQ and waits for Elasticsearch as needed.
+pub async fn run(
+    settings: ConsumerSettings,
+    stats: &ConsumerStats,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<(), SinkError> {
+    let index = TraceIndex::new(&settings.es_addr, &settings.index_prefix)?;
+    let mut attempt = 0;
+    while let Err(error) = index.ensure_template().await {
+        attempt += 1;
+        warn!(message = "Cannot install the trace index template yet; retrying.", %error, attempts = attempt);
+        if sleep_or_stop(backoff(attempt, settings.max_backoff), &mut shutdown).await {
+            return Ok(());
+        }
+    }
+    info!(message = "Index template installed.", template = %settings.index_prefix);
+    let mut failures = 0;
+    loop {
+        let link = match amqp::connect(&settings.amqp_url, &settings.queue).await {
+            Ok(link) => link,
+            Err(error) => {
+                failures += 1;
+                if failures == 1 || failures % 30 == 0 {
+                    warn!(message = "Trace broker unavailable; retrying.", %error, attempts = failures);
+                }
+                if sleep_or_stop(backoff(failures, Duration::from_secs(3)), &mut shutdown).await {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        failures = 0;
+        match consume(&link, &index, &settings, stats, &mut shutdown).await {
+            SessionEnd::Stopped => {
+                let _ = link.connection.close(200, "shutting down".into()).await;
+                return Ok(());
+            }
+            SessionEnd::BrokerLost(reason) => {
+                warn!(message = "Trace broker connection lost; reconnecting.", %reason);
+            }
+        }
+    }
+}
+
+async fn consume(
+    link: &amqp::Link,
+    index: &TraceIndex,
+    settings: &ConsumerSettings,
+    stats: &ConsumerStats,
+    shutdown: &mut watch::Receiver<bool>,
+) -> SessionEnd {
+    let lost = |e: lapin::Error| SessionEnd::BrokerLost(e.to_string());
+    if let Err(error) = link
+        .channel
+        .basic_qos(settings.prefetch, BasicQosOptions::default())
+        .await
+    {
+        return lost(error);
+    }
+    let tag = format!("goms-trace-consumer-{}", uuid::Uuid::new_v4().simple());
+    let mut deliveries = match link
+        .channel
+        .basic_consume(
+            settings.queue.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+    {
+        Ok(consumer) => consumer,
+        Err(error) => return lost(error),
+    };
+    info!(
+        "[amqp] trace consumer is running (queue {})",
+        settings.queue
+    );
+    loop {
+        let batch = match next_batch(&mut deliveries, settings, shutdown).await {
+            Ok(Some(batch)) => batch,
+            Ok(None) => return SessionEnd::Stopped,
+            Err(reason) => return SessionEnd::BrokerLost(reason),
+        };
+        if let Err(end) = index_batch(batch, index, settings, stats, shutdown).await {
+            return end;
+        }
+    }
+}
+
+/// Waits for a first message, then collects until the batch is full or `batch_wait` passed.
+async fn next_batch(
+    deliveries: &mut lapin::Consumer,
+    settings: &ConsumerSettings,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<Option<Vec<Delivery>>, String> {
+    let first = tokio::select! {
+        next = deliveries.next() => next,
+        _ = shutdown.changed() => return Ok(None),
+    };
+    let mut batch = match first {
+        Some(Ok(delivery)) => vec![delivery],
+        Some(Err(error)) => return Err(error.to_string()),
+        None => return Err("consumer stream ended".into()),
+    };
+    let deadline = Instant::now() + settings.batch_wait;
+    while batch.len() < settings.batch_size {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(remaining, deliveries.next()).await {
+            Ok(Some(Ok(delivery))) => batch.push(delivery),
+            Ok(Some(Err(error))) => return Err(error.to_string()),
+            Ok(None) => return Err("consumer stream ended".into()),
+            Err(_) => break,
+        }
+    }
+    Ok(Some(batch))
+}
+
+/// Indexes a batch, retrying failed items until each is acked or dead-lettered.
+async fn index_batch(
+    batch: Vec<Delivery>,
+    index: &TraceIndex,
+    settings: &ConsumerSettings,
+    stats: &ConsumerStats,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Result<(), SessionEnd> {
+    let broker = |e: lapin::Error| SessionEnd::BrokerLost(e.to_string());
+    let mut pending = Vec::with_capacity(batch.len());
+    for delivery in batch {
+        match identify(&delivery.data, &settings.index_prefix) {
+            Ok((event_id, index)) => pending.push(Pending {
+                delivery,
+                event_id,
+                index,
+            }),
+            Err(reason) => {
+                warn!(message = "Not a trace event; dead-lettered.", %reason, bytes = delivery.data.len());
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                delivery
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await
+                    .map_err(broker)?;
+            }
+        }
+    }
+    let mut attempt = 0;
+    while !pending.is_empty() {
+        let items: Vec<BulkItem> = pending
+            .iter()
+            .map(|p| BulkItem {
+                index: &p.index,
+                id: &p.event_id,
+                source: &p.delivery.data,
+            })
+            .collect();
+        match index.bulk(&items).await {
+            Ok(outcomes) => pending = settle(pending, outcomes, stats).await.map_err(broker)?,
+            Err(error) => {
+                if attempt == 0 || attempt % 10 == 0 {
+                    warn!(message = "Elasticsearch unavailable; events stay unacknowledged in the queue.", %error, events = pending.len());
+                }
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        attempt += 1;
+        stats
+            .retried
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        if sleep_or_stop(backoff(attempt, settings.max_backoff), shutdown).await {
+            for item in pending {
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                };
+                item.delivery.nack(requeue).await.map_err(broker)?;
+            }
+            return Err(SessionEnd::Stopped);
+        }
+    }
+    Ok(())
+}
+
+/// Acks what Elasticsearch holds, dead-letters what it refuses, returns what to retry.
+async fn settle(
+    pending: Vec<Pending>,
+    outcomes: Vec<ItemOutcome>,
+    stats: &ConsumerStats,
+) -> Result<Vec<Pending>, lapin::Error> {
+    let mut retry = Vec::new();
+    for (item, outcome) in pending.into_iter().zip(outcomes) {
+        match outcome {
+            ItemOutcome::Created => {
+                stats.indexed.fetch_add(1, Ordering::Relaxed);
+                item.delivery.ack(BasicAckOptions::default()).await?;
+            }
+            ItemOutcome::AlreadyIndexed => {
+                stats.already_indexed.fetch_add(1, Ordering::Relaxed);
+                item.delivery.ack(BasicAckOptions::default()).await?;
+            }
+            ItemOutcome::Retry(_) => retry.push(item),
+            ItemOutcome::Rejected(reason) => {
+                warn!(message = "Elasticsearch refused a trace event; dead-lettered.", event_id = %item.event_id, %reason);
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                item.delivery
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await?;
+            }
+        }
+    }
+    Ok(retry)
+}
+
+/// The `eventId` and daily index of a message, or why it is not a trace event.
+fn identify(data: &[u8], prefix: &str) -> Result<(String, String), String> {
+    let value: serde_json::Value =
+        serde_json::from_slice(data).map_err(|e| format!("not JSON: {e}"))?;
+    let event_id = value["eventId"]
+        .as_str()
+        .filter(|id| !id.is_empty())
+        .ok_or("no eventId")?;
+    let time = value["time"].as_str().ok_or("no time")?;
+    if time.len() < 10 {
+        return Err(format!("time `{time}` is not a date"));
+    }
+    Ok((event_id.to_string(), daily_index(prefix, time)))
+}
+
+async fn sleep_or_stop(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
+    if *shutdown.borrow() {
+        return true;
+    }
+    tokio::select! {
+        _ = tokio::time::sleep(delay) => *shutdown.borrow(),
+        _ = shutdown.changed() => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::identify;
+
+    #[test]
+    fn identifies_trace_events_only() {
+        let (id, index) = identify(
+            br#"{"eventId":"e1","time":"2026-11-27T01:02:03.000Z"}"#,
+            "trace_logs",
+        )
+        .unwrap();
+        assert_eq!(
+            (id.as_str(), index.as_str()),
+            ("e1", "trace_logs-2026.11.27")
+        );
+        assert!(identify(b"garbage", "trace_logs").is_err());
+        assert!(identify(br#"{"time":"2026-11-27T01:02:03.000Z"}"#, "trace_logs").is_err());
+    }
+}

@@ -1,0 +1,368 @@
+//! Gets trace events from the request path to RabbitMQ without blocking a request or losing
+//! an event.
+//!
+//! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process queue -> publisher task ->
+//! persistent messages with publisher confirms. While the broker is away, or when the queue
+//! is full, events go to the disk [`Spool`]; the publisher replays it when the broker is
+//! back and deletes a segment only after every event in it was confirmed. Only a full spool
+//! drops events, and every drop is counted and logged.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::BasicProperties;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::{error, info, warn};
+
+use super::amqp::{self, Link};
+use super::event::TraceEvent;
+use super::spool::{Spool, SpoolError};
+
+/// Events sent to the broker before waiting for their confirms.
+const PUBLISH_BATCH: usize = 256;
+/// Longest wait for one batch's confirms before the broker counts as away.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct PublisherSettings {
+    pub amqp_url: String,
+    pub queue: String,
+    pub queue_capacity: usize,
+    pub spool_dir: PathBuf,
+    pub spool_max_bytes: u64,
+}
+
+/// Counters exported at `/metrics` (`goms_trace_events_*_total`).
+#[derive(Debug, Default)]
+pub struct PublisherStats {
+    pub emitted: AtomicU64,
+    pub published: AtomicU64,
+    pub spooled: AtomicU64,
+    pub dropped: AtomicU64,
+}
+
+/// The request path's handle: cheap to clone, never blocks on the broker.
+#[derive(Clone)]
+pub struct TraceSink {
+    queue: Option<mpsc::Sender<TraceEvent>>,
+    spool: Option<Arc<Mutex<Spool>>>,
+    stats: Arc<PublisherStats>,
+}
+
+impl TraceSink {
+    /// A sink that records nothing (tracing switched off).
+    pub fn disabled() -> Self {
+        TraceSink {
+            queue: None,
+            spool: None,
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.queue.is_some()
+    }
+
+    pub fn stats(&self) -> &PublisherStats {
+        &self.stats
+    }
+
+    /// Hands an event to the publisher. If the in-process queue is full, the event goes
+    /// straight to the disk spool; only a full spool drops it.
+    pub fn emit(&self, event: TraceEvent) {
+        let Some(queue) = &self.queue else { return };
+        self.stats.emitted.fetch_add(1, Ordering::Relaxed);
+        let event = match queue.try_send(event) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(event)) => event,
+            Err(mpsc::error::TrySendError::Closed(event)) => event,
+        };
+        if let Some(spool) = &self.spool {
+            spool_events(spool, &self.stats, &[event]);
+        }
+    }
+}
+
+/// The publisher loop, prepared but not yet running: [`Publisher::run`] drives it inside
+/// whichever runtime the caller owns (pingora gives each service its own).
+pub struct Publisher {
+    settings: PublisherSettings,
+    queue: mpsc::Receiver<TraceEvent>,
+    spool: Arc<Mutex<Spool>>,
+    stats: Arc<PublisherStats>,
+}
+
+impl Publisher {
+    /// Opens the spool and the in-process queue; fails only if the spool folder is unusable.
+    pub fn prepare(settings: PublisherSettings) -> Result<(TraceSink, Publisher), SpoolError> {
+        let spool = Arc::new(Mutex::new(Spool::open(
+            &settings.spool_dir,
+            settings.spool_max_bytes,
+        )?));
+        let (sender, queue) = mpsc::channel(settings.queue_capacity);
+        let stats = Arc::new(PublisherStats::default());
+        let sink = TraceSink {
+            queue: Some(sender),
+            spool: Some(spool.clone()),
+            stats: stats.clone(),
+        };
+        let publisher = Publisher {
+            settings,
+            queue,
+            spool,
+            stats,
+        };
+        Ok((sink, publisher))
+    }
+
+    /// Publishes until `stopped` flips, then publishes or spools whatever is still queued.
+    pub async fn run(self, stopped: watch::Receiver<bool>) {
+        run(self.settings, self.queue, self.spool, self.stats, stopped).await;
+        info!("Trace publisher stopped.");
+    }
+}
+
+/// Runs a prepared publisher on the current runtime; stop it with the returned handle.
+pub struct RunningPublisher {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningPublisher {
+    pub fn spawn(publisher: Publisher) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let task = tokio::spawn(publisher.run(stopped));
+        RunningPublisher { stop, task }
+    }
+
+    /// Stops and waits (at most `timeout`) until queued events are published or spooled.
+    pub async fn shutdown(self, timeout: Duration) {
+        let _ = self.stop.send(true);
+        if tokio::time::timeout(timeout, self.task).await.is_err() {
+            warn!(
+                message = "Trace publisher did not finish in time; queued events may be lost.",
+                ?timeout
+            );
+        }
+    }
+}
+
+fn spool_events(spool: &Mutex<Spool>, stats: &PublisherStats, events: &[TraceEvent]) {
+    let mut spool = spool
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    match spool.append(events) {
+        Ok(outcome) => {
+            stats
+                .spooled
+                .fetch_add(outcome.written as u64, Ordering::Relaxed);
+            if outcome.dropped > 0 {
+                let total = stats
+                    .dropped
+                    .fetch_add(outcome.dropped as u64, Ordering::Relaxed)
+                    + outcome.dropped as u64;
+                error!(
+                    message = "Trace spool full; events dropped.",
+                    dropped = outcome.dropped,
+                    dropped_total = total,
+                    spool_bytes = spool.bytes()
+                );
+            }
+        }
+        Err(spool_error) => {
+            let total = stats
+                .dropped
+                .fetch_add(events.len() as u64, Ordering::Relaxed)
+                + events.len() as u64;
+            error!(message = "Trace spool write failed; events dropped.", error = %spool_error, dropped = events.len(), dropped_total = total);
+        }
+    }
+}
+
+struct Connection {
+    link: Option<Link>,
+    next_attempt: Instant,
+    failures: u32,
+}
+
+impl Connection {
+    async fn ensure(&mut self, settings: &PublisherSettings) {
+        if self.link.is_some() || Instant::now() < self.next_attempt {
+            return;
+        }
+        let connected = match amqp::connect(&settings.amqp_url, &settings.queue).await {
+            Ok(link) => link
+                .channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await
+                .map(|()| link)
+                .map_err(|e| e.to_string()),
+            Err(error) => Err(error.to_string()),
+        };
+        match connected {
+            Ok(link) => {
+                if self.failures > 0 {
+                    info!(
+                        message = "Trace broker reachable again.",
+                        attempts = self.failures
+                    );
+                }
+                self.failures = 0;
+                self.link = Some(link);
+            }
+            Err(error) => self.lost(&error),
+        }
+    }
+
+    fn lost(&mut self, error: &str) {
+        self.link = None;
+        self.failures += 1;
+        if self.failures == 1 || self.failures % 30 == 0 {
+            warn!(message = "Trace broker unavailable; spooling events to disk.", %error, attempts = self.failures);
+        }
+        let delay = Duration::from_millis((250u64 << self.failures.min(4)).min(3_000));
+        self.next_attempt = Instant::now() + delay;
+    }
+}
+
+async fn run(
+    settings: PublisherSettings,
+    mut queue: mpsc::Receiver<TraceEvent>,
+    spool: Arc<Mutex<Spool>>,
+    stats: Arc<PublisherStats>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let mut connection = Connection {
+        link: None,
+        next_attempt: Instant::now(),
+        failures: 0,
+    };
+    loop {
+        connection.ensure(&settings).await;
+        if let Some(link) = &connection.link {
+            match replay_one_segment(link, &settings.queue, &spool, &stats).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(error) => connection.lost(&error),
+            }
+        }
+        let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+        let wait = if connection.link.is_some() { 100 } else { 250 };
+        tokio::select! {
+            received = queue.recv_many(&mut batch, PUBLISH_BATCH) => {
+                if received == 0 {
+                    break;
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(wait)) => continue,
+            _ = stopped.changed() => break,
+        }
+        deliver(&mut connection, &settings.queue, &spool, &stats, batch).await;
+    }
+    // Shutting down: whatever is still queued is published if possible, else spooled.
+    queue.close();
+    let mut rest = Vec::new();
+    while queue.recv_many(&mut rest, PUBLISH_BATCH).await > 0 {
+        let batch = std::mem::take(&mut rest);
+        deliver(&mut connection, &settings.queue, &spool, &stats, batch).await;
+    }
+}
+
+async fn deliver(
+    connection: &mut Connection,
+    queue: &str,
+    spool: &Mutex<Spool>,
+    stats: &PublisherStats,
+    batch: Vec<TraceEvent>,
+) {
+    if let Some(link) = &connection.link {
+        match publish_confirmed(link, queue, &batch).await {
+            Ok(()) => {
+                stats
+                    .published
+                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                return;
+            }
+            Err(error) => connection.lost(&error),
+        }
+    }
+    spool_events(spool, stats, &batch);
+}
+
+/// Publishes one spooled segment; returns whether there was one.
+async fn replay_one_segment(
+    link: &Link,
+    queue: &str,
+    spool: &Mutex<Spool>,
+    stats: &PublisherStats,
+) -> Result<bool, String> {
+    let oldest = {
+        let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+        if spool.is_empty() {
+            return Ok(false);
+        }
+        spool.oldest().map_err(|e| e.to_string())?
+    };
+    let Some((path, events, unreadable)) = oldest else {
+        return Ok(false);
+    };
+    if unreadable > 0 {
+        stats
+            .dropped
+            .fetch_add(unreadable as u64, Ordering::Relaxed);
+    }
+    for chunk in events.chunks(PUBLISH_BATCH) {
+        publish_confirmed(link, queue, chunk).await?;
+        stats
+            .published
+            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+    }
+    let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+    spool.remove(&path).map_err(|e| e.to_string())?;
+    info!(
+        message = "Replayed spooled trace events.",
+        events = events.len(),
+        spool_bytes = spool.bytes()
+    );
+    Ok(true)
+}
+
+/// Sends persistent messages and waits until the broker confirmed every one of them.
+async fn publish_confirmed(link: &Link, queue: &str, events: &[TraceEvent]) -> Result<(), String> {
+    let send_all = async {
+        let mut confirms = Vec::with_capacity(events.len());
+        for event in events {
+            let payload = serde_json::to_vec(event).expect("trace events serialise");
+            let properties = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(event.event_id.as_str().into());
+            let confirm = link
+                .channel
+                .basic_publish(
+                    "".into(),
+                    queue.into(),
+                    BasicPublishOptions::default(),
+                    &payload,
+                    properties,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let confirmation = confirm.await.map_err(|e| e.to_string())?;
+            if !confirmation.is_ack() {
+                return Err("broker refused (nack) a trace event".to_string());
+            }
+        }
+        Ok(())
+    };
+    tokio::time::timeout(CONFIRM_TIMEOUT, send_all)
+        .await
+        .map_err(|_| format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))?
+}

@@ -1,0 +1,44 @@
+//! What the gateway learns about one request while it passes through; trace events are
+//! built from it when the request ends.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use super::context::TraceContext;
+
+/// One try at an upstream replica.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub node_id: String,
+    pub upstream: String,
+    pub started: Instant,
+    pub finished: Option<Instant>,
+    pub status: Option<u16>,
+    pub error: Option<String>,
+}
+
+/// Everything known about a request while it passes through the gateway; the trace
+/// events of this request are built from it when it ends.
+#[derive(Debug, Clone)]
+pub struct RequestRecord {
+    pub request_id: String,
+    pub trace: TraceContext,
+    pub received_at: SystemTime,
+    pub started: Instant,
+    pub attempts: Vec<Attempt>,
+}
+
+impl RequestRecord {
+    pub fn new(request_id: String, trace: TraceContext) -> Self {
+        RequestRecord {
+            request_id,
+            trace,
+            received_at: SystemTime::now(),
+            started: Instant::now(),
+            attempts: Vec::new(),
+        }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}

@@ -1,0 +1,254 @@
+//! A disk spool for trace events while the broker is away: append-only segment files of
+//! JSON lines, replayed oldest first and deleted only after the broker confirmed them.
+//!
+//! Segments survive a restart of the process, so events spooled before a crash are sent by
+//! the next run. The size cap is the only place events are dropped; the caller counts it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use tracing::warn;
+
+use super::event::TraceEvent;
+
+/// A segment is closed and a new one started past this size, so replay works in bounded steps.
+const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    #[error("trace spool {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Spool {
+    dir: PathBuf,
+    max_bytes: u64,
+    /// Bytes in all segments on disk.
+    total_bytes: u64,
+    next_sequence: u64,
+    current: Option<(PathBuf, File, u64)>,
+}
+
+/// Outcome of appending a batch.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Appended {
+    pub written: usize,
+    /// Events refused because the spool is at its cap.
+    pub dropped: usize,
+}
+
+impl Spool {
+    pub fn open(dir: &Path, max_bytes: u64) -> Result<Self, SpoolError> {
+        let io = |source| SpoolError::Io {
+            path: dir.to_path_buf(),
+            source,
+        };
+        fs::create_dir_all(dir).map_err(io)?;
+        let mut spool = Spool {
+            dir: dir.to_path_buf(),
+            max_bytes,
+            total_bytes: 0,
+            next_sequence: 0,
+            current: None,
+        };
+        for (sequence, path) in spool.segments().map_err(io)? {
+            spool.total_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            spool.next_sequence = spool.next_sequence.max(sequence + 1);
+        }
+        Ok(spool)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total_bytes == 0
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.total_bytes
+    }
+
+    fn segments(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
+        let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)?
+            .filter_map(Result::ok)
+            .filter_map(|entry| {
+                let name = entry.file_name().into_string().ok()?;
+                let sequence = name
+                    .strip_prefix("segment-")?
+                    .strip_suffix(".jsonl")?
+                    .parse()
+                    .ok()?;
+                Some((sequence, entry.path()))
+            })
+            .collect();
+        segments.sort();
+        Ok(segments)
+    }
+
+    /// Appends events; those that do not fit under the cap are dropped (and reported).
+    pub fn append(&mut self, events: &[TraceEvent]) -> Result<Appended, SpoolError> {
+        let mut outcome = Appended::default();
+        for event in events {
+            let mut line = serde_json::to_vec(event).expect("trace events serialise");
+            line.push(b'\n');
+            if self.total_bytes + line.len() as u64 > self.max_bytes {
+                outcome.dropped += 1;
+                continue;
+            }
+            self.write_line(&line)?;
+            outcome.written += 1;
+        }
+        if let Some((path, file, _)) = self.current.as_mut() {
+            file.flush().map_err(|source| SpoolError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        }
+        Ok(outcome)
+    }
+
+    fn write_line(&mut self, line: &[u8]) -> Result<(), SpoolError> {
+        let full = self
+            .current
+            .as_ref()
+            .is_some_and(|(_, _, size)| *size >= SEGMENT_BYTES);
+        if full {
+            self.current = None;
+        }
+        if self.current.is_none() {
+            let path = self
+                .dir
+                .join(format!("segment-{:016}.jsonl", self.next_sequence));
+            self.next_sequence += 1;
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| SpoolError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+            self.current = Some((path, file, 0));
+        }
+        let (path, file, size) = self.current.as_mut().expect("segment open");
+        file.write_all(line).map_err(|source| SpoolError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        *size += line.len() as u64;
+        self.total_bytes += line.len() as u64;
+        Ok(())
+    }
+
+    /// The oldest segment's events, closing the segment being written if it is the oldest.
+    /// Lines that cannot be parsed are skipped and counted in the second value.
+    pub fn oldest(&mut self) -> Result<Option<(PathBuf, Vec<TraceEvent>, usize)>, SpoolError> {
+        let io = |path: &Path, source| SpoolError::Io {
+            path: path.to_path_buf(),
+            source,
+        };
+        let segments = self.segments().map_err(|e| io(&self.dir, e))?;
+        let Some((_, path)) = segments.into_iter().next() else {
+            return Ok(None);
+        };
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|(current, _, _)| *current == path)
+        {
+            self.current = None;
+        }
+        let file = File::open(&path).map_err(|e| io(&path, e))?;
+        let mut events = Vec::new();
+        let mut unreadable = 0;
+        for line in BufReader::new(file).lines() {
+            let line = line.map_err(|e| io(&path, e))?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            match serde_json::from_str(&line) {
+                Ok(event) => events.push(event),
+                Err(error) => {
+                    unreadable += 1;
+                    warn!(message = "Skipping an unreadable spooled trace event.", path = %path.display(), %error);
+                }
+            }
+        }
+        Ok(Some((path, events, unreadable)))
+    }
+
+    /// Deletes a segment whose events the broker confirmed.
+    pub fn remove(&mut self, path: &Path) -> Result<(), SpoolError> {
+        let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+        fs::remove_file(path).map_err(|source| SpoolError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        self.total_bytes = self.total_bytes.saturating_sub(size);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::event::{EventKind, RequestInfo, TraceTiming};
+
+    fn event(n: usize) -> TraceEvent {
+        TraceEvent {
+            event_id: format!("e{n}"),
+            request_id: "r".into(),
+            event: EventKind::RequestStart,
+            time: "2026-11-27T00:00:00.000Z".into(),
+            service_name: "gateway".into(),
+            service_id: "g".into(),
+            project_name: "goms".into(),
+            request: RequestInfo::default(),
+            trace: TraceTiming::default(),
+            duration_ms: None,
+            status: None,
+            upstream: None,
+            attempt: None,
+            trace_id: "t".into(),
+            span_id: "s".into(),
+            parent_span_id: None,
+        }
+    }
+
+    #[test]
+    fn replays_in_order_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let events: Vec<_> = (0..5).map(event).collect();
+        assert_eq!(spool.append(&events).unwrap().written, 5);
+        drop(spool);
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert!(!spool.is_empty());
+        let (path, replayed, unreadable) = spool.oldest().unwrap().unwrap();
+        assert_eq!(unreadable, 0);
+        assert_eq!(replayed, events);
+        spool.remove(&path).unwrap();
+        assert!(spool.is_empty());
+        assert!(spool.oldest().unwrap().is_none());
+    }
+
+    #[test]
+    fn drops_beyond_the_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let one = serde_json::to_vec(&event(0)).unwrap().len() as u64 + 1;
+        let mut spool = Spool::open(dir.path(), one * 3).unwrap();
+        let outcome = spool
+            .append(&(0..5).map(event).collect::<Vec<_>>())
+            .unwrap();
+        assert_eq!(
+            outcome,
+            Appended {
+                written: 3,
+                dropped: 2
+            }
+        );
+    }
+}

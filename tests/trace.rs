@@ -1,0 +1,487 @@
+//! Trace events: gateway and service -> RabbitMQ (real container) -> `goms trace-consumer`
+//! -> Elasticsearch. Elasticsearch is the stand-in of `support::es_standin` (named as such
+//! everywhere); `real_elasticsearch_end_to_end` runs against a real image where one exists.
+
+mod support;
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use goms::trace::event::{EventKind, RequestInfo, TraceTiming};
+use goms::trace::TraceEvent;
+use lapin::options::BasicPublishOptions;
+use lapin::BasicProperties;
+use support::es_standin::{EsStandIn, Faults};
+use support::{
+    eventually, free_port, http, route_file, wait_for_nodes, Etcd, Goms, RabbitMq, ROUTES,
+};
+
+fn consumer(name: &str, broker: &RabbitMq, es_url: &str, extra_env: &[(&str, &str)]) -> Goms {
+    let amqp = broker.url();
+    let mut env = vec![
+        ("GOMS__AMQP_ADDR", amqp.as_str()),
+        ("GOMS__ES_ADDR", es_url),
+        ("GOMS__TRACE_CONSUMER__BATCH_WAIT", "50ms"),
+        ("GOMS__TRACE_CONSUMER__MAX_BACKOFF", "500ms"),
+    ];
+    env.extend_from_slice(extra_env);
+    Goms::spawn(name, &["trace-consumer"], &env)
+}
+
+/// A gateway and one `user` replica that publish trace events to `broker`.
+async fn traced_stack(etcd: &Etcd, broker: &RabbitMq) -> (Goms, Goms, u16, tempfile::TempDir) {
+    let amqp = broker.url();
+    let service_port = free_port();
+    let service = Goms::spawn(
+        "user",
+        &[
+            "service",
+            "--http-port",
+            &service_port.to_string(),
+            "--etcd-addr",
+            &etcd.endpoint(),
+        ],
+        &[
+            ("GOMS__AMQP_ADDR", &amqp),
+            ("GOMS__TRACE__REDACT_HEADERS", "x-api-token"),
+        ],
+    );
+    let (folder, routes) = route_file(ROUTES);
+    let port = free_port();
+    let gateway = Goms::spawn(
+        "gateway",
+        &[
+            "gateway",
+            "--http-port",
+            &port.to_string(),
+            "--etcd-addr",
+            &etcd.endpoint(),
+            "--routes",
+            &routes.display().to_string(),
+        ],
+        &[
+            ("GOMS__AMQP_ADDR", &amqp),
+            ("GOMS__TRACE__REDACT_HEADERS", "x-api-token"),
+        ],
+    );
+    wait_for_nodes(port, "user", 1).await;
+    (gateway, service, port, folder)
+}
+
+#[tokio::test]
+async fn every_request_leaves_four_events_in_the_index() {
+    let etcd = Etcd::start().await;
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    let (_gateway, _service, port, _routes) = traced_stack(&etcd, &broker).await;
+    let _consumer = consumer("consumer", &broker, &es.url(), &[]);
+
+    let response = http()
+        .post(format!("http://127.0.0.1:{port}/api/user/login?a=1&b=3"))
+        .header("X-Request-Id", "trace-e2e-1")
+        .header("Authorization", "Bearer very-secret")
+        .header("Cookie", "session=also-secret")
+        .header("X-Api-Token", "configured-secret")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .json(&serde_json::json!({"username": "test", "password": "pw"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+
+    eventually(
+        "four events for trace-e2e-1 in the index",
+        Duration::from_secs(30),
+        || {
+            let es = es.clone();
+            async move { es.by_request("trace-e2e-1").len() == 4 }
+        },
+    )
+    .await;
+    let documents = es.by_request("trace-e2e-1");
+    let by_kind: HashMap<String, serde_json::Value> = documents
+        .iter()
+        .map(|(_, _, doc)| (doc["event"].as_str().unwrap().to_string(), doc.clone()))
+        .collect();
+    for kind in [
+        "request.start",
+        "service.start",
+        "service.end",
+        "request.end",
+    ] {
+        assert!(by_kind.contains_key(kind), "missing {kind}: {documents:#?}");
+    }
+    for (index, id, doc) in &documents {
+        assert_eq!(doc["eventId"].as_str().unwrap(), id, "_id is eventId");
+        let date = doc["time"].as_str().unwrap()[..10].replace('-', ".");
+        assert_eq!(index, &format!("trace_logs-{date}"));
+        assert_eq!(doc["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(doc["projectName"], "goms");
+        let text = doc.to_string();
+        for secret in [
+            "very-secret",
+            "also-secret",
+            "configured-secret",
+            support::KEY,
+        ] {
+            assert!(!text.contains(secret), "{secret} leaked into {text}");
+        }
+    }
+    let start = &by_kind["request.start"];
+    assert_eq!(start["serviceName"], "gateway");
+    assert_eq!(start["parentSpanId"], "00f067aa0ba902b7");
+    assert_eq!(start["request"]["method"], "POST");
+    assert_eq!(start["request"]["url"], "/api/user/login");
+    assert_eq!(start["request"]["urlParam"], "?a=1&b=3");
+    assert_eq!(start["request"]["body"]["username"], "test");
+    assert_eq!(start["request"]["headers"]["authorization"], "[REDACTED]");
+    let end = &by_kind["request.end"];
+    assert!(end["durationMs"].is_number(), "{end}");
+    assert_eq!(end["status"], 200);
+    assert_eq!(end["attempt"], 1);
+    let service_end = &by_kind["service.end"];
+    assert_eq!(service_end["serviceName"], "user");
+    assert_eq!(service_end["status"], 200);
+    assert!(service_end["durationMs"].is_number());
+    assert_eq!(
+        end["upstream"], service_end["serviceId"],
+        "the replica that served it"
+    );
+    // The service's span is a child of the gateway's span.
+    assert_eq!(by_kind["service.start"]["parentSpanId"], start["spanId"]);
+
+    let store = es.store.lock().unwrap();
+    let template = &store.templates["trace_logs"];
+    assert_eq!(template["index_patterns"][0], "trace_logs-*");
+    let properties = &template["template"]["mappings"]["properties"];
+    assert_eq!(properties["time"]["type"], "date");
+    assert_eq!(properties["durationMs"]["type"], "double");
+    assert_eq!(properties["requestId"]["type"], "keyword");
+}
+
+#[tokio::test]
+async fn a_broker_outage_under_load_fails_no_request_and_loses_no_event() {
+    let etcd = Etcd::start().await;
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    let (gateway, _service, port, _routes) = traced_stack(&etcd, &broker).await;
+    let _consumer = consumer("consumer", &broker, &es.url(), &[]);
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}/api/user/login");
+
+    let requests = 150;
+    let mut slowest = Duration::ZERO;
+    for i in 0..requests {
+        if i == 50 {
+            broker.pause().await;
+        }
+        let started = Instant::now();
+        let response = client
+            .get(&url)
+            .header("X-Request-Id", format!("outage-{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "request {i}");
+        slowest = slowest.max(started.elapsed());
+    }
+    eprintln!("slowest request while the broker was away: {slowest:?}");
+    let metrics = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let spooled = metric(&metrics, "goms_trace_events_spooled_total");
+    assert!(
+        spooled > 0.0,
+        "nothing was spooled while the broker was down:\n{metrics}"
+    );
+    broker.resume().await;
+
+    let expected = requests * 4;
+    eventually(
+        &format!("{expected} events indexed"),
+        Duration::from_secs(60),
+        || {
+            let es = es.clone();
+            async move { es.document_count() >= expected }
+        },
+    )
+    .await;
+    assert_eq!(
+        es.document_count(),
+        expected,
+        "duplicates or strays in the index"
+    );
+    for i in 0..requests {
+        assert_eq!(
+            es.by_request(&format!("outage-{i}")).len(),
+            4,
+            "request outage-{i}"
+        );
+    }
+    let metrics = client
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(metric(&metrics, "goms_trace_events_dropped_total"), 0.0);
+    assert!(
+        gateway.has_line("Replayed spooled trace events"),
+        "{}",
+        gateway.output()
+    );
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+}
+
+fn synthetic_event(id: usize) -> TraceEvent {
+    TraceEvent {
+        event_id: format!("synthetic-{id:05}"),
+        request_id: format!("request-{}", id / 4),
+        event: EventKind::RequestEnd,
+        time: goms::config::now_rfc3339(),
+        service_name: "gateway".into(),
+        service_id: "test".into(),
+        project_name: "goms".into(),
+        request: RequestInfo::default(),
+        trace: TraceTiming::default(),
+        duration_ms: Some(1.5),
+        status: Some(200),
+        upstream: None,
+        attempt: Some(1),
+        trace_id: "0".repeat(32),
+        span_id: "1".repeat(16),
+        parent_span_id: None,
+    }
+}
+
+/// Publishes raw payloads with goms's topology (persistent, confirmed).
+async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>) {
+    let link = goms::trace::amqp::connect(&broker.url(), "goms.trace")
+        .await
+        .unwrap();
+    link.channel
+        .confirm_select(Default::default())
+        .await
+        .unwrap();
+    for payload in payloads {
+        link.channel
+            .basic_publish(
+                "".into(),
+                "goms.trace".into(),
+                BasicPublishOptions::default(),
+                &payload,
+                BasicProperties::default().with_delivery_mode(2),
+            )
+            .await
+            .unwrap();
+    }
+    assert!(link.channel.wait_for_confirms().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_lettered() {
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    let total = 1200;
+    publish(
+        &broker,
+        (0..total).map(|i| serde_json::to_vec(&synthetic_event(i)).unwrap()),
+    )
+    .await;
+    publish(
+        &broker,
+        [b"not json at all".to_vec(), br#"{"no":"eventId"}"#.to_vec()],
+    )
+    .await;
+    es.inject(Faults {
+        reject_requests: 3,
+        reject_status: 503,
+        flaky_requests: 4,
+        item_429_every: 7,
+        apply_then_fail: 1,
+    });
+    let mut consumer = consumer(
+        "consumer",
+        &broker,
+        &es.url(),
+        &[("GOMS__TRACE_CONSUMER__BATCH_SIZE", "200")],
+    );
+
+    eventually(
+        &format!("{total} events indexed"),
+        Duration::from_secs(60),
+        || {
+            let es = es.clone();
+            async move { es.document_count() >= total }
+        },
+    )
+    .await;
+    eventually("queue drained", Duration::from_secs(20), || async {
+        broker.depth("goms.trace").await == 0
+    })
+    .await;
+    {
+        let store = es.store.lock().unwrap();
+        assert_eq!(store.documents.len(), total);
+        assert!(
+            store.creates.values().all(|count| *count == 1),
+            "an event was created twice"
+        );
+        let ids: HashSet<&String> = store.documents.keys().map(|(_, id)| id).collect();
+        assert_eq!(ids.len(), total);
+        assert!(
+            store.conflicts > 0,
+            "the apply-then-fail bulk should have been retried into 409s"
+        );
+    }
+    assert_eq!(broker.depth("goms.trace.dead").await, 2);
+    consumer.terminate(Duration::from_secs(10)).await;
+    let output = consumer.output();
+    assert!(output.contains("dead_lettered=2"), "{output}");
+    assert!(!output.contains("retried=0 "), "{output}");
+}
+
+#[tokio::test]
+async fn three_consumers_share_the_queue() {
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    let total = 3000;
+    publish(
+        &broker,
+        (0..total).map(|i| serde_json::to_vec(&synthetic_event(i)).unwrap()),
+    )
+    .await;
+    let small_batches = [
+        ("GOMS__TRACE_CONSUMER__BATCH_SIZE", "50"),
+        ("GOMS__TRACE_CONSUMER__PREFETCH", "100"),
+    ];
+    let mut consumers: Vec<Goms> = (0..3)
+        .map(|n| consumer(&format!("consumer-{n}"), &broker, &es.url(), &small_batches))
+        .collect();
+    eventually(
+        &format!("{total} events indexed"),
+        Duration::from_secs(60),
+        || {
+            let es = es.clone();
+            async move { es.document_count() >= total }
+        },
+    )
+    .await;
+    assert_eq!(es.document_count(), total);
+    let mut shares = Vec::new();
+    for consumer in &mut consumers {
+        consumer.terminate(Duration::from_secs(10)).await;
+        let output = consumer.output();
+        let indexed: usize = output
+            .split("indexed=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no summary in {output}"));
+        shares.push(indexed);
+    }
+    assert_eq!(shares.iter().sum::<usize>(), total, "{shares:?}");
+    assert!(
+        shares.iter().all(|share| *share > 0),
+        "a consumer got nothing: {shares:?}"
+    );
+}
+
+/// The same end-to-end path against a real Elasticsearch, where an image exists.
+#[tokio::test]
+async fn real_elasticsearch_end_to_end() {
+    let Some(image) = std::env::var("GOMS_ES_IMAGE").ok().filter(|image| {
+        std::process::Command::new("docker")
+            .args(["image", "inspect", image])
+            .output()
+            .is_ok_and(|o| o.status.success())
+    }) else {
+        eprintln!(
+            "SKIPPED real_elasticsearch_end_to_end: no Elasticsearch image on this machine \
+             (set GOMS_ES_IMAGE to a local image, e.g. docker.elastic.co/elasticsearch/elasticsearch:8.15.3); \
+             the stand-in tests above cover the same path"
+        );
+        return;
+    };
+    use testcontainers::core::{IntoContainerPort, WaitFor};
+    use testcontainers::runners::AsyncRunner;
+    use testcontainers::{GenericImage, ImageExt};
+    let (name, tag) = image.rsplit_once(':').unwrap_or((image.as_str(), "latest"));
+    let container = GenericImage::new(name, tag)
+        .with_wait_for(WaitFor::message_on_stdout("started"))
+        .with_exposed_port(9200.tcp())
+        .with_env_var("discovery.type", "single-node")
+        .with_env_var("xpack.security.enabled", "false")
+        .with_env_var("ES_JAVA_OPTS", "-Xms512m -Xmx512m")
+        .with_startup_timeout(Duration::from_secs(180))
+        .start()
+        .await
+        .expect("Elasticsearch container");
+    let es_url = format!(
+        "http://127.0.0.1:{}",
+        container.get_host_port_ipv4(9200).await.unwrap()
+    );
+    let etcd = Etcd::start().await;
+    let broker = RabbitMq::start().await;
+    let (_gateway, _service, port, _routes) = traced_stack(&etcd, &broker).await;
+    let _consumer = consumer("consumer", &broker, &es_url, &[]);
+    let response = http()
+        .get(format!("http://127.0.0.1:{port}/api/user/login"))
+        .header("X-Request-Id", "real-es-1")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let client = http();
+    eventually(
+        "four events in real Elasticsearch",
+        Duration::from_secs(60),
+        || {
+            let client = client.clone();
+            let url = format!("{es_url}/trace_logs*/_search");
+            async move {
+                let Ok(response) = client
+                    .post(&url)
+                    .json(&serde_json::json!({"query": {"term": {"requestId": "real-es-1"}}}))
+                    .send()
+                    .await
+                else {
+                    return false;
+                };
+                let body: serde_json::Value = response.json().await.unwrap_or_default();
+                body["hits"]["total"]["value"] == 4
+            }
+        },
+    )
+    .await;
+}
+
+#[test]
+fn consumer_help_names_its_flags() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_goms"))
+        .args(["trace-consumer", "--help"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("--amqp-addr") && text.contains("--es-addr"),
+        "{text}"
+    );
+}
