@@ -485,3 +485,30 @@ fn consumer_help_names_its_flags() {
         "{text}"
     );
 }
+
+#[test]
+fn kibana_saved_objects_are_importable_ndjson() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/docs/kibana/trace_logs.ndjson"
+    ))
+    .unwrap();
+    let objects: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds: Vec<&str> = objects
+        .iter()
+        .map(|o| o["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["index-pattern", "search", "visualization"]);
+    assert_eq!(objects[0]["attributes"]["title"], "trace_logs*");
+    assert_eq!(objects[0]["attributes"]["timeFieldName"], "time");
+    for object in &objects[1..] {
+        let source = object["attributes"]["kibanaSavedObjectMeta"]["searchSourceJSON"]
+            .as_str()
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(source).unwrap();
+        assert_eq!(object["references"][0]["id"], "goms-trace-logs");
+    }
+}
