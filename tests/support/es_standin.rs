@@ -7,6 +7,8 @@
 //! Failures can be injected: whole bulk requests answered 503 or 429, items answered 429,
 //! or a bulk that is applied but answered 500 (so the consumer retries and meets 409s).
 
+#![allow(dead_code)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
