@@ -134,3 +134,89 @@ async fn a_hanging_replica_times_out_with_504_for_post_and_is_skipped_for_get() 
     assert_eq!(timed_out, fake.posts.load(Ordering::SeqCst));
     assert!(timed_out >= 1);
 }
+
+/// Registers a node whose port nothing listens on.
+async fn dead_node(etcd: &Etcd, id: &str) {
+    let port = free_port();
+    let mut client = etcd.client().await;
+    let value =
+        serde_json::json!({"id": id, "service": "user", "http": format!("127.0.0.1:{port}")});
+    client
+        .put(format!("/goms/services/user/{id}"), value.to_string(), None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn attempts_are_bounded_by_the_routes_retries() {
+    let etcd = Etcd::start().await;
+    let fakes = [
+        fake_replica(&etcd, Behaviour::Unavailable).await,
+        fake_replica(&etcd, Behaviour::Unavailable).await,
+        fake_replica(&etcd, Behaviour::Unavailable).await,
+    ];
+    let (_folder, routes) = route_file(
+        "services:\n  user:\n    once:\n      path: /once\n      retries: 1\n    default: /default\n",
+    );
+    let port = free_port();
+    let _gateway = Goms::gateway(&etcd, port, &routes, &[]);
+    wait_for_nodes(port, "user", 3).await;
+    let client = http();
+    let hits = |fakes: &[FakeReplica]| {
+        fakes
+            .iter()
+            .map(|f| f.hits.load(Ordering::SeqCst))
+            .sum::<usize>()
+    };
+
+    let response = client
+        .get(format!("http://127.0.0.1:{port}/api/user/once"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        503,
+        "the last replica's answer is passed on"
+    );
+    assert_eq!(hits(&fakes), 2, "retries: 1 means two attempts");
+
+    let response = client
+        .get(format!("http://127.0.0.1:{port}/api/user/default"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        hits(&fakes),
+        2 + 3,
+        "the default of 2 retries means three attempts"
+    );
+}
+
+#[tokio::test]
+async fn unreachable_replicas_answer_502_in_the_goms_envelope() {
+    let etcd = Etcd::start().await;
+    dead_node(&etcd, "dead-1").await;
+    let (_folder, routes) = route_file(ROUTES);
+    let port = free_port();
+    let _gateway = Goms::gateway(&etcd, port, &routes, &[]);
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}/api/user/login");
+    support::eventually(
+        "gateway knows the dead node",
+        Duration::from_secs(20),
+        || {
+            let client = client.clone();
+            let url = url.clone();
+            async move { matches!(client.get(&url).send().await, Ok(r) if r.status() != 503) }
+        },
+    )
+    .await;
+    let response = client.post(&url).send().await.unwrap();
+    assert_eq!(response.status(), 502);
+    let body: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(body["code"], 502);
+    assert_eq!(body["status"], false);
+    assert!(body["requestId"].as_str().is_some_and(|id| !id.is_empty()));
+}
