@@ -72,12 +72,22 @@ async fn publish(amqp: &str, queue: &str, events: usize, offset: usize) -> f64 {
     })
     .await;
     let elapsed = started.elapsed();
-    assert_eq!(stats.spooled.load(Ordering::Relaxed), 0, "the broker should have taken everything");
+    assert_eq!(
+        stats.spooled.load(Ordering::Relaxed),
+        0,
+        "the broker should have taken everything"
+    );
     running.shutdown(Duration::from_secs(10)).await;
     events as f64 / elapsed.as_secs_f64()
 }
 
-async fn consume(amqp: &str, queue: &str, es: &es_standin::EsStandIn, consumers: usize, expected: usize) -> f64 {
+async fn consume(
+    amqp: &str,
+    queue: &str,
+    es: &es_standin::EsStandIn,
+    consumers: usize,
+    expected: usize,
+) -> f64 {
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -98,7 +108,10 @@ async fn consume(amqp: &str, queue: &str, es: &es_standin::EsStandIn, consumers:
             consumer::run(settings, &stats, stopped).await.unwrap();
         }));
     }
-    wait_until("events indexed", Duration::from_secs(300), || es.document_count() >= expected).await;
+    wait_until("events indexed", Duration::from_secs(300), || {
+        es.document_count() >= expected
+    })
+    .await;
     let elapsed = started.elapsed();
     let _ = stop.send(true);
     for task in tasks {
@@ -109,8 +122,12 @@ async fn consume(amqp: &str, queue: &str, es: &es_standin::EsStandIn, consumers:
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
-    let amqp = std::env::var("GOMS_BENCH_AMQP").expect("set GOMS_BENCH_AMQP (bench/trace-pipeline.sh does)");
-    let events: usize = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(20_000);
+    let amqp = std::env::var("GOMS_BENCH_AMQP")
+        .expect("set GOMS_BENCH_AMQP (bench/trace-pipeline.sh does)");
+    let events: usize = std::env::args()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(20_000);
     println!("trace pipeline, {events} events per run (Elasticsearch = in-process stand-in)");
     println!("{:<44} {:>12}", "stage", "events/s");
     let mut offset = 0;
@@ -119,8 +136,16 @@ async fn main() {
         let es = es_standin::EsStandIn::start().await;
         let published = publish(&amqp, &queue, events, offset).await;
         offset += events;
-        println!("{:<44} {:>12.0}", format!("publisher -> RabbitMQ (confirmed, run {consumers})"), published);
+        println!(
+            "{:<44} {:>12.0}",
+            format!("publisher -> RabbitMQ (confirmed, run {consumers})"),
+            published
+        );
         let consumed = consume(&amqp, &queue, &es, consumers, events).await;
-        println!("{:<44} {:>12.0}", format!("RabbitMQ -> {consumers} consumer(s) -> stand-in"), consumed);
+        println!(
+            "{:<44} {:>12.0}",
+            format!("RabbitMQ -> {consumers} consumer(s) -> stand-in"),
+            consumed
+        );
     }
 }
