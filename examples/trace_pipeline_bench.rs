@@ -56,6 +56,7 @@ async fn publish(amqp: &str, queue: &str, events: usize, offset: usize) -> f64 {
     let (sink, publisher) = Publisher::prepare(PublisherSettings {
         amqp_url: amqp.to_string(),
         queue: queue.to_string(),
+        queue_type: Default::default(),
         queue_capacity: events,
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
@@ -95,6 +96,7 @@ async fn consume(
         let settings = ConsumerSettings {
             amqp_url: amqp.to_string(),
             queue: queue.to_string(),
+            queue_type: Default::default(),
             es_addr: es.url(),
             index_prefix: "trace_logs".into(),
             batch_size: 500,

@@ -273,7 +273,7 @@ fn synthetic_event(id: usize) -> TraceEvent {
 
 /// Publishes raw payloads with goms's topology (persistent, confirmed).
 async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>) {
-    let link = goms::trace::amqp::connect(&broker.url(), "goms.trace")
+    let link = goms::trace::amqp::connect(&broker.url(), "goms.trace", Default::default())
         .await
         .unwrap();
     link.channel
@@ -511,4 +511,19 @@ fn kibana_saved_objects_are_importable_ndjson() {
         serde_json::from_str::<serde_json::Value>(source).unwrap();
         assert_eq!(object["references"][0]["id"], "goms-trace-logs");
     }
+}
+
+#[tokio::test]
+async fn quorum_queues_can_be_chosen() {
+    use goms::config::QueueType;
+    let broker = RabbitMq::start().await;
+    goms::trace::amqp::connect(&broker.url(), "quorum.trace", QueueType::Quorum)
+        .await
+        .expect("declare quorum queues");
+    // The broker now holds a quorum queue: declaring it as classic is refused.
+    assert!(
+        goms::trace::amqp::connect(&broker.url(), "quorum.trace", QueueType::Classic)
+            .await
+            .is_err()
+    );
 }

@@ -82,6 +82,10 @@ pub struct TraceConfig {
     /// Durable queue events go to. Default `goms.trace` (dead letters: `<queue>.dead`).
     #[serde(default = "default_trace_queue")]
     pub queue: String,
+    /// `classic` or `quorum` (replicated, for a RabbitMQ cluster); applies to the queue and
+    /// its dead-letter queue. A queue's type cannot change once declared. Default `classic`.
+    #[serde(default)]
+    pub queue_type: QueueType,
     /// Events held in memory between the request path and the publisher. Default 10000;
     /// beyond it events go to the spool, and only a full spool drops.
     #[serde(default = "default_queue_capacity")]
@@ -99,6 +103,14 @@ pub struct TraceConfig {
     /// Header names redacted in addition to Authorization, Cookie, Set-Cookie and Call-Service-Key.
     #[serde(default)]
     pub redact_headers: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QueueType {
+    #[default]
+    Classic,
+    Quorum,
 }
 
 /// `goms trace-consumer`: RabbitMQ -> Elasticsearch.

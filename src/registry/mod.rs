@@ -36,6 +36,9 @@ pub enum RegistryError {
     },
 }
 
+/// HTTP/2 ping interval towards etcd; etcd refuses pings more frequent than 5 s.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+
 /// How to reach etcd; cheap to clone, connects afresh on demand.
 #[derive(Debug, Clone)]
 pub struct EtcdEndpoints {
@@ -70,13 +73,14 @@ impl EtcdEndpoints {
         }
     }
 
-    /// Opens a client. HTTP/2 keep-alive pings make a dead etcd visible within seconds
-    /// even on an idle watch stream.
+    /// Opens a client. HTTP/2 keep-alive pings make a dead etcd visible on an idle watch
+    /// stream; they must stay above etcd's `--grpc-keepalive-min-time` (5 s by default), or
+    /// etcd answers "too many pings" and drops the connection.
     pub async fn connect(&self) -> Result<Client, RegistryError> {
         let options = ConnectOptions::new()
             .with_connect_timeout(self.timeout)
             .with_timeout(self.timeout)
-            .with_keep_alive(Duration::from_secs(2), self.timeout)
+            .with_keep_alive(KEEPALIVE_INTERVAL, self.timeout)
             .with_keep_alive_while_idle(true);
         self.bounded(Client::connect(&self.endpoints, Some(options)))
             .await

@@ -70,6 +70,7 @@ pub struct ServiceOptions {
 pub struct TraceOptions {
     pub amqp_url: String,
     pub queue: String,
+    pub queue_type: crate::config::QueueType,
     pub queue_capacity: usize,
     pub spool_dir: std::path::PathBuf,
     pub spool_max_bytes: u64,
@@ -96,6 +97,7 @@ impl ServiceOptions {
             trace: config.trace.enabled.then(|| TraceOptions {
                 amqp_url: config.amqp_addr.clone(),
                 queue: config.trace.queue.clone(),
+                queue_type: config.trace.queue_type,
                 queue_capacity: config.trace.queue_capacity,
                 spool_dir: config.trace.spool_dir.clone(),
                 spool_max_bytes: config.trace.spool_max_bytes,
@@ -214,6 +216,7 @@ fn start_tracing(
     let (sink, publisher) = Publisher::prepare(PublisherSettings {
         amqp_url: trace.amqp_url.clone(),
         queue: trace.queue.clone(),
+        queue_type: trace.queue_type,
         queue_capacity: trace.queue_capacity,
         spool_dir: trace.spool_dir.join(folder),
         spool_max_bytes: trace.spool_max_bytes,

@@ -8,6 +8,8 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties};
 
+use crate::config::QueueType;
+
 #[derive(Debug, thiserror::Error)]
 pub enum AmqpError {
     #[error("RabbitMQ at {url}: {source}")]
@@ -46,7 +48,7 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-pub async fn connect(url: &str, queue: &str) -> Result<Link, AmqpError> {
+pub async fn connect(url: &str, queue: &str, queue_type: QueueType) -> Result<Link, AmqpError> {
     let shown = redact_url(url);
     let broker = |source| AmqpError::Broker {
         url: shown.clone(),
@@ -57,7 +59,9 @@ pub async fn connect(url: &str, queue: &str) -> Result<Link, AmqpError> {
             .await
             .map_err(broker)?;
         let channel = connection.create_channel().await.map_err(broker)?;
-        declare_topology(&channel, queue).await.map_err(broker)?;
+        declare_topology(&channel, queue, queue_type)
+            .await
+            .map_err(broker)?;
         Ok(Link {
             connection,
             channel,
@@ -71,16 +75,30 @@ pub async fn connect(url: &str, queue: &str) -> Result<Link, AmqpError> {
         })?
 }
 
-async fn declare_topology(channel: &Channel, queue: &str) -> Result<(), lapin::Error> {
+async fn declare_topology(
+    channel: &Channel,
+    queue: &str,
+    queue_type: QueueType,
+) -> Result<(), lapin::Error> {
     let durable = QueueDeclareOptions {
         durable: true,
         ..QueueDeclareOptions::default()
     };
+    let typed = || {
+        let mut arguments = FieldTable::default();
+        if queue_type == QueueType::Quorum {
+            arguments.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString("quorum".into()),
+            );
+        }
+        arguments
+    };
     let dead = dead_letter_queue(queue);
     channel
-        .queue_declare(dead.as_str().into(), durable, FieldTable::default())
+        .queue_declare(dead.as_str().into(), durable, typed())
         .await?;
-    let mut arguments = FieldTable::default();
+    let mut arguments = typed();
     arguments.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString("".into()),

@@ -21,11 +21,13 @@ use tracing::{info, warn};
 use super::amqp;
 use super::elasticsearch::{BulkItem, ItemOutcome, SinkError, TraceIndex};
 use super::event::daily_index;
+use crate::config::QueueType;
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
     pub amqp_url: String,
     pub queue: String,
+    pub queue_type: QueueType,
     pub es_addr: String,
     pub index_prefix: String,
     pub batch_size: usize,
@@ -89,7 +91,9 @@ pub async fn run(
     info!(message = "Index template installed.", template = %settings.index_prefix);
     let mut failures = 0;
     loop {
-        let link = match amqp::connect(&settings.amqp_url, &settings.queue).await {
+        let link = match amqp::connect(&settings.amqp_url, &settings.queue, settings.queue_type)
+            .await
+        {
             Ok(link) => link,
             Err(error) => {
                 failures += 1;

@@ -49,6 +49,7 @@ pub fn publisher_settings(config: &GomsConfig, node_label: &str) -> PublisherSet
     PublisherSettings {
         amqp_url: config.amqp_addr.clone(),
         queue: config.trace.queue.clone(),
+        queue_type: config.trace.queue_type,
         queue_capacity: config.trace.queue_capacity,
         spool_dir: PathBuf::from(&config.trace.spool_dir).join(folder),
         spool_max_bytes: config.trace.spool_max_bytes,
@@ -61,6 +62,7 @@ pub fn consumer_settings(config: &GomsConfig) -> consumer::ConsumerSettings {
     consumer::ConsumerSettings {
         amqp_url: config.amqp_addr.clone(),
         queue: config.trace.queue.clone(),
+        queue_type: config.trace.queue_type,
         es_addr: config.es_addr.clone(),
         index_prefix: consumer.index_prefix.clone(),
         batch_size: consumer.batch_size,

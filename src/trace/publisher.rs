@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use super::amqp::{self, Link};
 use super::event::TraceEvent;
 use super::spool::{Spool, SpoolError};
+use crate::config::QueueType;
 
 /// Events sent to the broker before waiting for their confirms.
 const PUBLISH_BATCH: usize = 256;
@@ -31,6 +32,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct PublisherSettings {
     pub amqp_url: String,
     pub queue: String,
+    pub queue_type: QueueType,
     pub queue_capacity: usize,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
@@ -194,15 +196,16 @@ impl Connection {
         if self.link.is_some() || Instant::now() < self.next_attempt {
             return;
         }
-        let connected = match amqp::connect(&settings.amqp_url, &settings.queue).await {
-            Ok(link) => link
-                .channel
-                .confirm_select(ConfirmSelectOptions::default())
-                .await
-                .map(|()| link)
-                .map_err(|e| e.to_string()),
-            Err(error) => Err(error.to_string()),
-        };
+        let connected =
+            match amqp::connect(&settings.amqp_url, &settings.queue, settings.queue_type).await {
+                Ok(link) => link
+                    .channel
+                    .confirm_select(ConfirmSelectOptions::default())
+                    .await
+                    .map(|()| link)
+                    .map_err(|e| e.to_string()),
+                Err(error) => Err(error.to_string()),
+            };
         match connected {
             Ok(link) => {
                 if self.failures > 0 {
