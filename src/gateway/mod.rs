@@ -95,7 +95,8 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
     };
 
     let (trace, publisher) = if config.trace.enabled {
-        let settings = crate::trace::publisher_settings(&config, &format!("gateway-{}", node.id));
+        let settings =
+            crate::trace::publisher_settings(&config).for_node(&format!("gateway-{}", node.id));
         let (sink, publisher) = Publisher::prepare(settings)?;
         (sink, Some(publisher))
     } else {

@@ -41,18 +41,7 @@ pub async fn write_json(
     body: Vec<u8>,
     request_id: Option<&str>,
 ) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(status, Some(4))?;
-    header.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    if let Some(request_id) = request_id {
-        header.insert_header(REQUEST_ID_HEADER, request_id)?;
-    }
-    session
-        .write_response_header(Box::new(header), false)
-        .await?;
-    session
-        .write_response_body(Some(Bytes::from(body)), true)
-        .await
+    write_body(session, status, "application/json", body, request_id).await
 }
 
 /// Writes a complete plain-text response (Prometheus exposition format).
@@ -61,9 +50,22 @@ pub async fn write_text(
     content_type: &str,
     body: String,
 ) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(200, Some(3))?;
+    write_body(session, 200, content_type, body.into_bytes(), None).await
+}
+
+async fn write_body(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    body: Vec<u8>,
+    request_id: Option<&str>,
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(status, Some(4))?;
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
+    if let Some(request_id) = request_id {
+        header.insert_header(REQUEST_ID_HEADER, request_id)?;
+    }
     session
         .write_response_header(Box::new(header), false)
         .await?;

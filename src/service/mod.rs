@@ -68,12 +68,8 @@ pub struct ServiceOptions {
 /// Trace settings of a service node.
 #[derive(Debug, Clone)]
 pub struct TraceOptions {
-    pub amqp_url: String,
-    pub queue: String,
-    pub queue_type: crate::config::QueueType,
-    pub queue_capacity: usize,
-    pub spool_dir: std::path::PathBuf,
-    pub spool_max_bytes: u64,
+    /// Where events go; the node's own spool subfolder is added at start.
+    pub publisher: PublisherSettings,
     pub project_name: String,
     pub redact_headers: Vec<String>,
     pub body_max_bytes: usize,
@@ -95,12 +91,7 @@ impl ServiceOptions {
             call_service_key: config.require_call_service_key()?.clone(),
             drain_timeout: service.drain_timeout,
             trace: config.trace.enabled.then(|| TraceOptions {
-                amqp_url: config.amqp_addr.clone(),
-                queue: config.trace.queue.clone(),
-                queue_type: config.trace.queue_type,
-                queue_capacity: config.trace.queue_capacity,
-                spool_dir: config.trace.spool_dir.clone(),
-                spool_max_bytes: config.trace.spool_max_bytes,
+                publisher: crate::trace::publisher_settings(config),
                 project_name: config.trace.project_name.clone(),
                 redact_headers: config.trace.redact_headers.clone(),
                 body_max_bytes: config.trace.body_max_bytes,
@@ -203,24 +194,11 @@ fn start_tracing(
         };
         return Ok((tracer, None));
     };
-    let folder: String = format!("{}-{}", node.service, node.id)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    let (sink, publisher) = Publisher::prepare(PublisherSettings {
-        amqp_url: trace.amqp_url.clone(),
-        queue: trace.queue.clone(),
-        queue_type: trace.queue_type,
-        queue_capacity: trace.queue_capacity,
-        spool_dir: trace.spool_dir.join(folder),
-        spool_max_bytes: trace.spool_max_bytes,
-    })?;
+    let settings = trace
+        .publisher
+        .clone()
+        .for_node(&format!("{}-{}", node.service, node.id));
+    let (sink, publisher) = Publisher::prepare(settings)?;
     let tracer = tracing_layer::ServiceTracer {
         sink,
         redactor: Arc::new(Redactor::new(&trace.redact_headers, trace.body_max_bytes)),

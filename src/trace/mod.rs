@@ -22,8 +22,6 @@ pub mod publisher;
 pub mod record;
 pub mod spool;
 
-use std::path::PathBuf;
-
 pub use context::{request_id_or_new, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 pub use event::{EventKind, Redactor, TraceEvent};
 pub use publisher::{Publisher, PublisherSettings, RunningPublisher, TraceSink};
@@ -34,25 +32,34 @@ use crate::config::GomsConfig;
 /// Header the gateway sets on each upstream attempt (1, 2, ...), read by the service SDK.
 pub const ATTEMPT_HEADER: &str = "x-goms-attempt";
 
-/// Publisher settings for one node; each node spools into its own folder.
-pub fn publisher_settings(config: &GomsConfig, node_label: &str) -> PublisherSettings {
-    let folder: String = node_label
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect();
+/// Publisher settings from the process config; see [`PublisherSettings::for_node`].
+pub fn publisher_settings(config: &GomsConfig) -> PublisherSettings {
     PublisherSettings {
         amqp_url: config.amqp_addr.clone(),
         queue: config.trace.queue.clone(),
         queue_type: config.trace.queue_type,
         queue_capacity: config.trace.queue_capacity,
-        spool_dir: PathBuf::from(&config.trace.spool_dir).join(folder),
+        spool_dir: config.trace.spool_dir.clone(),
         spool_max_bytes: config.trace.spool_max_bytes,
+    }
+}
+
+impl PublisherSettings {
+    /// Gives the node its own spool subfolder, so nodes sharing a disk never replay each
+    /// other's events.
+    pub fn for_node(mut self, node_label: &str) -> Self {
+        let folder: String = node_label
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        self.spool_dir = self.spool_dir.join(folder);
+        self
     }
 }
 
