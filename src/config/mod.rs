@@ -153,6 +153,9 @@ pub struct GatewayConfig {
     /// Port the proxy listens on (all interfaces). Default 8080.
     #[serde(default = "default_gateway_port")]
     pub http_port: u16,
+    /// Address the gateway binds. Default `0.0.0.0` (all interfaces); `127.0.0.1` keeps it local.
+    #[serde(default = "default_listen_host")]
+    pub listen_host: String,
     /// Route file path. Default `config/services.yml`.
     #[serde(default = "default_routes_path")]
     pub routes: PathBuf,
@@ -273,6 +276,9 @@ fn default_etcd_timeout() -> Duration {
 }
 fn default_gateway_port() -> u16 {
     8080
+}
+fn default_listen_host() -> String {
+    "0.0.0.0".into()
 }
 fn default_routes_path() -> PathBuf {
     PathBuf::from(DEFAULT_ROUTES_PATH)

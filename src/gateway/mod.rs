@@ -71,7 +71,7 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
         route_source(&gateway.routes, config.services.as_ref()),
         defaults,
     )?);
-    let listen = format!("0.0.0.0:{}", gateway.http_port);
+    let listen = format!("{}:{}", gateway.listen_host, gateway.http_port);
     // pingora panics on a busy port; check first so the user gets a sentence instead.
     drop(
         std::net::TcpListener::bind(&listen).map_err(|source| GatewayError::Listen {
@@ -125,7 +125,7 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
             routes: routes.clone(),
             upstreams: upstreams.clone(),
             members: members_rx,
-            call_service_key,
+            call_service_key: key_header(&call_service_key)?,
             connect_timeout: gateway.connect_timeout,
             metrics,
             trace,
@@ -154,6 +154,16 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
     }
     info!("[gateway] Http Listen on port: {}", gateway.http_port);
     server.run_forever()
+}
+
+fn key_header(key: &crate::config::Secret) -> Result<http::HeaderValue, GatewayError> {
+    let mut value = http::HeaderValue::from_str(key.expose()).map_err(|_| {
+        ConfigError::Missing(
+            "callServiceKey must be printable ASCII: it travels as an HTTP header".into(),
+        )
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
 }
 
 /// Connects the gateway to etcd: registers it, follows membership into the balancers,

@@ -26,7 +26,7 @@ use super::respond::{write_error, write_json, write_text};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
-use crate::config::{Route, Secret, Transform};
+use crate::config::{Route, Transform};
 use crate::registry::Members;
 use crate::trace::event::BodyCapture;
 use crate::trace::{
@@ -42,7 +42,8 @@ pub struct GatewayProxy {
     pub routes: Arc<RouteStore>,
     pub upstreams: Arc<Upstreams>,
     pub members: watch::Receiver<Arc<Members>>,
-    pub call_service_key: Secret,
+    /// The shared key, parsed once; marked sensitive so HTTP/2 never indexes it.
+    pub call_service_key: http::HeaderValue,
     pub connect_timeout: Duration,
     pub metrics: Arc<GatewayMetrics>,
     pub trace: TraceSink,
@@ -112,6 +113,15 @@ fn is_idempotent(method: &http::Method) -> bool {
     )
 }
 
+/// `X-Goms-Attempt` values without formatting a number per request.
+fn attempt_value(attempt: usize) -> http::HeaderValue {
+    const VALUES: [&str; 12] = ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
+    match VALUES.get(attempt) {
+        Some(value) => http::HeaderValue::from_static(value),
+        None => http::HeaderValue::from(attempt),
+    }
+}
+
 fn is_form(request: &RequestHeader) -> bool {
     request
         .headers
@@ -175,9 +185,11 @@ impl ProxyHttp for GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
-        let path = session.req_header().uri.path().to_string();
-        if !path.starts_with("/api/") && self.serve_own_endpoint(session, &path).await? {
-            return Ok(true);
+        if !session.req_header().uri.path().starts_with("/api/") {
+            let path = session.req_header().uri.path().to_string();
+            if self.serve_own_endpoint(session, &path).await? {
+                return Ok(true);
+            }
         }
         let header = session.req_header();
         let request_id =
@@ -188,7 +200,11 @@ impl ProxyHttp for GatewayProxy {
         ctx.record = Some(RequestRecord::new(request_id, trace));
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
 
-        let route = self.routes.current().resolve(&path).cloned();
+        let route = self
+            .routes
+            .current()
+            .resolve(session.req_header().uri.path())
+            .cloned();
         let Some(route) = route else {
             self.metrics.count_status(404);
             write_error(session, 404, "no route matches this path", ctx.request_id()).await?;
@@ -238,8 +254,8 @@ impl ProxyHttp for GatewayProxy {
         node.requests.fetch_add(1, Ordering::Relaxed);
         if let Some(record) = ctx.record.as_mut() {
             record.attempts.push(Attempt {
-                node_id: node.info.id.clone(),
-                upstream: node.addr.to_string(),
+                node_id: node.id.clone(),
+                upstream: node.addr_text.clone(),
                 started: Instant::now(),
                 finished: None,
                 status: None,
@@ -278,8 +294,8 @@ impl ProxyHttp for GatewayProxy {
             ctx.form_to_json = Some(Vec::new());
         }
         upstream_request.remove_header(CALL_SERVICE_KEY_HEADER);
-        upstream_request.insert_header(CALL_SERVICE_KEY_HEADER, self.call_service_key.expose())?;
-        upstream_request.insert_header(ATTEMPT_HEADER, ctx.tried.len().to_string())?;
+        upstream_request.insert_header(CALL_SERVICE_KEY_HEADER, self.call_service_key.clone())?;
+        upstream_request.insert_header(ATTEMPT_HEADER, attempt_value(ctx.tried.len()))?;
         if let Some(record) = ctx.record.as_ref() {
             upstream_request.insert_header(REQUEST_ID_HEADER, record.request_id.as_str())?;
             upstream_request.insert_header(TRACEPARENT_HEADER, record.trace.traceparent())?;
@@ -375,6 +391,12 @@ impl ProxyHttp for GatewayProxy {
         _client_reused: bool,
     ) -> Box<Error> {
         let mut error = error.more_context(format!("replica {peer}"));
+        // A client that went away is not a replica failure: nothing to retry, nothing to blame.
+        if error.esource() == &ErrorSource::Downstream {
+            ctx.finish_attempt(None, None);
+            error.set_retry(false);
+            return error;
+        }
         let status = match error.etype() {
             ErrorType::HTTPStatus(code) => Some(*code),
             _ => None,

@@ -53,8 +53,8 @@ impl GatewayTracer {
             .attempts
             .iter()
             .map(|attempt| AttemptTiming {
-                node: attempt.node_id.clone(),
-                upstream: attempt.upstream.clone(),
+                node: attempt.node_id.to_string(),
+                upstream: attempt.upstream.to_string(),
                 duration_ms: millis(
                     attempt
                         .finished
@@ -97,7 +97,7 @@ impl GatewayTracer {
             trace: timing,
             duration_ms: Some(millis(record.elapsed())),
             status: Some(status),
-            upstream: served_by.map(|a| a.upstream.clone()),
+            upstream: served_by.map(|a| a.upstream.to_string()),
             attempt: (!record.attempts.is_empty()).then_some(record.attempts.len() as u32),
             ..start.clone()
         };

@@ -28,6 +28,9 @@ const MAX_SELECT_ITERATIONS: usize = 256;
 pub struct NodeState {
     pub info: NodeInfo,
     pub addr: SocketAddr,
+    /// `info.id` and `addr` as shared strings, for per-request records without copies.
+    pub id: Arc<str>,
+    pub addr_text: Arc<str>,
     pub in_flight: AtomicI64,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
@@ -146,6 +149,8 @@ impl ServiceUpstream {
             let state = match previous.get(&addr) {
                 Some(existing) if existing.info == info => existing.clone(),
                 _ => Arc::new(NodeState {
+                    id: Arc::from(info.id.as_str()),
+                    addr_text: Arc::from(addr.to_string()),
                     info,
                     addr,
                     in_flight: AtomicI64::new(0),

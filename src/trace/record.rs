@@ -8,8 +8,9 @@ use super::context::TraceContext;
 /// One try at an upstream replica.
 #[derive(Debug, Clone)]
 pub struct Attempt {
-    pub node_id: String,
-    pub upstream: String,
+    /// Shared with the balancer's node entry: recording an attempt copies no string.
+    pub node_id: std::sync::Arc<str>,
+    pub upstream: std::sync::Arc<str>,
     pub started: Instant,
     pub finished: Option<Instant>,
     pub status: Option<u16>,
