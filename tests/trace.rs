@@ -351,7 +351,12 @@ async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_letter
             "the apply-then-fail bulk should have been retried into 409s"
         );
     }
-    assert_eq!(broker.depth("goms.trace.dead").await, 2);
+    eventually(
+        "both garbage messages dead-lettered",
+        Duration::from_secs(20),
+        || async { broker.depth("goms.trace.dead").await == 2 },
+    )
+    .await;
     consumer.terminate(Duration::from_secs(10)).await;
     let output = consumer.output();
     assert!(output.contains("dead_lettered=2"), "{output}");

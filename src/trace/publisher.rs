@@ -335,33 +335,38 @@ async fn replay_one_segment(
 }
 
 /// Sends persistent messages and waits until the broker confirmed every one of them.
+/// All publishes of a batch are in flight at once, then all confirms are awaited together:
+/// one round trip per batch instead of one per event.
 async fn publish_confirmed(link: &Link, queue: &str, events: &[TraceEvent]) -> Result<(), String> {
-    let send_all = async {
-        let mut confirms = Vec::with_capacity(events.len());
-        for event in events {
+    let payloads: Vec<(Vec<u8>, &str)> = events
+        .iter()
+        .map(|event| {
             let payload = serde_json::to_vec(event).expect("trace events serialise");
+            (payload, event.event_id.as_str())
+        })
+        .collect();
+    let send_all = async {
+        let publishes = payloads.iter().map(|(payload, event_id)| {
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
                 .with_content_type("application/json".into())
-                .with_message_id(event.event_id.as_str().into());
-            let confirm = link
-                .channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    &payload,
-                    properties,
-                )
-                .await
-                .map_err(|e| e.to_string())?;
-            confirms.push(confirm);
-        }
-        for confirm in confirms {
-            let confirmation = confirm.await.map_err(|e| e.to_string())?;
-            if !confirmation.is_ack() {
-                return Err("broker refused (nack) a trace event".to_string());
-            }
+                .with_message_id((*event_id).into());
+            link.channel.basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                payload,
+                properties,
+            )
+        });
+        let confirms = futures::future::try_join_all(publishes)
+            .await
+            .map_err(|e| e.to_string())?;
+        let confirmations = futures::future::try_join_all(confirms)
+            .await
+            .map_err(|e| e.to_string())?;
+        if confirmations.iter().any(|c| !c.is_ack()) {
+            return Err("broker refused (nack) a trace event".to_string());
         }
         Ok(())
     };
