@@ -41,6 +41,10 @@ impl Stack {
     }
 }
 
+async fn status(client: &reqwest::Client, url: String) -> u16 {
+    client.get(url).send().await.unwrap().status().as_u16()
+}
+
 fn served_by(response: &reqwest::Response) -> String {
     response
         .headers()
@@ -225,17 +229,11 @@ async fn services_refuse_a_missing_or_wrong_key() {
     // A gateway configured with another key is refused by the service.
     let (_folder, routes) = route_file(ROUTES);
     let gateway_port = free_port();
-    let _gateway = Goms::spawn(
-        "gateway-wrong-key",
-        &[
-            "gateway",
-            "--http-port",
-            &gateway_port.to_string(),
-            "--etcd-addr",
-            &etcd.endpoint(),
-            "--routes",
-            &routes.display().to_string(),
-        ],
+    let _gateway = Goms::gateway_with(
+        &etcd.endpoint(),
+        gateway_port,
+        &routes,
+        &[],
         &[("GOMS__CALL_SERVICE_KEY", "not-the-shared-key")],
     );
     wait_for_nodes(gateway_port, "user", 1).await;
@@ -431,15 +429,7 @@ async fn cluster_document_lists_every_service_with_goms_keys() {
 async fn route_file_edits_apply_live_and_invalid_edits_change_nothing() {
     let stack = stack(1).await;
     let client = http();
-    assert_eq!(
-        client
-            .get(stack.url("/api/user/profile"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        404
-    );
+    assert_eq!(status(&client, stack.url("/api/user/profile")).await, 404);
 
     let edited = "services:\n  user:\n    register: \"/register\"\n    login: \"/login\"\n    profile: \"/profile\"\n";
     std::fs::write(&stack.routes_path, edited).unwrap();
@@ -466,24 +456,8 @@ async fn route_file_edits_apply_live_and_invalid_edits_change_nothing() {
         stack.gateway.output()
     );
     // The previous table keeps serving, including the route added live.
-    assert_eq!(
-        client
-            .get(stack.url("/api/user/profile"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        client
-            .get(stack.url("/api/user/register"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(&client, stack.url("/api/user/profile")).await, 200);
+    assert_eq!(status(&client, stack.url("/api/user/register")).await, 200);
 }
 
 #[tokio::test]

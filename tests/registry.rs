@@ -124,17 +124,11 @@ async fn a_watcher_cut_off_across_a_compaction_lists_again_and_misses_nothing() 
     // The gateway reaches etcd only through the cuttable proxy.
     let (_folder, routes) = route_file(ROUTES);
     let port = free_port();
-    let gateway = Goms::spawn(
-        "gateway",
-        &[
-            "gateway",
-            "--http-port",
-            &port.to_string(),
-            "--etcd-addr",
-            &format!("127.0.0.1:{}", proxy.port),
-            "--routes",
-            &routes.display().to_string(),
-        ],
+    let gateway = Goms::gateway_with(
+        &format!("127.0.0.1:{}", proxy.port),
+        port,
+        &routes,
+        &[],
         &[],
     );
     let first = Goms::service(&etcd, free_port(), &["--lease-ttl", "3"]);

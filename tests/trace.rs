@@ -48,17 +48,11 @@ async fn traced_stack(etcd: &Etcd, broker: &RabbitMq) -> (Goms, Goms, u16, tempf
     );
     let (folder, routes) = route_file(ROUTES);
     let port = free_port();
-    let gateway = Goms::spawn(
-        "gateway",
-        &[
-            "gateway",
-            "--http-port",
-            &port.to_string(),
-            "--etcd-addr",
-            &etcd.endpoint(),
-            "--routes",
-            &routes.display().to_string(),
-        ],
+    let gateway = Goms::gateway_with(
+        &etcd.endpoint(),
+        port,
+        &routes,
+        &[],
         &[
             ("GOMS__AMQP_ADDR", &amqp),
             ("GOMS__TRACE__REDACT_HEADERS", "x-api-token"),
@@ -295,16 +289,20 @@ async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>)
     assert!(link.channel.wait_for_confirms().await.unwrap().is_empty());
 }
 
+async fn publish_synthetic(broker: &RabbitMq, count: usize) {
+    publish(
+        broker,
+        (0..count).map(|i| serde_json::to_vec(&synthetic_event(i)).unwrap()),
+    )
+    .await;
+}
+
 #[tokio::test]
 async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_lettered() {
     let broker = RabbitMq::start().await;
     let es = EsStandIn::start().await;
     let total = 1200;
-    publish(
-        &broker,
-        (0..total).map(|i| serde_json::to_vec(&synthetic_event(i)).unwrap()),
-    )
-    .await;
+    publish_synthetic(&broker, total).await;
     publish(
         &broker,
         [b"not json at all".to_vec(), br#"{"no":"eventId"}"#.to_vec()],
@@ -368,11 +366,7 @@ async fn three_consumers_share_the_queue() {
     let broker = RabbitMq::start().await;
     let es = EsStandIn::start().await;
     let total = 3000;
-    publish(
-        &broker,
-        (0..total).map(|i| serde_json::to_vec(&synthetic_event(i)).unwrap()),
-    )
-    .await;
+    publish_synthetic(&broker, total).await;
     let small_batches = [
         ("GOMS__TRACE_CONSUMER__BATCH_SIZE", "50"),
         ("GOMS__TRACE_CONSUMER__PREFETCH", "100"),

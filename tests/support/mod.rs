@@ -215,20 +215,30 @@ impl Goms {
     }
 
     pub fn gateway(etcd: &Etcd, port: u16, routes: &std::path::Path, extra: &[&str]) -> Goms {
+        Goms::gateway_with(&etcd.endpoint(), port, routes, extra, &[])
+    }
+
+    /// A gateway on any etcd endpoint (a proxy in front of etcd, say) with extra env.
+    pub fn gateway_with(
+        etcd_endpoint: &str,
+        port: u16,
+        routes: &std::path::Path,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Goms {
         let port_text = port.to_string();
-        let endpoint = etcd.endpoint();
         let routes = routes.display().to_string();
         let mut args = vec![
             "gateway",
             "--http-port",
             &port_text,
             "--etcd-addr",
-            &endpoint,
+            etcd_endpoint,
             "--routes",
             &routes,
         ];
         args.extend_from_slice(extra);
-        Goms::spawn(&format!("gateway:{port}"), &args, &[])
+        Goms::spawn(&format!("gateway:{port}"), &args, env)
     }
 
     pub fn output(&self) -> String {
