@@ -183,6 +183,7 @@ async fn keep_alive(
         let stream = etcd.bounded(client.lease_keep_alive(lease)).await;
         let (mut keeper, mut responses) = match stream {
             Ok(pair) => pair,
+            Err(error) if lease_is_gone(&error) => return KeepAliveEnd::LeaseLost,
             Err(error) => {
                 warn!(message = "Lease keep-alive stream failed; reconnecting.", lease = %format!("{lease:x}"), %error);
                 failures += 1;
@@ -213,6 +214,19 @@ async fn keep_alive(
                 _ => break,
             }
         }
+    }
+}
+
+/// etcd answers a keep-alive for a revoked or expired lease either with TTL 0 (handled by
+/// the caller) or, when the stream is opened after the loss, with a "lease not found" error.
+fn lease_is_gone(error: &RegistryError) -> bool {
+    match error {
+        RegistryError::Etcd { source, .. } => match source {
+            etcd_client::Error::GRpcStatus(status) => status.message().contains("lease not found"),
+            etcd_client::Error::LeaseKeepAliveError(message) => message.contains("lease not found"),
+            _ => false,
+        },
+        RegistryError::Timeout { .. } => false,
     }
 }
 
