@@ -2,10 +2,15 @@
 
 /// Current UTC time as RFC 3339, without pulling a date crate for one field.
 pub fn now_rfc3339() -> String {
-    let now = std::time::SystemTime::now()
+    rfc3339(std::time::SystemTime::now())
+}
+
+/// A wall-clock time as RFC 3339 UTC with milliseconds.
+pub fn rfc3339(time: std::time::SystemTime) -> String {
+    let since = time
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    rfc3339_from_unix(now.as_secs(), now.subsec_millis())
+    rfc3339_from_unix(since.as_secs(), since.subsec_millis())
 }
 
 /// Formats seconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.

@@ -65,9 +65,10 @@ impl GatewayTracer {
                 error: attempt.error.clone(),
             })
             .collect();
+        let received_at = rfc3339(record.received_at);
         let timing = TraceTiming {
             timing: Timing {
-                started_at: rfc3339(record.received_at),
+                started_at: received_at.clone(),
                 attempts,
             },
         };
@@ -76,7 +77,7 @@ impl GatewayTracer {
             event_id: crate::trace::event::new_event_id(),
             request_id: record.request_id.clone(),
             event: EventKind::RequestStart,
-            time: rfc3339(record.received_at),
+            time: received_at,
             service_name: crate::gateway::GATEWAY_SERVICE.to_string(),
             service_id: self.node_id.clone(),
             project_name: self.project_name.clone(),

@@ -32,7 +32,7 @@ pub async fn trace_request(
     if !tracer.sink.is_enabled() {
         return next.run(request).await;
     }
-    let received = SystemTime::now();
+    let received_at = rfc3339(SystemTime::now());
     let started = Instant::now();
     let headers = request.headers();
     let header = |name: &str| headers.get(name).map(|v| v.as_bytes());
@@ -65,14 +65,14 @@ pub async fn trace_request(
         event_id: new_event_id(),
         request_id,
         event: EventKind::ServiceStart,
-        time: rfc3339(received),
+        time: received_at.clone(),
         service_name: tracer.service.clone(),
         service_id: tracer.node_id.clone(),
         project_name: tracer.project_name.clone(),
         request: info,
         trace: TraceTiming {
             timing: Timing {
-                started_at: rfc3339(received),
+                started_at: received_at,
                 attempts: Vec::new(),
             },
         },

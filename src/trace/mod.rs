@@ -27,6 +27,7 @@ pub use event::{EventKind, Redactor, TraceEvent};
 pub use publisher::{Publisher, PublisherSettings, RunningPublisher, TraceSink};
 pub use record::{Attempt, RequestRecord};
 
+pub use crate::config::rfc3339;
 use crate::config::GomsConfig;
 
 /// Header the gateway sets on each upstream attempt (1, 2, ...), read by the service SDK.
@@ -82,12 +83,4 @@ pub fn consumer_settings(config: &GomsConfig) -> consumer::ConsumerSettings {
 /// Milliseconds as a float with microsecond precision, for `durationMs`.
 pub fn millis(duration: std::time::Duration) -> f64 {
     (duration.as_micros() as f64) / 1000.0
-}
-
-/// Formats a wall-clock time as RFC 3339 UTC with milliseconds.
-pub fn rfc3339(time: std::time::SystemTime) -> String {
-    let since = time
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
-    crate::config::rfc3339_from_unix(since.as_secs(), since.subsec_millis())
 }
