@@ -2,6 +2,8 @@
 # Installs the Debian packages that building and testing goms need. Idempotent.
 #   cmake            pingora-core builds zlib-ng through flate2
 #   protobuf-compiler etcd-client's build script runs protoc
+#   libprotobuf-dev  ...which imports google/protobuf/*.proto (with --no-install-recommends
+#                    protoc comes without them)
 #   debootstrap      docker/offline/build-images.sh builds the base image without a registry
 #   docker.io, docker-compose  only where no Docker engine / compose is installed yet
 set -euo pipefail
@@ -9,6 +11,7 @@ set -euo pipefail
 need=()
 command -v cmake >/dev/null 2>&1 || need+=(cmake)
 command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
+[ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
