@@ -306,6 +306,7 @@ async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>)
     assert!(link.channel.wait_for_confirms().await.unwrap().is_empty());
 }
 
+/// One event per message, as any JSON publisher would send them.
 async fn publish_synthetic(broker: &RabbitMq, count: usize) {
     publish(
         broker,
@@ -314,15 +315,29 @@ async fn publish_synthetic(broker: &RabbitMq, count: usize) {
     .await;
 }
 
+/// Several events per message, as goms's publisher sends them.
+async fn publish_synthetic_batched(broker: &RabbitMq, ids: std::ops::Range<usize>) {
+    let events: Vec<TraceEvent> = ids.map(synthetic_event).collect();
+    publish(broker, goms::trace::framing::encode(&events)).await;
+}
+
 #[tokio::test]
 async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_lettered() {
     let broker = RabbitMq::start().await;
     let es = EsStandIn::start().await;
-    let total = 1200;
-    publish_synthetic(&broker, total).await;
+    let total = 1202;
+    publish_synthetic_batched(&broker, 0..1200).await;
+    // Two whole bad messages, and one whose bad middle line must not hold back its two events.
+    let mut mixed = serde_json::to_vec(&synthetic_event(1200)).unwrap();
+    mixed.extend_from_slice(b"\n{\"no\":\"eventId\"}\n");
+    mixed.extend_from_slice(&serde_json::to_vec(&synthetic_event(1201)).unwrap());
     publish(
         &broker,
-        [b"not json at all".to_vec(), br#"{"no":"eventId"}"#.to_vec()],
+        [
+            b"not json at all".to_vec(),
+            br#"{"no":"eventId"}"#.to_vec(),
+            mixed,
+        ],
     )
     .await;
     es.inject(Faults {
@@ -367,14 +382,14 @@ async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_letter
         );
     }
     eventually(
-        "both garbage messages dead-lettered",
+        "both garbage messages and the mixed message's bad line dead-lettered",
         Duration::from_secs(20),
-        || async { broker.depth("goms.trace.dead").await == 2 },
+        || async { broker.depth("goms.trace.dead").await == 3 },
     )
     .await;
     consumer.terminate(Duration::from_secs(10)).await;
     let output = consumer.output();
-    assert!(output.contains("dead_lettered=2"), "{output}");
+    assert!(output.contains("dead_lettered=3"), "{output}");
     assert!(!output.contains("retried=0 "), "{output}");
 }
 

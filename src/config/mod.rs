@@ -123,7 +123,8 @@ pub struct TraceConsumerConfig {
     /// Longest wait for a batch to fill. Default `200ms`.
     #[serde(default = "default_batch_wait", deserialize_with = "duration_text")]
     pub batch_wait: Duration,
-    /// Unacknowledged messages the broker hands this consumer. Default 1000.
+    /// Unacknowledged messages the broker hands this consumer; a message carries up to 128
+    /// events. Default 200.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
     /// Daily index prefix: `<prefix>-YYYY.MM.DD`. Default `trace_logs`.
@@ -186,6 +187,16 @@ pub struct GatewayConfig {
     /// Worker threads of the proxy. Default 2.
     #[serde(default = "default_threads")]
     pub threads: usize,
+    /// Whether idle proxy threads take work from busy ones. Default false: each thread
+    /// keeps the connections it accepted, which saves the cross-thread wake-ups that cost
+    /// more than they balance on small machines.
+    #[serde(default)]
+    pub work_stealing: bool,
+    /// Idle upstream connections kept for reuse, over all replicas. Default 1024: pingora's
+    /// own default of 128 closes and reopens upstream connections once more than 128 client
+    /// connections are busy at the same time.
+    #[serde(default = "default_upstream_keepalive")]
+    pub upstream_keepalive: usize,
     /// On SIGTERM, how long in-flight requests may take to finish. Default `10s`.
     #[serde(default = "default_drain", deserialize_with = "duration_text")]
     pub drain_timeout: Duration,
@@ -298,6 +309,9 @@ fn default_retries() -> u32 {
 fn default_health_interval() -> Duration {
     Duration::from_secs(1)
 }
+fn default_upstream_keepalive() -> usize {
+    1024
+}
 fn default_threads() -> usize {
     2
 }
@@ -344,7 +358,7 @@ fn default_batch_wait() -> Duration {
     Duration::from_millis(200)
 }
 fn default_prefetch() -> u16 {
-    1000
+    200
 }
 fn default_index_prefix() -> String {
     "trace_logs".into()

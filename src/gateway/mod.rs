@@ -112,6 +112,8 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
         None,
         ServerConf {
             threads: gateway.threads,
+            upstream_keepalive_pool_size: gateway.upstream_keepalive,
+            work_stealing: gateway.work_stealing,
             grace_period_seconds: Some(gateway.drain_timeout.as_secs().max(1)),
             graceful_shutdown_timeout_seconds: Some(1),
             ..ServerConf::default()

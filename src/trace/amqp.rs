@@ -4,9 +4,9 @@
 
 use std::time::Duration;
 
-use lapin::options::QueueDeclareOptions;
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::config::QueueType;
 
@@ -73,6 +73,37 @@ pub async fn connect(url: &str, queue: &str, queue_type: QueueType) -> Result<Li
             url: shown.clone(),
             timeout: CONNECT_TIMEOUT,
         })?
+}
+
+/// Puts `payload` on the dead-letter queue of `queue` and waits for the broker's confirm.
+/// Used for the bad lines of a message whose other events were indexed; rare, so it opens
+/// a confirm channel for each call instead of keeping one.
+pub async fn dead_letter(link: &Link, queue: &str, payload: &[u8]) -> Result<(), String> {
+    let text = |e: lapin::Error| e.to_string();
+    let channel = link.connection.create_channel().await.map_err(text)?;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(text)?;
+    let confirmation = channel
+        .basic_publish(
+            "".into(),
+            dead_letter_queue(queue).as_str().into(),
+            BasicPublishOptions::default(),
+            payload,
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type(super::framing::CONTENT_TYPE.into()),
+        )
+        .await
+        .map_err(text)?
+        .await
+        .map_err(text)?;
+    let _ = channel.close(200, "dead-lettered".into()).await;
+    if confirmation.is_nack() {
+        return Err("the broker refused (nack) a dead-letter message".into());
+    }
+    Ok(())
 }
 
 async fn declare_topology(

@@ -1,10 +1,12 @@
 //! `goms trace-consumer`: moves trace events from the durable queue into daily Elasticsearch
 //! indices. Run as many as you like; they share the queue as competing consumers.
 //!
-//! A message is acknowledged only after Elasticsearch accepted its document (created, or
-//! already there from an earlier delivery). Items that failed are retried with backoff while
-//! their messages stay unacknowledged, so an Elasticsearch outage parks events in RabbitMQ
-//! instead of losing them. A message that is not a trace event goes to the dead-letter queue.
+//! A message carries one or more events (see [`framing`]). It is acknowledged only after
+//! Elasticsearch accepted every one of its documents (created, or already there from an
+//! earlier delivery). Events that failed are retried with backoff while their messages stay
+//! unacknowledged, so an Elasticsearch outage parks events in RabbitMQ instead of losing
+//! them. A line that is not a trace event, or that Elasticsearch refuses, goes to the
+//! dead-letter queue.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -21,6 +23,7 @@ use tracing::{info, warn};
 use super::amqp;
 use super::elasticsearch::{BulkItem, ItemOutcome, SinkError, TraceIndex};
 use super::event::daily_index;
+use super::framing;
 use crate::config::QueueType;
 
 #[derive(Debug, Clone)]
@@ -62,9 +65,21 @@ enum SessionEnd {
     BrokerLost(String),
 }
 
-/// One message waiting for Elasticsearch.
-struct Pending {
+/// A delivered message and what became of its events so far.
+struct Message {
     delivery: Delivery,
+    /// Events not yet settled (indexed, already there, or refused).
+    unsettled: usize,
+    /// Events it carried, for telling "all refused" from "some refused".
+    events: usize,
+    /// Lines that are not trace events or that Elasticsearch refused.
+    dead: Vec<std::ops::Range<usize>>,
+}
+
+/// One event waiting for Elasticsearch: a line of `messages[message]`.
+struct Pending {
+    message: usize,
+    line: std::ops::Range<usize>,
     event_id: String,
     index: String,
 }
@@ -158,13 +173,14 @@ async fn consume(
             Ok(None) => return SessionEnd::Stopped,
             Err(reason) => return SessionEnd::BrokerLost(reason),
         };
-        if let Err(end) = index_batch(batch, index, settings, stats, shutdown).await {
+        if let Err(end) = index_batch(batch, link, index, settings, stats, shutdown).await {
             return end;
         }
     }
 }
 
-/// Waits for a first message, then collects until the batch is full or `batch_wait` passed.
+/// Waits for a first message, then collects messages until they hold `batch_size` events or
+/// `batch_wait` passed.
 async fn next_batch(
     deliveries: &mut lapin::Consumer,
     settings: &ConsumerSettings,
@@ -179,11 +195,16 @@ async fn next_batch(
         Some(Err(error)) => return Err(error.to_string()),
         None => return Err("consumer stream ended".into()),
     };
+    let mut events = framing::event_count(&batch[0].data);
     let deadline = Instant::now() + settings.batch_wait;
-    while batch.len() < settings.batch_size {
+    // With `prefetch` messages unacknowledged the broker sends no more: waiting would only stall.
+    while events < settings.batch_size && batch.len() < usize::from(settings.prefetch) {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, deliveries.next()).await {
-            Ok(Some(Ok(delivery))) => batch.push(delivery),
+            Ok(Some(Ok(delivery))) => {
+                events += framing::event_count(&delivery.data);
+                batch.push(delivery);
+            }
             Ok(Some(Err(error))) => return Err(error.to_string()),
             Ok(None) => return Err("consumer stream ended".into()),
             Err(_) => break,
@@ -192,100 +213,176 @@ async fn next_batch(
     Ok(Some(batch))
 }
 
-/// Indexes a batch, retrying failed items until each is acked or dead-lettered.
+/// Indexes a batch, retrying failed events until every message is acked or dead-lettered.
 async fn index_batch(
     batch: Vec<Delivery>,
+    link: &amqp::Link,
     index: &TraceIndex,
     settings: &ConsumerSettings,
     stats: &ConsumerStats,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Result<(), SessionEnd> {
     let broker = |e: lapin::Error| SessionEnd::BrokerLost(e.to_string());
-    let mut pending = Vec::with_capacity(batch.len());
-    for delivery in batch {
-        match identify(&delivery.data, &settings.index_prefix) {
-            Ok((event_id, index)) => pending.push(Pending {
-                delivery,
-                event_id,
-                index,
-            }),
-            Err(reason) => {
-                warn!(message = "Not a trace event; dead-lettered.", %reason, bytes = delivery.data.len());
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                delivery
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await
-                    .map_err(broker)?;
-            }
-        }
-    }
+    let (mut messages, mut pending) = split_events(batch, &settings.index_prefix, stats);
     let mut attempt = 0;
-    while !pending.is_empty() {
-        let items: Vec<BulkItem> = pending
-            .iter()
-            .map(|p| BulkItem {
-                index: &p.index,
-                id: &p.event_id,
-                source: &p.delivery.data,
-            })
-            .collect();
-        match index.bulk(&items).await {
-            Ok(outcomes) => pending = settle(pending, outcomes, stats).await.map_err(broker)?,
-            Err(error) => {
-                if attempt == 0 || attempt % 10 == 0 {
-                    warn!(message = "Elasticsearch unavailable; events stay unacknowledged in the queue.", %error, events = pending.len());
+    loop {
+        if !pending.is_empty() {
+            let items: Vec<BulkItem> = pending
+                .iter()
+                .map(|p| BulkItem {
+                    index: &p.index,
+                    id: &p.event_id,
+                    source: &messages[p.message]
+                        .as_ref()
+                        .expect("unsettled")
+                        .delivery
+                        .data[p.line.clone()],
+                })
+                .collect();
+            match index.bulk(&items).await {
+                Ok(outcomes) => pending = record_outcomes(pending, outcomes, &mut messages, stats),
+                Err(error) => {
+                    if attempt == 0 || attempt % 10 == 0 {
+                        warn!(message = "Elasticsearch unavailable; events stay unacknowledged in the queue.", %error, events = pending.len());
+                    }
                 }
             }
         }
+        finish_settled(&mut messages, link, &settings.queue)
+            .await
+            .map_err(SessionEnd::BrokerLost)?;
         if pending.is_empty() {
-            break;
+            return Ok(());
         }
         attempt += 1;
         stats
             .retried
             .fetch_add(pending.len() as u64, Ordering::Relaxed);
         if sleep_or_stop(backoff(attempt, settings.max_backoff), shutdown).await {
-            for item in pending {
+            for message in messages.into_iter().flatten() {
                 let requeue = BasicNackOptions {
                     requeue: true,
                     multiple: false,
                 };
-                item.delivery.nack(requeue).await.map_err(broker)?;
+                message.delivery.nack(requeue).await.map_err(broker)?;
             }
             return Err(SessionEnd::Stopped);
         }
     }
-    Ok(())
 }
 
-/// Acks what Elasticsearch holds, dead-letters what it refuses, returns what to retry.
-async fn settle(
+/// Splits every message into its events; lines that are not trace events are marked dead.
+fn split_events(
+    batch: Vec<Delivery>,
+    prefix: &str,
+    stats: &ConsumerStats,
+) -> (Vec<Option<Message>>, Vec<Pending>) {
+    let mut messages = Vec::with_capacity(batch.len());
+    let mut pending = Vec::new();
+    for delivery in batch {
+        let mut message = Message {
+            unsettled: 0,
+            events: 0,
+            dead: Vec::new(),
+            delivery,
+        };
+        let number = messages.len();
+        for line in framing::lines(&message.delivery.data) {
+            message.events += 1;
+            match identify(&message.delivery.data[line.clone()], prefix) {
+                Ok((event_id, index)) => {
+                    message.unsettled += 1;
+                    pending.push(Pending {
+                        message: number,
+                        line,
+                        event_id,
+                        index,
+                    });
+                }
+                Err(reason) => {
+                    warn!(message = "Not a trace event; dead-lettered.", %reason, bytes = line.len());
+                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                    message.dead.push(line);
+                }
+            }
+        }
+        if message.events == 0 {
+            warn!(message = "Empty trace message; dead-lettered.");
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        }
+        messages.push(Some(message));
+    }
+    (messages, pending)
+}
+
+/// Books each outcome against its message; returns the events to retry.
+fn record_outcomes(
     pending: Vec<Pending>,
     outcomes: Vec<ItemOutcome>,
+    messages: &mut [Option<Message>],
     stats: &ConsumerStats,
-) -> Result<Vec<Pending>, lapin::Error> {
+) -> Vec<Pending> {
     let mut retry = Vec::new();
     for (item, outcome) in pending.into_iter().zip(outcomes) {
+        let message = messages[item.message].as_mut().expect("unsettled");
         match outcome {
             ItemOutcome::Created => {
                 stats.indexed.fetch_add(1, Ordering::Relaxed);
-                item.delivery.ack(BasicAckOptions::default()).await?;
+                message.unsettled -= 1;
             }
             ItemOutcome::AlreadyIndexed => {
                 stats.already_indexed.fetch_add(1, Ordering::Relaxed);
-                item.delivery.ack(BasicAckOptions::default()).await?;
+                message.unsettled -= 1;
             }
             ItemOutcome::Retry(_) => retry.push(item),
             ItemOutcome::Rejected(reason) => {
                 warn!(message = "Elasticsearch refused a trace event; dead-lettered.", event_id = %item.event_id, %reason);
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                item.delivery
-                    .reject(BasicRejectOptions { requeue: false })
-                    .await?;
+                message.unsettled -= 1;
+                message.dead.push(item.line);
             }
         }
     }
-    Ok(retry)
+    retry
+}
+
+/// Acks every message whose events are all settled. A message whose every event is dead is
+/// rejected whole, so the dead-letter queue keeps it as it came; otherwise its dead lines
+/// are published there (confirmed) before the message is acked.
+async fn finish_settled(
+    messages: &mut [Option<Message>],
+    link: &amqp::Link,
+    queue: &str,
+) -> Result<(), String> {
+    let text = |e: lapin::Error| e.to_string();
+    for slot in messages.iter_mut() {
+        if slot.as_ref().is_none_or(|m| m.unsettled > 0) {
+            continue;
+        }
+        let message = slot.take().expect("checked above");
+        if message.dead.len() == message.events {
+            message
+                .delivery
+                .reject(BasicRejectOptions { requeue: false })
+                .await
+                .map_err(text)?;
+            continue;
+        }
+        if !message.dead.is_empty() {
+            let mut lines = Vec::new();
+            for line in &message.dead {
+                lines.extend_from_slice(&message.delivery.data[line.clone()]);
+                lines.push(b'\n');
+            }
+            amqp::dead_letter(link, queue, &lines).await?;
+        }
+        message
+            .delivery
+            .ack(BasicAckOptions::default())
+            .await
+            .map_err(text)?;
+    }
+    Ok(())
 }
 
 /// The `eventId` and daily index of a message, or why it is not a trace event.

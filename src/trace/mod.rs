@@ -7,6 +7,7 @@
 //! - [`event`]: the trace event document, header redaction and body capping.
 //! - [`publisher`]: request path -> bounded queue -> RabbitMQ (confirms), with [`spool`]
 //!   on disk while the broker is away.
+//! - [`framing`]: several events per AMQP message, one JSON document per line.
 //! - [`amqp`]: connection and queue topology shared by both ends.
 //! - [`consumer`] and [`elasticsearch`]: RabbitMQ -> `_bulk` into daily indices.
 //!
@@ -18,6 +19,7 @@ pub mod consumer;
 pub mod context;
 pub mod elasticsearch;
 pub mod event;
+pub mod framing;
 pub mod publisher;
 pub mod record;
 pub mod spool;

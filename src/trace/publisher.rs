@@ -2,7 +2,7 @@
 //! an event.
 //!
 //! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process queue -> publisher task ->
-//! persistent messages with publisher confirms. While the broker is away, or when the queue
+//! persistent messages of up to 128 events each ([`framing`]) with publisher confirms. While the broker is away, or when the queue
 //! is full, events go to the disk [`Spool`]; the publisher replays it when the broker is
 //! back and deletes a segment only after every event in it was confirmed. Only a full spool
 //! drops events, and every drop is counted and logged.
@@ -20,10 +20,11 @@ use tracing::{error, info, warn};
 
 use super::amqp::{self, Link};
 use super::event::TraceEvent;
+use super::framing;
 use super::spool::{Spool, SpoolError};
 use crate::config::QueueType;
 
-/// Events sent to the broker before waiting for their confirms.
+/// Events taken from the queue and sent (as a few messages) before waiting for confirms.
 const PUBLISH_BATCH: usize = 256;
 /// Longest wait for one batch's confirms before the broker counts as away.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -334,23 +335,16 @@ async fn replay_one_segment(
     Ok(true)
 }
 
-/// Sends persistent messages and waits until the broker confirmed every one of them.
-/// All publishes of a batch are in flight at once, then all confirms are awaited together:
-/// one round trip per batch instead of one per event.
+/// Sends the events as persistent messages of several events each ([`framing`]) and waits
+/// until the broker confirmed every message. All messages are in flight at once, then all
+/// confirms are awaited together: one round trip per batch instead of one per message.
 async fn publish_confirmed(link: &Link, queue: &str, events: &[TraceEvent]) -> Result<(), String> {
-    let payloads: Vec<(Vec<u8>, &str)> = events
-        .iter()
-        .map(|event| {
-            let payload = serde_json::to_vec(event).expect("trace events serialise");
-            (payload, event.event_id.as_str())
-        })
-        .collect();
+    let messages = framing::encode(events);
     let send_all = async {
-        let publishes = payloads.iter().map(|(payload, event_id)| {
+        let publishes = messages.iter().map(|payload| {
             let properties = BasicProperties::default()
                 .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id((*event_id).into());
+                .with_content_type(framing::CONTENT_TYPE.into());
             link.channel.basic_publish(
                 "".into(),
                 queue.into(),
@@ -366,7 +360,7 @@ async fn publish_confirmed(link: &Link, queue: &str, events: &[TraceEvent]) -> R
             .await
             .map_err(|e| e.to_string())?;
         if confirmations.iter().any(|c| !c.is_ack()) {
-            return Err("broker refused (nack) a trace event".to_string());
+            return Err("broker refused (nack) a trace message".to_string());
         }
         Ok(())
     };

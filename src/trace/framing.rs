@@ -1,0 +1,117 @@
+//! How trace events travel in AMQP messages: several events per message, one JSON document
+//! per line (NDJSON, `application/x-ndjson`).
+//!
+//! The broker's cost is per message, not per byte: one event per message held the broker
+//! to about 16,000 events/s on a core, less than two events per gateway request at full
+//! load. A message of up to [`MAX_EVENTS_PER_MESSAGE`] events cuts that cost by the batch
+//! size while keeping each event a complete document with its own `eventId`, so the
+//! consumer still indexes, retries and dead-letters event by event. A message that holds a
+//! single JSON object (one line) is a valid message too.
+
+use super::event::TraceEvent;
+
+/// MIME type of a trace message.
+pub const CONTENT_TYPE: &str = "application/x-ndjson";
+/// Most events in one message.
+pub const MAX_EVENTS_PER_MESSAGE: usize = 128;
+/// A message is closed once it reaches this size, whatever its event count.
+pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+
+/// Serialises `events` into as few messages as the limits allow, in order.
+pub fn encode(events: &[TraceEvent]) -> Vec<Vec<u8>> {
+    let mut messages = Vec::new();
+    let mut current = Vec::new();
+    let mut in_current = 0;
+    for event in events {
+        serde_json::to_writer(&mut current, event).expect("trace events serialise");
+        current.push(b'\n');
+        in_current += 1;
+        if in_current == MAX_EVENTS_PER_MESSAGE || current.len() >= MAX_MESSAGE_BYTES {
+            messages.push(std::mem::take(&mut current));
+            in_current = 0;
+        }
+    }
+    if !current.is_empty() {
+        messages.push(current);
+    }
+    messages
+}
+
+/// The events of a message, as byte ranges of its non-blank lines.
+pub fn lines(data: &[u8]) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        while start < data.len() {
+            let end = data[start..]
+                .iter()
+                .position(|b| *b == b'\n')
+                .map_or(data.len(), |offset| start + offset);
+            let range = start..end;
+            start = end + 1;
+            if !data[range.clone()].iter().all(u8::is_ascii_whitespace) {
+                return Some(range);
+            }
+        }
+        None
+    })
+}
+
+/// How many events a message carries, without parsing them.
+pub fn event_count(data: &[u8]) -> usize {
+    lines(data).count()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::trace::event::{EventKind, RequestInfo, TraceTiming};
+
+    fn event(id: usize) -> TraceEvent {
+        TraceEvent {
+            event_id: format!("e{id}"),
+            request_id: "r".into(),
+            event: EventKind::RequestStart,
+            time: "2026-11-27T01:02:03.000Z".into(),
+            service_name: "gateway".into(),
+            service_id: "g".into(),
+            project_name: "goms".into(),
+            request: RequestInfo::default(),
+            trace: TraceTiming::default(),
+            duration_ms: None,
+            status: None,
+            upstream: None,
+            attempt: None,
+            trace_id: "0".repeat(32),
+            span_id: "1".repeat(16),
+            parent_span_id: None,
+        }
+    }
+
+    #[test]
+    fn splits_into_messages_of_at_most_the_batch_size() {
+        let events: Vec<_> = (0..300).map(event).collect();
+        let messages = encode(&events);
+        let counts: Vec<usize> = messages.iter().map(|m| event_count(m)).collect();
+        assert_eq!(counts, [128, 128, 44]);
+        let ids: Vec<String> = messages
+            .iter()
+            .flat_map(|m| {
+                lines(m)
+                    .map(|r| {
+                        serde_json::from_slice::<TraceEvent>(&m[r])
+                            .unwrap()
+                            .event_id
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert_eq!(ids, (0..300).map(|i| format!("e{i}")).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_single_object_without_newline_is_one_event_and_blank_lines_are_skipped() {
+        assert_eq!(lines(br#"{"a":1}"#).collect::<Vec<_>>(), vec![0..7]);
+        assert_eq!(lines(b"x\n\n  \ny\n").collect::<Vec<_>>(), [0..1, 6..7]);
+        assert_eq!(event_count(b""), 0);
+    }
+}
