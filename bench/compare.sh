@@ -293,6 +293,9 @@ wait_http "http://127.0.0.1:$U1/small" 10 || die "upstream nginx not answering"
 # Hook for "tracing on vs off": --tracing adds a front end `goms+trace`, a second gateway started
 # with GATEWAY_TRACE_ENV / GATEWAY_TRACE_ARGS, measured in the same rounds; compare its rows with
 # the `goms` rows. It needs a broker: see start_trace_broker below.
+# Erlang schedulers spin while waiting for work by default; on a machine the broker shares,
+# that spinning takes CPU from everything else. RabbitMQ's docs recommend switching it off there.
+RABBIT_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none"
 start_trace_broker() { # a local RabbitMQ from Debian on free ports, scratch dirs, its own epmd
     local rp rdp ep i epmd_pid
     if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
@@ -307,6 +310,7 @@ start_trace_broker() { # a local RabbitMQ from Debian on free ports, scratch dir
         RABBITMQ_NODENAME="bench$rp@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
         RABBITMQ_NODE_PORT="$rp" RABBITMQ_DIST_PORT="$rdp" RABBITMQ_ENABLED_PLUGINS_FILE="$T/rabbit/enabled_plugins" \
         ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT="$ep" \
+        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="$RABBIT_ERL_ARGS" \
         /usr/lib/rabbitmq/bin/rabbitmq-server > "$T/rabbit.log" 2>&1 &
     RABBIT_PID=$!; PIDS+=("$RABBIT_PID")
     for i in $(seq 120); do
@@ -516,12 +520,20 @@ run_wrk() {
     else path=/api/bench/post; script=$T/post.lua; fi
     [ -z "${PID_OF[$fe]}" ] || mapfile -t pids < <(tree_pids "${PID_OF[$fe]}")
     mapfile -t up_pids < <(tree_pids "$UP_PID")
+    local broker_pids=() b0=0 b1=0
+    [ "$fe" != goms+trace ] || mapfile -t broker_pids < <(tree_pids "$RABBIT_PID")
     a0=$(cpu_ticks ${pids[@]+"${pids[@]}"}); u0=$(cpu_ticks "${up_pids[@]}")
+    [ ${#broker_pids[@]} = 0 ] || b0=$(cpu_ticks "${broker_pids[@]}")
     out=$(timeout $(( secs + 30 )) wrk -t "$t" -c "$c" -d "${secs}s" --timeout 5s --latency \
         -s "$script" "${URL[$fe]}$path" 2>&1) || { echo "$out" >&2; die "wrk failed against $fe"; }
     a1=$(cpu_ticks ${pids[@]+"${pids[@]}"}); u1=$(cpu_ticks "${up_pids[@]}")
+    [ ${#broker_pids[@]} = 0 ] || b1=$(cpu_ticks "${broker_pids[@]}")
     echo "$out" >> "$T/wrk.log"
     line=$(echo "$out" | grep '^BENCH ') || { echo "$out" >&2; die "no wrk summary for $fe"; }
+    # The broker shares the machine: its CPU during goms+trace runs is part of tracing's cost.
+    [ ${#broker_pids[@]} = 0 ] || echo "$line" | awk -v b=$((b1 - b0)) '{
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); if (kv[1] == "requests") print b, kv[2] }
+    }' >> "$T/broker-cpu.txt"
     echo "$line" | awk -v a=$((a1 - a0)) -v u=$((u1 - u0)) -v hz="$CLK_TCK" -v proxy="${PID_OF[$fe]}" '{
         for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
         n = v["requests"]; if (n < 1) n = 1
@@ -629,6 +641,7 @@ TABLE=$T/table.md
     echo "peak RSS (VmHWM): goms gateway $((GW_HWM / 1024)) MiB ($GW_HWM kB); nginx worker $((NG_HWM / 1024)) MiB; haproxy $((HA_HWM / 1024)) MiB"
     if [ -n "$GWT_PID" ]; then
         cat "$T/trace-summary.txt"
+        awk -v hz="$CLK_TCK" '{ t += $1; n += $2 } END { if (n > 0) printf "RabbitMQ CPU during goms+trace runs: %.1f µs/req (all goms+trace runs together; not in the table'"'"'s CPU column)\n", t * 1e6 / hz / n }' "$T/broker-cpu.txt"
         echo "goms+trace peak RSS $(( $(hwm "$GWT_PID") / 1024 )) MiB; events to a local RabbitMQ ($TRACE_AMQP_URL):" \
             "$(curl -s --max-time 3 "${URL[goms+trace]}/metrics" | awk '/^goms_trace_events_[a-z]+_total / {
                 n = $1; sub(/^goms_trace_events_/, "", n); sub(/_total$/, "", n); printf "%s%s %s", sep, n, $2; sep = ", " }')"
