@@ -220,3 +220,52 @@ async fn unreachable_replicas_answer_502_in_the_goms_envelope() {
     assert_eq!(body["status"], false);
     assert!(body["requestId"].as_str().is_some_and(|id| !id.is_empty()));
 }
+
+#[tokio::test]
+async fn a_client_that_goes_away_is_counted_and_not_logged_as_an_error() {
+    use tokio::io::AsyncWriteExt;
+    let etcd = Etcd::start().await;
+    let fake = fake_replica(&etcd, Behaviour::Hang).await;
+    let (_folder, routes) = route_file(ROUTES);
+    let port = free_port();
+    let gateway = Goms::gateway(&etcd, port, &routes, &[]);
+    wait_for_nodes(port, "user", 1).await;
+
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    client
+        .write_all(b"GET /api/user/login HTTP/1.1\r\nHost: goms\r\n\r\n")
+        .await
+        .unwrap();
+    support::eventually(
+        "the replica got the request",
+        Duration::from_secs(10),
+        || {
+            let hits = fake.hits.clone();
+            async move { hits.load(Ordering::SeqCst) == 1 }
+        },
+    )
+    .await;
+    drop(client);
+
+    let metrics_url = format!("http://127.0.0.1:{port}/metrics");
+    support::eventually(
+        "goms_gateway_client_aborts_total 1",
+        Duration::from_secs(10),
+        || {
+            let url = metrics_url.clone();
+            async move {
+                let text = http().get(&url).send().await.unwrap().text().await.unwrap();
+                text.lines()
+                    .any(|l| l == "goms_gateway_client_aborts_total 1")
+            }
+        },
+    )
+    .await;
+    assert!(
+        !gateway.has_line("Fail to proxy"),
+        "a client going away is not an error:\n{}",
+        gateway.output()
+    );
+}

@@ -17,6 +17,8 @@ const TRACKED_STATUS: [u16; 11] = [200, 201, 204, 400, 401, 404, 405, 500, 502, 
 pub struct GatewayMetrics {
     pub requests: AtomicU64,
     pub retries: AtomicU64,
+    /// Requests whose client went away before the answer was complete.
+    pub client_aborts: AtomicU64,
     by_status: [AtomicU64; TRACKED_STATUS.len()],
     other_status: AtomicU64,
 }
@@ -46,6 +48,16 @@ impl GatewayMetrics {
             out,
             "goms_gateway_requests_total {}",
             self.requests.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP goms_gateway_client_aborts_total Requests whose client closed the connection before the answer was complete."
+        );
+        let _ = writeln!(out, "# TYPE goms_gateway_client_aborts_total counter");
+        let _ = writeln!(
+            out,
+            "goms_gateway_client_aborts_total {}",
+            self.client_aborts.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

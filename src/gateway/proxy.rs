@@ -440,6 +440,17 @@ impl ProxyHttp for GatewayProxy {
         }
     }
 
+    /// A client that closed its connection mid-request is routine (a browser tab closed, a
+    /// load generator stopping): counted and logged at debug level, not as an error.
+    fn suppress_error_log(&self, _session: &Session, ctx: &RequestCtx, error: &Error) -> bool {
+        if error.esource() != &ErrorSource::Downstream {
+            return false;
+        }
+        self.metrics.client_aborts.fetch_add(1, Ordering::Relaxed);
+        debug!(request_id = %ctx.request_id(), %error, "client went away");
+        true
+    }
+
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.finish_attempt(None, error.map(|e| e.to_string()));
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
