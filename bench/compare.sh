@@ -345,7 +345,10 @@ if [ "$TRACING" = 1 ] && [ "$TRACE_AVAILABLE" = 1 ]; then
         "GOMS__TRACE__SPOOL_DIR=$T/spool-trace")
 fi
 
-cat > "$T/routes.yml" <<'EOF'
+# In a folder of its own: the gateway watches the route file's folder, and the logs written
+# next to it would wake that watcher during every run.
+mkdir -p "$T/routes"
+cat > "$T/routes/routes.yml" <<'EOF'
 services:
   bench:
     small: "/small"
@@ -359,7 +362,7 @@ start_gateway() { # start_gateway NAME PORT [ENV...] -- [ARGS...]; sets STARTED_
     args=("$@")
     env GOMS__CALL_SERVICE_KEY=bench ${envs[@]+"${envs[@]}"} \
         "$GOMS_BIN" --config /nonexistent gateway --http-port "$port" \
-        --etcd-addr "127.0.0.1:$EP" --routes "$T/routes.yml" --threads "$GW_THREADS" \
+        --etcd-addr "127.0.0.1:$EP" --routes "$T/routes/routes.yml" --threads "$GW_THREADS" \
         --node-id "bench-$name" ${args[@]+"${args[@]}"} > "$T/$name.log" 2>&1 &
     STARTED_PID=$!
 }
