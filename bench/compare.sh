@@ -293,9 +293,6 @@ wait_http "http://127.0.0.1:$U1/small" 10 || die "upstream nginx not answering"
 # Hook for "tracing on vs off": --tracing adds a front end `goms+trace`, a second gateway started
 # with GATEWAY_TRACE_ENV / GATEWAY_TRACE_ARGS, measured in the same rounds; compare its rows with
 # the `goms` rows. It needs a broker: see start_trace_broker below.
-# Erlang schedulers spin while waiting for work by default; on a machine the broker shares,
-# that spinning takes CPU from everything else. RabbitMQ's docs recommend switching it off there.
-RABBIT_ERL_ARGS="+sbwt none +sbwtdcpu none +sbwtdio none"
 start_trace_broker() { # a local RabbitMQ from Debian on free ports, scratch dirs, its own epmd
     local rp rdp ep i epmd_pid
     if [ ! -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
@@ -310,7 +307,6 @@ start_trace_broker() { # a local RabbitMQ from Debian on free ports, scratch dir
         RABBITMQ_NODENAME="bench$rp@localhost" RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 \
         RABBITMQ_NODE_PORT="$rp" RABBITMQ_DIST_PORT="$rdp" RABBITMQ_ENABLED_PLUGINS_FILE="$T/rabbit/enabled_plugins" \
         ERL_EPMD_ADDRESS=127.0.0.1 ERL_EPMD_PORT="$ep" \
-        RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS="$RABBIT_ERL_ARGS" \
         /usr/lib/rabbitmq/bin/rabbitmq-server > "$T/rabbit.log" 2>&1 &
     RABBIT_PID=$!; PIDS+=("$RABBIT_PID")
     for i in $(seq 120); do

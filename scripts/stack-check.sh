@@ -282,7 +282,7 @@ consumer="$(c ps -q trace-consumer | head -n 1)"
 [ "$(docker inspect -f '{{.State.Running}} {{.RestartCount}}' "$consumer")" = "true 0" ] \
   || fail "trace-consumer is not running steadily: $(docker inspect -f '{{.State.Status}}, restarts {{.RestartCount}}' "$consumer")"
 queued="$(c exec -T rabbitmq rabbitmqctl -q list_queues name messages 2>/dev/null | awk '$1 == "goms.trace" {print $2}' || true)"
-log "trace-consumer running; trace events queued in goms.trace (no Elasticsearch offline): ${queued:-unknown}"
+log "trace-consumer running; trace messages queued in goms.trace (no Elasticsearch offline; a message carries up to 128 events): ${queued:-unknown}"
 
 # --- 8. verdict ----------------------------------------------------------------------------
 sleep 2
@@ -303,7 +303,7 @@ awk '$5 != "-" {n[$5]++} END {for (k in n) print "    " k, n[k]}' "$CLIENT_LOG" 
 echo "  new replicas:     $(echo $nodes_new)"
 echo "  removed replicas: $(echo $nodes_removed) (0 requests after removal)"
 echo "  routes: valid edit applied; invalid edit refused (${refusal##*error=})"
-echo "  traces: ${queued:-?} events queued in RabbitMQ goms.trace (Elasticsearch left out offline)"
+echo "  traces: ${queued:-?} messages (up to 128 events each) queued in RabbitMQ goms.trace (Elasticsearch left out offline)"
 echo
 if [ "$failed" != 0 ]; then
   log "failed requests (first 20):"
