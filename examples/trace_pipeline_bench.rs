@@ -30,7 +30,8 @@ fn event(n: usize) -> TraceEvent {
             headers: [("accept".to_string(), "*/*".to_string())].into(),
             body: serde_json::Value::Null,
             body_truncated: false,
-        },
+        }
+        .into(),
         trace: TraceTiming::default(),
         duration_ms: Some(1.25),
         status: Some(200),

@@ -270,7 +270,7 @@ fn synthetic_event(id: usize) -> TraceEvent {
         service_name: "gateway".into(),
         service_id: "test".into(),
         project_name: "goms".into(),
-        request: RequestInfo::default(),
+        request: RequestInfo::default().into(),
         trace: TraceTiming::default(),
         duration_ms: Some(1.5),
         status: Some(200),

@@ -48,7 +48,8 @@ impl GatewayTracer {
                 .redactor
                 .body(content_type, &body.bytes, body.truncated),
             body_truncated: body.truncated,
-        };
+        }
+        .into();
         let attempts: Vec<AttemptTiming> = record
             .attempts
             .iter()

@@ -60,7 +60,8 @@ pub async fn trace_request(
             .headers(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()))),
         body: serde_json::Value::Null,
         body_truncated: false,
-    };
+    }
+    .into();
     let start = TraceEvent {
         event_id: new_event_id(),
         request_id,

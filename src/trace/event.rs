@@ -6,6 +6,7 @@
 //! only JSON and url-encoded form bodies are decoded.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -36,7 +37,8 @@ pub struct TraceEvent {
     pub service_name: String,
     pub service_id: String,
     pub project_name: String,
-    pub request: RequestInfo,
+    /// Shared by a request's start and end events, which carry the same request.
+    pub request: Arc<RequestInfo>,
     pub trace: TraceTiming,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<f64>,

@@ -206,7 +206,7 @@ mod tests {
             service_name: "gateway".into(),
             service_id: "g".into(),
             project_name: "goms".into(),
-            request: RequestInfo::default(),
+            request: RequestInfo::default().into(),
             trace: TraceTiming::default(),
             duration_ms: None,
             status: None,
