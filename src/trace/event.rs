@@ -207,6 +207,29 @@ pub fn daily_index(prefix: &str, time: &str) -> String {
     format!("{prefix}-{date}")
 }
 
+/// A minimal event for unit tests of the modules that carry events.
+#[cfg(test)]
+pub(crate) fn test_event(n: usize) -> TraceEvent {
+    TraceEvent {
+        event_id: format!("e{n}"),
+        request_id: "r".into(),
+        event: EventKind::RequestStart,
+        time: "2026-11-27T00:00:00.000Z".into(),
+        service_name: "gateway".into(),
+        service_id: "g".into(),
+        project_name: "goms".into(),
+        request: RequestInfo::default().into(),
+        trace: TraceTiming::default(),
+        duration_ms: None,
+        status: None,
+        upstream: None,
+        attempt: None,
+        trace_id: "0".repeat(32),
+        span_id: "1".repeat(16),
+        parent_span_id: None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

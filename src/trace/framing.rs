@@ -64,28 +64,7 @@ pub fn event_count(data: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::event::{EventKind, RequestInfo, TraceTiming};
-
-    fn event(id: usize) -> TraceEvent {
-        TraceEvent {
-            event_id: format!("e{id}"),
-            request_id: "r".into(),
-            event: EventKind::RequestStart,
-            time: "2026-11-27T01:02:03.000Z".into(),
-            service_name: "gateway".into(),
-            service_id: "g".into(),
-            project_name: "goms".into(),
-            request: RequestInfo::default().into(),
-            trace: TraceTiming::default(),
-            duration_ms: None,
-            status: None,
-            upstream: None,
-            attempt: None,
-            trace_id: "0".repeat(32),
-            span_id: "1".repeat(16),
-            parent_span_id: None,
-        }
-    }
+    use crate::trace::event::test_event as event;
 
     #[test]
     fn splits_into_messages_of_at_most_the_batch_size() {

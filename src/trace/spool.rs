@@ -195,28 +195,7 @@ impl Spool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::event::{EventKind, RequestInfo, TraceTiming};
-
-    fn event(n: usize) -> TraceEvent {
-        TraceEvent {
-            event_id: format!("e{n}"),
-            request_id: "r".into(),
-            event: EventKind::RequestStart,
-            time: "2026-11-27T00:00:00.000Z".into(),
-            service_name: "gateway".into(),
-            service_id: "g".into(),
-            project_name: "goms".into(),
-            request: RequestInfo::default().into(),
-            trace: TraceTiming::default(),
-            duration_ms: None,
-            status: None,
-            upstream: None,
-            attempt: None,
-            trace_id: "t".into(),
-            span_id: "s".into(),
-            parent_span_id: None,
-        }
-    }
+    use crate::trace::event::test_event as event;
 
     #[test]
     fn replays_in_order_and_survives_reopen() {
