@@ -2,9 +2,10 @@
 //! an event.
 //!
 //! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process queue -> publisher task ->
-//! persistent messages of up to 128 events each ([`framing`]) with publisher confirms. While the broker is away, or when the queue
-//! is full, events go to the disk [`Spool`]; the publisher replays it when the broker is
-//! back and deletes a segment only after every event in it was confirmed. Only a full spool
+//! persistent messages of up to 128 events each ([`framing`]) with publisher confirms. While
+//! the broker is away, or when the queue is full, events go to the disk [`Spool`]; the
+//! publisher replays it when the broker is back and deletes a segment only after every event
+//! in it was confirmed. Only a full spool
 //! drops events, and every drop is counted and logged.
 
 use std::path::PathBuf;
