@@ -5,8 +5,7 @@
 //! persistent messages of up to 128 events each ([`framing`]) with publisher confirms. While
 //! the broker is away, or when the queue is full, events go to the disk [`Spool`]; the
 //! publisher replays it when the broker is back and deletes a segment only after every event
-//! in it was confirmed. Only a full spool
-//! drops events, and every drop is counted and logged.
+//! in it was confirmed. Only a full spool drops events, and every drop is counted and logged.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
