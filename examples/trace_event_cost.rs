@@ -1,6 +1,6 @@
-//! CPU cost of tracing one gateway request, without sockets or a broker: building its
-//! `request.start` and `request.end` events (done on the proxy thread, in `logging`) and
-//! serialising them into a message (done by the publisher task). Prints nanoseconds per
+//! CPU cost of tracing one gateway request, without sockets or a broker: writing its
+//! `request.start` and `request.end` events as JSON (done on the proxy thread, in `logging`)
+//! and packing them into messages (done by the publisher task). Prints nanoseconds per
 //! request; asserts nothing. Run with `cargo run --release --example trace_event_cost [N]`.
 
 use std::hint::black_box;
@@ -66,14 +66,14 @@ fn main() {
 
     let started = Instant::now();
     for _ in 0..n {
-        black_box(tracer.events(&header, "10.0.0.7".into(), &body, &record, 200));
+        black_box(tracer.encode(&header, "10.0.0.7", &body, &record, 200));
     }
     let build = per_request(started.elapsed(), n);
 
-    // The publisher serialises what it took from the queue in batches; 64 requests' events
-    // at a time is what a 50 ms poll collects at about 1,300 req/s and far below the cap.
+    // The publisher packs what it took from the queue in batches; 64 requests' events at a
+    // time is what a 50 ms poll collects at about 1,300 req/s and far below the cap.
     let batch: Vec<_> = (0..64)
-        .flat_map(|_| tracer.events(&header, "10.0.0.7".into(), &body, &record, 200))
+        .map(|_| tracer.encode(&header, "10.0.0.7", &body, &record, 200))
         .collect();
     let rounds = (n / 64).max(1);
     let started = Instant::now();
@@ -87,8 +87,8 @@ fn main() {
     let serialise = per_request(started.elapsed(), rounds * 64);
 
     println!("trace cost per gateway request ({n} requests, release build, one thread)");
-    println!("  build request.start + request.end (proxy thread)  {build:>8.0} ns");
-    println!("  serialise both into a message (publisher task)     {serialise:>8.0} ns");
+    println!("  write request.start + request.end (proxy thread)  {build:>8.0} ns");
+    println!("  pack both into messages (publisher task)           {serialise:>8.0} ns");
     println!(
         "  bytes per request on the wire                      {:>8}",
         bytes / 64

@@ -8,6 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use goms::trace::event::{EventKind, RequestInfo, TraceTiming};
+use goms::trace::framing::EncodedEvents;
 use goms::trace::TraceEvent;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
@@ -317,8 +318,10 @@ async fn publish_synthetic(broker: &RabbitMq, count: usize) {
 
 /// Several events per message, as goms's publisher sends them.
 async fn publish_synthetic_batched(broker: &RabbitMq, ids: std::ops::Range<usize>) {
-    let events: Vec<TraceEvent> = ids.map(synthetic_event).collect();
-    publish(broker, goms::trace::framing::encode(&events)).await;
+    let units: Vec<EncodedEvents> = ids
+        .map(|id| EncodedEvents::from_events([&synthetic_event(id)]))
+        .collect();
+    publish(broker, goms::trace::framing::encode(&units)).await;
 }
 
 #[tokio::test]

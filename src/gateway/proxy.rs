@@ -468,10 +468,8 @@ impl ProxyHttp for GatewayProxy {
                 .unwrap_or_default();
             let events =
                 self.tracer
-                    .events(session.req_header(), client_ip, &ctx.body, record, status);
-            for event in events {
-                self.trace.emit(event);
-            }
+                    .encode(session.req_header(), &client_ip, &ctx.body, record, status);
+            self.trace.emit_encoded(events);
         }
         if let Some(record) = ctx.record.as_ref() {
             debug!(

@@ -109,7 +109,7 @@ pub const ALWAYS_REDACTED: &[&str] = &[
     "call-service-key",
 ];
 
-const REDACTED: &str = "[REDACTED]";
+pub const REDACTED: &str = "[REDACTED]";
 
 /// Decides what of a request may be written into an event.
 #[derive(Debug, Clone)]
@@ -130,6 +130,11 @@ impl Redactor {
         }
     }
 
+    /// Whether a header's value never enters an event; `lower_name` is lowercase.
+    pub fn is_redacted(&self, lower_name: &str) -> bool {
+        self.names.iter().any(|name| name == lower_name)
+    }
+
     /// Copies headers, replacing secret values; multiple values are joined with `, `.
     pub fn headers<'a>(
         &self,
@@ -138,7 +143,7 @@ impl Redactor {
         let mut copied: BTreeMap<String, String> = BTreeMap::new();
         for (name, value) in headers {
             let lower = name.to_ascii_lowercase();
-            let value = if self.names.contains(&lower) {
+            let value = if self.is_redacted(&lower) {
                 REDACTED.to_string()
             } else {
                 String::from_utf8_lossy(value).into_owned()
@@ -162,16 +167,14 @@ impl Redactor {
         if captured.is_empty() {
             return Value::Null;
         }
-        let kind = content_type.to_ascii_lowercase();
-        let is_json = kind.starts_with("application/json") || kind.contains("+json");
-        let is_form = kind.starts_with("application/x-www-form-urlencoded");
-        if !is_json && !is_form {
+        let kind = BodyKind::of(content_type);
+        if kind == BodyKind::Other {
             return Value::Null;
         }
         if truncated {
             return Value::String(String::from_utf8_lossy(captured).into_owned());
         }
-        if is_json {
+        if kind == BodyKind::Json {
             return serde_json::from_slice(captured)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(captured).into_owned()));
         }
@@ -180,6 +183,35 @@ impl Redactor {
                 .map(|(k, v)| (k.into_owned(), Value::String(v.into_owned())))
                 .collect(),
         )
+    }
+}
+
+/// Which bodies are decoded into an event, by `Content-Type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Json,
+    Form,
+    Other,
+}
+
+impl BodyKind {
+    pub fn of(content_type: &str) -> Self {
+        let kind = content_type.trim_start();
+        let starts = |prefix: &str| {
+            kind.get(..prefix.len())
+                .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+        };
+        let suffix_json = kind
+            .as_bytes()
+            .windows(5)
+            .any(|w| w.eq_ignore_ascii_case(b"+json"));
+        if starts("application/json") || suffix_json {
+            BodyKind::Json
+        } else if starts("application/x-www-form-urlencoded") {
+            BodyKind::Form
+        } else {
+            BodyKind::Other
+        }
     }
 }
 

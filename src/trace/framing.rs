@@ -17,19 +17,58 @@ pub const MAX_EVENTS_PER_MESSAGE: usize = 128;
 /// A message is closed once it reaches this size, whatever its event count.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
 
-/// Serialises `events` into as few messages as the limits allow, in order.
-pub fn encode(events: &[TraceEvent]) -> Vec<Vec<u8>> {
+/// Events already serialised: one JSON document per line, every line ending in `\n`. The
+/// unit the request path queues, the spool stores and messages are cut from; a gateway
+/// request's two events travel as one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EncodedEvents {
+    lines: Vec<u8>,
+    count: usize,
+}
+
+impl EncodedEvents {
+    pub fn from_events<'a>(events: impl IntoIterator<Item = &'a TraceEvent>) -> Self {
+        let mut encoded = EncodedEvents::default();
+        for event in events {
+            serde_json::to_writer(&mut encoded.lines, event).expect("trace events serialise");
+            encoded.lines.push(b'\n');
+            encoded.count += 1;
+        }
+        encoded
+    }
+
+    /// Takes lines written by hand (the gateway's [`json`](super::json) writer). The
+    /// caller guarantees that each of the `count` lines is one complete JSON document.
+    pub fn from_lines(lines: Vec<u8>, count: usize) -> Self {
+        debug_assert_eq!(event_count(&lines), count);
+        debug_assert!(lines.ends_with(b"\n"));
+        EncodedEvents { lines, count }
+    }
+
+    pub fn count(&self) -> usize {
+        self.count
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.lines
+    }
+}
+
+/// Packs encoded events into as few messages as the limits allow, in order. A message is
+/// cut between the units, never inside one.
+pub fn encode(units: &[EncodedEvents]) -> Vec<Vec<u8>> {
     let mut messages = Vec::new();
     let mut current = Vec::new();
     let mut in_current = 0;
-    for event in events {
-        serde_json::to_writer(&mut current, event).expect("trace events serialise");
-        current.push(b'\n');
-        in_current += 1;
-        if in_current == MAX_EVENTS_PER_MESSAGE || current.len() >= MAX_MESSAGE_BYTES {
+    for unit in units {
+        let over = in_current + unit.count > MAX_EVENTS_PER_MESSAGE
+            || current.len() + unit.lines.len() > MAX_MESSAGE_BYTES;
+        if in_current > 0 && over {
             messages.push(std::mem::take(&mut current));
             in_current = 0;
         }
+        current.extend_from_slice(&unit.lines);
+        in_current += unit.count;
     }
     if !current.is_empty() {
         messages.push(current);
@@ -68,8 +107,10 @@ mod tests {
 
     #[test]
     fn splits_into_messages_of_at_most_the_batch_size() {
-        let events: Vec<_> = (0..300).map(event).collect();
-        let messages = encode(&events);
+        let units: Vec<_> = (0..300)
+            .map(|n| EncodedEvents::from_events([&event(n)]))
+            .collect();
+        let messages = encode(&units);
         let counts: Vec<usize> = messages.iter().map(|m| event_count(m)).collect();
         assert_eq!(counts, [128, 128, 44]);
         let ids: Vec<String> = messages
@@ -85,6 +126,16 @@ mod tests {
             })
             .collect();
         assert_eq!(ids, (0..300).map(|i| format!("e{i}")).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_request_s_two_events_stay_in_one_message() {
+        let units: Vec<_> = (0..100)
+            .map(|n| EncodedEvents::from_events([&event(2 * n), &event(2 * n + 1)]))
+            .collect();
+        assert!(units.iter().all(|unit| unit.count() == 2));
+        let counts: Vec<usize> = encode(&units).iter().map(|m| event_count(m)).collect();
+        assert_eq!(counts, [128, 72]);
     }
 
     #[test]

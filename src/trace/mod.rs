@@ -20,6 +20,7 @@ pub mod context;
 pub mod elasticsearch;
 pub mod event;
 pub mod framing;
+pub mod json;
 pub mod publisher;
 pub mod record;
 pub mod spool;

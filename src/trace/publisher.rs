@@ -20,12 +20,12 @@ use tracing::{error, info, warn};
 
 use super::amqp::{self, Link};
 use super::event::TraceEvent;
-use super::framing;
+use super::framing::{self, EncodedEvents};
 use super::spool::{Spool, SpoolError};
 use crate::config::QueueType;
 
-/// Most events taken from the queue and sent (as up to 16 messages) before waiting for their
-/// confirms. The broker confirms persistent messages after writing them to disk, some
+/// Most queued units (a gateway request's two events, or one event) taken from the queue and
+/// sent, as messages of up to 128 events, before waiting for their confirms. The broker confirms persistent messages after writing them to disk, some
 /// milliseconds; a batch of 256 capped the publisher near 9,000 events/s, below what a busy
 /// gateway emits, and the rest overflowed into the spool.
 const PUBLISH_BATCH: usize = 2048;
@@ -61,7 +61,7 @@ pub struct PublisherStats {
 /// The request path's handle: cheap to clone, never blocks on the broker.
 #[derive(Clone)]
 pub struct TraceSink {
-    queue: Option<mpsc::Sender<TraceEvent>>,
+    queue: Option<mpsc::Sender<EncodedEvents>>,
     spool: Option<Arc<Mutex<Spool>>>,
     stats: Arc<PublisherStats>,
 }
@@ -84,18 +84,27 @@ impl TraceSink {
         &self.stats
     }
 
-    /// Hands an event to the publisher. If the in-process queue is full, the event goes
-    /// straight to the disk spool; only a full spool drops it.
+    /// Hands an event to the publisher; see [`TraceSink::emit_encoded`].
     pub fn emit(&self, event: TraceEvent) {
+        if self.is_enabled() {
+            self.emit_encoded(EncodedEvents::from_events([&event]));
+        }
+    }
+
+    /// Hands serialised events to the publisher. If the in-process queue is full, they go
+    /// straight to the disk spool; only a full spool drops them.
+    pub fn emit_encoded(&self, events: EncodedEvents) {
         let Some(queue) = &self.queue else { return };
-        self.stats.emitted.fetch_add(1, Ordering::Relaxed);
-        let event = match queue.try_send(event) {
+        self.stats
+            .emitted
+            .fetch_add(events.count() as u64, Ordering::Relaxed);
+        let events = match queue.try_send(events) {
             Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(event)) => event,
-            Err(mpsc::error::TrySendError::Closed(event)) => event,
+            Err(mpsc::error::TrySendError::Full(events)) => events,
+            Err(mpsc::error::TrySendError::Closed(events)) => events,
         };
         if let Some(spool) = &self.spool {
-            spool_events(spool, &self.stats, &[event]);
+            spool_events(spool, &self.stats, &[events]);
         }
     }
 }
@@ -104,7 +113,7 @@ impl TraceSink {
 /// whichever runtime the caller owns (pingora gives each service its own).
 pub struct Publisher {
     settings: PublisherSettings,
-    queue: mpsc::Receiver<TraceEvent>,
+    queue: mpsc::Receiver<EncodedEvents>,
     spool: Arc<Mutex<Spool>>,
     stats: Arc<PublisherStats>,
 }
@@ -164,7 +173,7 @@ impl RunningPublisher {
     }
 }
 
-fn spool_events(spool: &Mutex<Spool>, stats: &PublisherStats, events: &[TraceEvent]) {
+fn spool_events(spool: &Mutex<Spool>, stats: &PublisherStats, events: &[EncodedEvents]) {
     let mut spool = spool
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -187,11 +196,9 @@ fn spool_events(spool: &Mutex<Spool>, stats: &PublisherStats, events: &[TraceEve
             }
         }
         Err(spool_error) => {
-            let total = stats
-                .dropped
-                .fetch_add(events.len() as u64, Ordering::Relaxed)
-                + events.len() as u64;
-            error!(message = "Trace spool write failed; events dropped.", error = %spool_error, dropped = events.len(), dropped_total = total);
+            let lost = event_count(events);
+            let total = stats.dropped.fetch_add(lost, Ordering::Relaxed) + lost;
+            error!(message = "Trace spool write failed; events dropped.", error = %spool_error, dropped = lost, dropped_total = total);
         }
     }
 }
@@ -245,7 +252,7 @@ impl Connection {
 
 async fn run(
     settings: PublisherSettings,
-    mut queue: mpsc::Receiver<TraceEvent>,
+    mut queue: mpsc::Receiver<EncodedEvents>,
     spool: Arc<Mutex<Spool>>,
     stats: Arc<PublisherStats>,
     mut stopped: watch::Receiver<bool>,
@@ -287,8 +294,12 @@ async fn run(
     }
 }
 
+fn event_count(units: &[EncodedEvents]) -> u64 {
+    units.iter().map(|unit| unit.count() as u64).sum()
+}
+
 /// Takes what is queued, up to a batch, without registering a waker: see [`QUEUE_POLL`].
-fn take_queued(queue: &mut mpsc::Receiver<TraceEvent>) -> Vec<TraceEvent> {
+fn take_queued(queue: &mut mpsc::Receiver<EncodedEvents>) -> Vec<EncodedEvents> {
     let mut batch = Vec::new();
     while batch.len() < PUBLISH_BATCH {
         match queue.try_recv() {
@@ -304,14 +315,14 @@ async fn deliver(
     queue: &str,
     spool: &Mutex<Spool>,
     stats: &PublisherStats,
-    batch: Vec<TraceEvent>,
+    batch: Vec<EncodedEvents>,
 ) {
     if let Some(link) = &connection.link {
         match publish_confirmed(link, queue, &batch).await {
             Ok(()) => {
                 stats
                     .published
-                    .fetch_add(batch.len() as u64, Ordering::Relaxed);
+                    .fetch_add(event_count(&batch), Ordering::Relaxed);
                 return;
             }
             Err(error) => connection.lost(&error),
@@ -346,7 +357,7 @@ async fn replay_one_segment(
         publish_confirmed(link, queue, chunk).await?;
         stats
             .published
-            .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            .fetch_add(event_count(chunk), Ordering::Relaxed);
     }
     let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
     spool.remove(&path).map_err(|e| e.to_string())?;
@@ -361,7 +372,11 @@ async fn replay_one_segment(
 /// Sends the events as persistent messages of several events each ([`framing`]) and waits
 /// until the broker confirmed every message. All messages are in flight at once, then all
 /// confirms are awaited together: one round trip per batch instead of one per message.
-async fn publish_confirmed(link: &Link, queue: &str, events: &[TraceEvent]) -> Result<(), String> {
+async fn publish_confirmed(
+    link: &Link,
+    queue: &str,
+    events: &[EncodedEvents],
+) -> Result<(), String> {
     let messages = framing::encode(events);
     let send_all = async {
         let publishes = messages.iter().map(|payload| {

@@ -5,12 +5,14 @@
 //! the next run. The size cap is the only place events are dropped; the caller counts it.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use tracing::warn;
 
-use super::event::TraceEvent;
+use serde::de::IgnoredAny;
+
+use super::framing::{self, EncodedEvents};
 
 /// A segment is closed and a new one started past this size, so replay works in bounded steps.
 const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
@@ -88,18 +90,18 @@ impl Spool {
         Ok(segments)
     }
 
-    /// Appends events; those that do not fit under the cap are dropped (and reported).
-    pub fn append(&mut self, events: &[TraceEvent]) -> Result<Appended, SpoolError> {
+    /// Appends encoded events; a unit that does not fit under the cap is dropped whole (and
+    /// reported), so a request's events are spooled together or not at all.
+    pub fn append(&mut self, units: &[EncodedEvents]) -> Result<Appended, SpoolError> {
         let mut outcome = Appended::default();
-        for event in events {
-            let mut line = serde_json::to_vec(event).expect("trace events serialise");
-            line.push(b'\n');
-            if self.total_bytes + line.len() as u64 > self.max_bytes {
-                outcome.dropped += 1;
+        for unit in units {
+            let lines = unit.as_bytes();
+            if self.total_bytes + lines.len() as u64 > self.max_bytes {
+                outcome.dropped += unit.count();
                 continue;
             }
-            self.write_line(&line)?;
-            outcome.written += 1;
+            self.write_lines(lines)?;
+            outcome.written += unit.count();
         }
         if let Some((path, file, _)) = self.current.as_mut() {
             file.flush().map_err(|source| SpoolError::Io {
@@ -110,7 +112,7 @@ impl Spool {
         Ok(outcome)
     }
 
-    fn write_line(&mut self, line: &[u8]) -> Result<(), SpoolError> {
+    fn write_lines(&mut self, lines: &[u8]) -> Result<(), SpoolError> {
         let full = self
             .current
             .as_ref()
@@ -134,18 +136,20 @@ impl Spool {
             self.current = Some((path, file, 0));
         }
         let (path, file, size) = self.current.as_mut().expect("segment open");
-        file.write_all(line).map_err(|source| SpoolError::Io {
+        file.write_all(lines).map_err(|source| SpoolError::Io {
             path: path.clone(),
             source,
         })?;
-        *size += line.len() as u64;
-        self.total_bytes += line.len() as u64;
+        *size += lines.len() as u64;
+        self.total_bytes += lines.len() as u64;
         Ok(())
     }
 
-    /// The oldest segment's events, closing the segment being written if it is the oldest.
-    /// Lines that cannot be parsed are skipped and counted in the second value.
-    pub fn oldest(&mut self) -> Result<Option<(PathBuf, Vec<TraceEvent>, usize)>, SpoolError> {
+    /// The oldest segment's events, one unit per line, closing the segment being written if
+    /// it is the oldest. Lines that are not JSON (a write cut short by a crash) are skipped
+    /// and counted in the third value.
+    #[allow(clippy::type_complexity)]
+    pub fn oldest(&mut self) -> Result<Option<(PathBuf, Vec<EncodedEvents>, usize)>, SpoolError> {
         let io = |path: &Path, source| SpoolError::Io {
             path: path.to_path_buf(),
             source,
@@ -161,16 +165,18 @@ impl Spool {
         {
             self.current = None;
         }
-        let file = File::open(&path).map_err(|e| io(&path, e))?;
+        let data = fs::read(&path).map_err(|e| io(&path, e))?;
         let mut events = Vec::new();
         let mut unreadable = 0;
-        for line in BufReader::new(file).lines() {
-            let line = line.map_err(|e| io(&path, e))?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            match serde_json::from_str(&line) {
-                Ok(event) => events.push(event),
+        for range in framing::lines(&data) {
+            let line = &data[range];
+            match serde_json::from_slice::<IgnoredAny>(line) {
+                Ok(_) => {
+                    let mut unit = Vec::with_capacity(line.len() + 1);
+                    unit.extend_from_slice(line);
+                    unit.push(b'\n');
+                    events.push(EncodedEvents::from_lines(unit, 1));
+                }
                 Err(error) => {
                     unreadable += 1;
                     warn!(message = "Skipping an unreadable spooled trace event.", path = %path.display(), %error);
@@ -202,32 +208,59 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let events: Vec<_> = (0..5).map(event).collect();
-        assert_eq!(spool.append(&events).unwrap().written, 5);
+        let units = [
+            EncodedEvents::from_events(&events[..2]),
+            EncodedEvents::from_events(&events[2..]),
+        ];
+        assert_eq!(spool.append(&units).unwrap().written, 5);
         drop(spool);
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         assert!(!spool.is_empty());
         let (path, replayed, unreadable) = spool.oldest().unwrap().unwrap();
         assert_eq!(unreadable, 0);
-        assert_eq!(replayed, events);
+        let expected: Vec<_> = events
+            .iter()
+            .map(|e| EncodedEvents::from_events([e]))
+            .collect();
+        assert_eq!(replayed, expected);
         spool.remove(&path).unwrap();
         assert!(spool.is_empty());
         assert!(spool.oldest().unwrap().is_none());
     }
 
     #[test]
-    fn drops_beyond_the_cap() {
+    fn drops_beyond_the_cap_a_whole_unit_at_a_time() {
         let dir = tempfile::tempdir().unwrap();
-        let one = serde_json::to_vec(&event(0)).unwrap().len() as u64 + 1;
-        let mut spool = Spool::open(dir.path(), one * 3).unwrap();
-        let outcome = spool
-            .append(&(0..5).map(event).collect::<Vec<_>>())
-            .unwrap();
+        let pair = |n: usize| EncodedEvents::from_events([&event(n), &event(n + 1)]);
+        let mut spool = Spool::open(dir.path(), pair(0).as_bytes().len() as u64 * 2 + 10).unwrap();
+        let outcome = spool.append(&[pair(0), pair(2), pair(4)]).unwrap();
         assert_eq!(
             outcome,
             Appended {
-                written: 3,
+                written: 4,
                 dropped: 2
             }
         );
+    }
+
+    #[test]
+    fn a_line_cut_short_by_a_crash_is_skipped_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool
+            .append(&[EncodedEvents::from_events([&event(0)])])
+            .unwrap();
+        drop(spool);
+        let segment = std::fs::read_dir(dir.path())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap()
+            .path();
+        let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
+        file.write_all(b"{\"eventId\":\"e1\",\"requ").unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let (_, replayed, unreadable) = spool.oldest().unwrap().unwrap();
+        assert_eq!((replayed.len(), unreadable), (1, 1));
     }
 }

@@ -1,0 +1,221 @@
+//! A small JSON writer for the gateway's request path: writes a trace event straight from
+//! the request into one buffer, where building a [`TraceEvent`](super::TraceEvent) first
+//! would copy every header into a map of `String`s and serialise it again.
+//!
+//! Owns string escaping and the compaction of a JSON body, so that every event stays one
+//! line of an NDJSON message whatever the client sent.
+
+use serde::de::IgnoredAny;
+
+/// Writes `value` as a quoted JSON string.
+pub fn write_str(out: &mut Vec<u8>, value: &str) {
+    out.reserve(value.len() + 2);
+    out.push(b'"');
+    let bytes = value.as_bytes();
+    let mut copied = 0;
+    let mut at = 0;
+    while at < bytes.len() {
+        at += plain_prefix_len(&bytes[at..]);
+        let Some(&byte) = bytes.get(at) else { break };
+        out.extend_from_slice(&bytes[copied..at]);
+        match byte {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            _ => {
+                const HEX: &[u8; 16] = b"0123456789abcdef";
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[(byte >> 4) as usize]);
+                out.push(HEX[(byte & 0xf) as usize]);
+            }
+        }
+        at += 1;
+        copied = at;
+    }
+    out.extend_from_slice(&bytes[copied..]);
+    out.push(b'"');
+}
+
+/// How many leading bytes need no escaping: not a control character, `"` or `\`. Looks at
+/// eight bytes at a time, since nearly every header and id has nothing to escape and this
+/// loop is most of the cost of writing an event.
+fn plain_prefix_len(bytes: &[u8]) -> usize {
+    const ONES: u64 = u64::from_ne_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_ne_bytes([0x80; 8]);
+    let has_zero = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
+    let mut at = 0;
+    while let Some(chunk) = bytes.get(at..at + 8) {
+        let word = u64::from_ne_bytes(chunk.try_into().expect("eight bytes"));
+        // A byte below 0x20 is one whose top three bits are zero.
+        let special = has_zero(word & u64::from_ne_bytes([0xe0; 8]))
+            | has_zero(word ^ u64::from_ne_bytes([b'"'; 8]))
+            | has_zero(word ^ u64::from_ne_bytes([b'\\'; 8]));
+        if special != 0 {
+            break;
+        }
+        at += 8;
+    }
+    at + bytes[at..]
+        .iter()
+        .position(|&b| b < 0x20 || b == b'"' || b == b'\\')
+        .unwrap_or(bytes.len() - at)
+}
+
+/// Writes bytes as a JSON string; bytes that are not UTF-8 become U+FFFD.
+pub fn write_lossy_str(out: &mut Vec<u8>, value: &[u8]) {
+    write_str(out, &String::from_utf8_lossy(value));
+}
+
+/// Writes `text` without its insignificant whitespace if it is one valid JSON value, and
+/// returns false (writing nothing) if it is not. A pretty-printed body must not break the
+/// one-event-per-line framing.
+pub fn write_compact(out: &mut Vec<u8>, text: &[u8]) -> bool {
+    if serde_json::from_slice::<IgnoredAny>(text).is_err() {
+        return false;
+    }
+    let mut in_string = false;
+    let mut escaped = false;
+    for &byte in text {
+        if in_string {
+            out.push(byte);
+            if escaped {
+                escaped = false;
+            } else if byte == b'\\' {
+                escaped = true;
+            } else if byte == b'"' {
+                in_string = false;
+            }
+        } else if !matches!(byte, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = byte == b'"';
+            out.push(byte);
+        }
+    }
+    true
+}
+
+/// Writes the members of one JSON object; [`Object::end`] closes it.
+pub struct Object<'a> {
+    out: &'a mut Vec<u8>,
+    empty: bool,
+}
+
+impl<'a> Object<'a> {
+    pub fn begin(out: &'a mut Vec<u8>) -> Self {
+        out.push(b'{');
+        Object { out, empty: true }
+    }
+
+    /// Writes `"name":` and hands back the buffer for the value.
+    pub fn key(&mut self, name: &str) -> &mut Vec<u8> {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        write_str(self.out, name);
+        self.out.push(b':');
+        self.out
+    }
+
+    pub fn str(&mut self, name: &str, value: &str) -> &mut Self {
+        write_str(self.key(name), value);
+        self
+    }
+
+    /// A value that is already JSON text (a number, `true`, a nested document).
+    pub fn raw(&mut self, name: &str, json: &[u8]) -> &mut Self {
+        self.key(name).extend_from_slice(json);
+        self
+    }
+
+    pub fn number(&mut self, name: &str, value: impl std::fmt::Display) -> &mut Self {
+        use std::io::Write;
+        let out = self.key(name);
+        write!(out, "{value}").expect("writing to a Vec cannot fail");
+        self
+    }
+
+    /// Closes the object and hands back the buffer it was written into.
+    pub fn end(self) -> &'a mut Vec<u8> {
+        self.out.push(b'}');
+        self.out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn written(write: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut out = Vec::new();
+        write(&mut out);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn strings_round_trip_through_a_json_parser_with_controls_quotes_and_unicode() {
+        let tricky = "a\"b\\c\nd\re\tf\u{1}g\u{7f}h é 漢 \u{1F600}";
+        let json = written(|out| write_str(out, tricky));
+        assert!(!json.contains('\n'));
+        assert_eq!(serde_json::from_str::<String>(&json).unwrap(), tricky);
+    }
+
+    #[test]
+    fn every_byte_position_of_a_long_string_is_checked() {
+        for special in ['"', '\\', '\n', '\u{1f}', '\u{0}'] {
+            for at in 0..40 {
+                let mut text: String = "abcdefghijklmnopqrstuvwxyz0123456789ABCD".into();
+                text.replace_range(at..at + 1, &special.to_string());
+                let json = written(|out| write_str(out, &text));
+                assert_eq!(
+                    serde_json::from_str::<String>(&json).unwrap(),
+                    text,
+                    "{special:?} at {at}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_become_replacement_characters() {
+        let json = written(|out| write_lossy_str(out, b"ok\xffok"));
+        assert_eq!(
+            serde_json::from_str::<String>(&json).unwrap(),
+            "ok\u{FFFD}ok"
+        );
+    }
+
+    #[test]
+    fn a_pretty_body_is_compacted_to_one_line_and_strings_keep_their_spaces() {
+        let pretty = b"{\n  \"a b\": [1, 2],\n  \"q\": \"x \\\" y\\\\\",\n  \"n\": null\n}\n";
+        let json = written(|out| assert!(write_compact(out, pretty)));
+        assert_eq!(json, r#"{"a b":[1,2],"q":"x \" y\\","n":null}"#);
+        assert_eq!(
+            serde_json::from_str::<Value>(&json).unwrap(),
+            serde_json::from_slice::<Value>(pretty).unwrap()
+        );
+    }
+
+    #[test]
+    fn invalid_json_is_refused_and_nothing_is_written() {
+        let mut out = b"x".to_vec();
+        assert!(!write_compact(&mut out, b"{\"a\":"));
+        assert!(!write_compact(&mut out, b"{} {}"));
+        assert_eq!(out, b"x");
+    }
+
+    #[test]
+    fn objects_separate_members_and_nest() {
+        let json = written(|out| {
+            let mut object = Object::begin(out);
+            object.str("s", "v").number("n", 1.5).raw("t", b"true");
+            let mut inner = Object::begin(object.key("o"));
+            inner.number("i", 7u16);
+            inner.end();
+            object.end();
+        });
+        assert_eq!(json, r#"{"s":"v","n":1.5,"t":true,"o":{"i":7}}"#);
+    }
+}
