@@ -141,7 +141,7 @@ cleanup() {
     trap - EXIT INT TERM
     for ((i=${#PIDS[@]}-1; i>=0; i--)); do
         pid=${PIDS[$i]}
-        if [ "$pid" = "$GW_PID" ]; then
+        if [ "$pid" = "$GW_PID" ] || [ "$pid" = "${GWT_PID:-}" ]; then
             stop_pid "$pid" INT   # SIGINT: pingora's fast shutdown (SIGTERM drains)
         else
             stop_pid "$pid" TERM

@@ -59,6 +59,7 @@ async fn publish(amqp: &str, queue: &str, events: usize, offset: usize) -> f64 {
         queue: queue.to_string(),
         queue_type: Default::default(),
         queue_capacity: events,
+        publish_interval: Duration::from_millis(50),
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
     })

@@ -86,10 +86,20 @@ pub struct TraceConfig {
     /// its dead-letter queue. A queue's type cannot change once declared. Default `classic`.
     #[serde(default)]
     pub queue_type: QueueType,
-    /// Events held in memory between the request path and the publisher. Default 10000;
-    /// beyond it events go to the spool, and only a full spool drops.
+    /// Entries held in memory between the request path and the publisher (a gateway request's
+    /// two events are one entry). Default 10000; beyond it events go to the spool, and only a
+    /// full spool drops.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
+    /// How long the publisher lets events gather before it sends them and waits for the
+    /// broker's confirms, unless 2048 entries are already waiting. The broker's cost is per
+    /// round trip, so a longer wait costs it less CPU and delays events by up to this much.
+    /// Default `50ms`.
+    #[serde(
+        default = "default_publish_interval",
+        deserialize_with = "duration_text"
+    )]
+    pub publish_interval: Duration,
     /// Folder for the disk spool used while the broker is away. Default `/tmp/goms-spool`;
     /// each node uses its own subfolder.
     #[serde(default = "default_spool_dir")]
@@ -282,6 +292,10 @@ fn default_amqp_addr() -> String {
 fn default_lease_ttl() -> u64 {
     10
 }
+fn default_publish_interval() -> Duration {
+    Duration::from_millis(50)
+}
+
 fn default_etcd_timeout() -> Duration {
     Duration::from_secs(3)
 }
@@ -479,6 +493,9 @@ impl GomsConfig {
         if self.trace.queue_capacity == 0 {
             return Err("trace.queueCapacity must be at least 1".into());
         }
+        if self.trace.publish_interval < Duration::from_millis(1) {
+            return Err("trace.publishInterval must be at least 1ms (e.g. `50ms`)".into());
+        }
         if self.trace_consumer.batch_size == 0 {
             return Err("traceConsumer.batchSize must be at least 1".into());
         }
@@ -549,6 +566,19 @@ mod tests {
         assert_eq!(config.registry.lease_ttl, 10);
         assert_eq!(config.gateway.retries, 2);
         assert!(config.call_service_key.is_none());
+        assert_eq!(config.trace.publish_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn publish_interval_is_read_and_zero_is_refused() {
+        let read = |text: &str| GomsConfig::check_file(Path::new("goms.yml"), text).unwrap();
+        let config = read("trace:\n  publishInterval: 250ms\n");
+        assert_eq!(config.trace.publish_interval, Duration::from_millis(250));
+        assert!(config.validate().is_ok());
+        let error = read("trace:\n  publishInterval: 0s\n")
+            .validate()
+            .unwrap_err();
+        assert!(error.contains("trace.publishInterval"), "{error}");
     }
 
     #[test]

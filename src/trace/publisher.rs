@@ -29,13 +29,6 @@ use crate::config::QueueType;
 /// milliseconds; a batch of 256 capped the publisher near 9,000 events/s, below what a busy
 /// gateway emits, and the rest overflowed into the spool.
 const PUBLISH_BATCH: usize = 2048;
-/// How long the publisher lets events gather before a confirm round trip, unless a whole
-/// batch is already waiting. The broker's cost is per round trip (it writes and syncs the
-/// messages before it confirms them), not per event or byte: publishing as soon as anything was
-/// queued meant ~500 rounds/s and about half a core of broker CPU at 13,000 requests/s.
-/// It also polls instead of awaiting `recv`: a waiting receiver makes every `emit` on the
-/// request path wake the publisher's thread. An event waits at most this much longer.
-const QUEUE_POLL: Duration = Duration::from_millis(50);
 /// Longest wait for one batch's confirms before the broker counts as away.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -45,6 +38,13 @@ pub struct PublisherSettings {
     pub queue: String,
     pub queue_type: QueueType,
     pub queue_capacity: usize,
+    /// How long events gather before a confirm round trip, unless a whole batch is already
+    /// waiting (`trace.publishInterval`). The broker's cost is per round trip (it writes and
+    /// syncs the messages before it confirms them), not per event: publishing as soon as
+    /// anything was queued meant ~500 rounds/s and about half a core of broker CPU at 13,000
+    /// requests/s. The publisher also polls instead of awaiting `recv`: a waiting receiver
+    /// makes every `emit` on the request path wake the publisher's thread.
+    pub publish_interval: Duration,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
 }
@@ -276,7 +276,7 @@ async fn run(
                 break;
             }
             tokio::select! {
-                _ = tokio::time::sleep(QUEUE_POLL) => {}
+                _ = tokio::time::sleep(settings.publish_interval) => {}
                 _ = stopped.changed() => break,
             }
         }
@@ -298,7 +298,8 @@ fn event_count(units: &[EncodedEvents]) -> u64 {
     units.iter().map(|unit| unit.count() as u64).sum()
 }
 
-/// Takes what is queued, up to a batch, without registering a waker: see [`QUEUE_POLL`].
+/// Takes what is queued, up to a batch, without registering a waker: see
+/// [`PublisherSettings::publish_interval`].
 fn take_queued(queue: &mut mpsc::Receiver<EncodedEvents>) -> Vec<EncodedEvents> {
     let mut batch = Vec::new();
     while batch.len() < PUBLISH_BATCH {
