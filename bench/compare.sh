@@ -18,6 +18,9 @@
 #   --keep             keep the scratch directory (configs, logs) for inspection
 #   --tracing          also measure a second gateway with tracing on (`goms+trace`), publishing to a
 #                      local RabbitMQ (installed from Debian if missing); the `goms` rows are tracing off
+#   --bare-pingora     also measure `pingora`: a bare pingora round-robin proxy (examples/bare_pingora.rs,
+#                      built with cargo), doing what the nginx front end does, with --threads threads;
+#                      the floor goms's gateway is built on
 #   --profile          afterwards, profile the gateway with `perf record -g` during a GET run at the
 #                      lowest connection count (--profile-seconds, default 10); prints the hottest
 #                      symbols and keeps profile.txt (and perf.data with --keep or --out)
@@ -42,6 +45,7 @@ OUT_DIR=""
 KEEP=0
 SMOKE=0
 TRACING=0
+BARE_PINGORA=0
 PROFILE=0
 PROFILE_SECS=10
 HOLD=0
@@ -62,6 +66,7 @@ while [ $# -gt 0 ]; do
         --out) OUT_DIR=${2:?}; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --tracing) TRACING=1; shift ;;
+        --bare-pingora) BARE_PINGORA=1; shift ;;
         --smoke) SMOKE=1; shift ;;
         --hold) HOLD=${2:?}; shift 2 ;;
         --profile) PROFILE=1; shift ;;
@@ -141,7 +146,7 @@ cleanup() {
     trap - EXIT INT TERM
     for ((i=${#PIDS[@]}-1; i>=0; i--)); do
         pid=${PIDS[$i]}
-        if [ "$pid" = "$GW_PID" ] || [ "$pid" = "${GWT_PID:-}" ]; then
+        if [ "$pid" = "$GW_PID" ] || [ "$pid" = "${GWT_PID:-}" ] || [ "$pid" = "${BP_PID:-}" ]; then
             stop_pid "$pid" INT   # SIGINT: pingora's fast shutdown (SIGTERM drains)
         else
             stop_pid "$pid" TERM
@@ -445,6 +450,19 @@ haproxy -db -f "$T/haproxy.cfg" > "$T/haproxy.log" 2>&1 &
 HA_PID=$!; PIDS+=("$HA_PID")
 
 # ---------------------------------------------------------------------------------------------
+# Optional front end: bare pingora (--bare-pingora), the same round robin with no goms code.
+# ---------------------------------------------------------------------------------------------
+BP_PID=""
+if [ "$BARE_PINGORA" = 1 ]; then
+    log "building the bare pingora proxy: cargo build --release --locked --example bare_pingora"
+    (cd "$REPO" && cargo build --release --locked --example bare_pingora)
+    free_port; BPP=$FREE_PORT
+    "$REPO/target/release/examples/bare_pingora" "127.0.0.1:$BPP" "$GW_THREADS" \
+        "127.0.0.1:$U1" "127.0.0.1:$U2" "127.0.0.1:$U3" > "$T/bare-pingora.log" 2>&1 &
+    BP_PID=$!; PIDS+=("$BP_PID")
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Readiness and a round-robin check: six GETs through each proxy must reach all three ports.
 # ---------------------------------------------------------------------------------------------
 FRONTENDS=(goms nginx haproxy direct)
@@ -456,6 +474,10 @@ URL[direct]="http://127.0.0.1:$U1"; PID_OF[direct]=""
 if [ -n "$GWT_PID" ]; then
     FRONTENDS=(goms goms+trace nginx haproxy direct)
     URL[goms+trace]="http://127.0.0.1:$GTP"; PID_OF[goms+trace]=$GWT_PID
+fi
+if [ -n "$BP_PID" ]; then
+    FRONTENDS=("${FRONTENDS[0]}" pingora "${FRONTENDS[@]:1}")
+    URL[pingora]="http://127.0.0.1:$BPP"; PID_OF[pingora]=$BP_PID
 fi
 for fe in "${FRONTENDS[@]}"; do
     [ -z "${PID_OF[$fe]}" ] || alive "${PID_OF[$fe]}" "$fe"
