@@ -187,6 +187,15 @@ impl RawStreamWrapper {
     pub fn enable_rx_ts(&mut self, enable_rx_ts: bool) {
         self.enable_rx_ts = enable_rx_ts;
     }
+
+    /// goms patch: registers a TCP socket with the I/O driver of the runtime this runs on.
+    fn into_current_runtime(mut self) -> io::Result<Self> {
+        self.stream = match self.stream {
+            RawStream::Tcp(tcp) => RawStream::Tcp(TcpStream::from_std(tcp.into_std()?)?),
+            other => other,
+        };
+        Ok(self)
+    }
 }
 
 impl AsyncRead for RawStreamWrapper {
@@ -625,6 +634,21 @@ impl Stream {
 
     /// Set the read and write buffer sizes
     /// It is only set later because of the malloc overhead in critical accept() path
+    /// goms patch: moves an accepted TCP connection to the I/O driver of the runtime this runs
+    /// on. tokio registers an accepted socket with the runtime of the accepting task, but the
+    /// listener hands each connection to a random thread of a no-steal runtime: every read
+    /// readiness of the connection then woke the accepting thread, which woke the serving one.
+    /// Called before anything was read or written, when the buffers are empty, and before
+    /// set_buffer(), which sizes the buffers.
+    pub(crate) fn register_with_current_runtime(&mut self) -> io::Result<()> {
+        let Some(buffered) = self.stream.take() else {
+            return Ok(());
+        };
+        let raw = buffered.into_inner().into_current_runtime()?;
+        self.stream = Some(BufferedStream::with_capacity(0, 0, raw));
+        Ok(())
+    }
+
     pub(crate) fn set_buffer(&mut self, buffer: L4BufferSettings) {
         use std::mem;
         // Since the buffers can't be resized in place,
