@@ -21,12 +21,12 @@ use tracing::{error, info, warn};
 use super::amqp::{self, Link};
 use super::event::TraceEvent;
 use super::framing::{self, EncodedEvents};
-use super::spool::{Spool, SpoolError};
+use super::spool::{Spool, SpoolError, SpooledSegment};
 use crate::config::QueueType;
 
-/// Most queued units (a gateway request's two events, or one event) taken from the queue and
-/// sent, as messages of up to 128 events, before waiting for their confirms. The broker confirms persistent messages after writing them to disk, some
-/// milliseconds; a batch of 256 capped the publisher near 9,000 events/s, below what a busy
+/// Most queue entries (a gateway request's two events, or one event) taken from the queue and
+/// sent, as messages of up to 128 events, before waiting for their confirms. The broker
+/// confirms persistent messages after writing them to disk, some milliseconds; a batch of 256 capped the publisher near 9,000 events/s, below what a busy
 /// gateway emits, and the rest overflowed into the spool.
 const PUBLISH_BATCH: usize = 2048;
 /// Longest wait for one batch's confirms before the broker counts as away.
@@ -39,10 +39,10 @@ pub struct PublisherSettings {
     pub queue_type: QueueType,
     pub queue_capacity: usize,
     /// How long events gather before a confirm round trip, unless a whole batch is already
-    /// waiting (`trace.publishInterval`). The broker's cost is per round trip (it writes and
-    /// syncs the messages before it confirms them), not per event: publishing as soon as
-    /// anything was queued meant ~500 rounds/s and about half a core of broker CPU at 13,000
-    /// requests/s. The publisher also polls instead of awaiting `recv`: a waiting receiver
+    /// waiting (`trace.publishInterval`). The broker's cost was per round trip (it writes and
+    /// syncs the messages before it confirms them): publishing as soon as anything was queued
+    /// meant ~500 rounds/s and about half a core of broker CPU at 13,000 requests/s. At 50 ms
+    /// what is left follows the bytes; 500 ms saved only ~15% more. The publisher also polls instead of awaiting `recv`: a waiting receiver
     /// makes every `emit` on the request path wake the publisher's thread.
     pub publish_interval: Duration,
     pub spool_dir: PathBuf,
@@ -346,7 +346,12 @@ async fn replay_one_segment(
         }
         spool.oldest().map_err(|e| e.to_string())?
     };
-    let Some((path, events, unreadable)) = oldest else {
+    let Some(SpooledSegment {
+        path,
+        events,
+        unreadable,
+    }) = oldest
+    else {
         return Ok(false);
     };
     if unreadable > 0 {

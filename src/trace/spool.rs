@@ -36,6 +36,17 @@ pub struct Spool {
     current: Option<(PathBuf, File, u64)>,
 }
 
+/// One segment read back for replay.
+#[derive(Debug)]
+pub struct SpooledSegment {
+    /// Delete it with [`Spool::remove`] once the broker confirmed its events.
+    pub path: PathBuf,
+    /// One entry per line.
+    pub events: Vec<EncodedEvents>,
+    /// Lines that are not JSON (a write cut short by a crash): skipped, to be counted as dropped.
+    pub unreadable: usize,
+}
+
 /// Outcome of appending a batch.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Appended {
@@ -145,11 +156,8 @@ impl Spool {
         Ok(())
     }
 
-    /// The oldest segment's events, one unit per line, closing the segment being written if
-    /// it is the oldest. Lines that are not JSON (a write cut short by a crash) are skipped
-    /// and counted in the third value.
-    #[allow(clippy::type_complexity)]
-    pub fn oldest(&mut self) -> Result<Option<(PathBuf, Vec<EncodedEvents>, usize)>, SpoolError> {
+    /// The oldest segment's events, closing the segment being written if it is the oldest.
+    pub fn oldest(&mut self) -> Result<Option<SpooledSegment>, SpoolError> {
         let io = |path: &Path, source| SpoolError::Io {
             path: path.to_path_buf(),
             source,
@@ -183,7 +191,11 @@ impl Spool {
                 }
             }
         }
-        Ok(Some((path, events, unreadable)))
+        Ok(Some(SpooledSegment {
+            path,
+            events,
+            unreadable,
+        }))
     }
 
     /// Deletes a segment whose events the broker confirmed.
@@ -216,14 +228,14 @@ mod tests {
         drop(spool);
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         assert!(!spool.is_empty());
-        let (path, replayed, unreadable) = spool.oldest().unwrap().unwrap();
-        assert_eq!(unreadable, 0);
+        let segment = spool.oldest().unwrap().unwrap();
+        assert_eq!(segment.unreadable, 0);
         let expected: Vec<_> = events
             .iter()
             .map(|e| EncodedEvents::from_events([e]))
             .collect();
-        assert_eq!(replayed, expected);
-        spool.remove(&path).unwrap();
+        assert_eq!(segment.events, expected);
+        spool.remove(&segment.path).unwrap();
         assert!(spool.is_empty());
         assert!(spool.oldest().unwrap().is_none());
     }
@@ -260,7 +272,7 @@ mod tests {
         let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
         file.write_all(b"{\"eventId\":\"e1\",\"requ").unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let (_, replayed, unreadable) = spool.oldest().unwrap().unwrap();
-        assert_eq!((replayed.len(), unreadable), (1, 1));
+        let segment = spool.oldest().unwrap().unwrap();
+        assert_eq!((segment.events.len(), segment.unreadable), (1, 1));
     }
 }
