@@ -114,27 +114,34 @@ impl GatewayTracer {
     }
 
     /// Header names are lowercase (as `http` stores them); repeated headers are joined with
-    /// `, `; secrets are replaced by `[REDACTED]`.
+    /// `, `; secrets are replaced by `[REDACTED]`. `HeaderMap::iter` yields a name's values one
+    /// after another, so repeated headers are joined without looking any name up again.
     fn write_headers(&self, out: &mut Vec<u8>, header: &RequestHeader) {
         let mut headers = Object::begin(out);
-        for name in header.headers.keys() {
+        let mut entries = header.headers.iter().peekable();
+        while let Some((name, first)) = entries.next() {
             let value = headers.key(name.as_str());
-            if self.redactor.is_redacted(name.as_str()) {
-                json::write_str(value, REDACTED);
+            let redacted = self.redactor.is_redacted(name.as_str());
+            if entries.peek().is_none_or(|(next, _)| *next != name) {
+                let shown = if redacted {
+                    REDACTED.as_bytes()
+                } else {
+                    first.as_bytes()
+                };
+                json::write_lossy_str(value, shown);
                 continue;
             }
-            let mut values = header.headers.get_all(name).iter();
-            let first = values.next().map(|v| v.as_bytes()).unwrap_or_default();
-            let Some(second) = values.next() else {
-                json::write_lossy_str(value, first);
-                continue;
-            };
-            let mut joined = first.to_vec();
-            for more in std::iter::once(second).chain(values) {
+            let mut joined = first.as_bytes().to_vec();
+            while let Some((_, more)) = entries.next_if(|(next, _)| *next == name) {
                 joined.extend_from_slice(b", ");
                 joined.extend_from_slice(more.as_bytes());
             }
-            json::write_lossy_str(value, &joined);
+            let shown = if redacted {
+                REDACTED.as_bytes()
+            } else {
+                &joined
+            };
+            json::write_lossy_str(value, shown);
         }
         headers.end();
     }
