@@ -269,6 +269,17 @@ mod tests {
         }
     }
 
+    /// A login POST with a pretty-printed JSON body, answered with `status` on the 2nd try.
+    fn pretty_json_login(status: u16) -> EncodedEvents {
+        tracer().encode(
+            &request("application/json"),
+            "10.0.0.7",
+            &body(b"{\n  \"user\": \"ada\"\n}", false),
+            &record(),
+            status,
+        )
+    }
+
     fn decoded(encoded: &EncodedEvents) -> Vec<TraceEvent> {
         let data = encoded.as_bytes();
         framing::lines(data)
@@ -278,13 +289,7 @@ mod tests {
 
     #[test]
     fn both_events_read_back_as_the_trace_event_schema() {
-        let encoded = tracer().encode(
-            &request("application/json"),
-            "10.0.0.7",
-            &body(b"{\n  \"user\": \"ada\"\n}", false),
-            &record(),
-            201,
-        );
+        let encoded = pretty_json_login(201);
         assert_eq!(encoded.count(), 2);
         let [start, end]: [TraceEvent; 2] = decoded(&encoded).try_into().unwrap();
 
@@ -319,13 +324,7 @@ mod tests {
 
     #[test]
     fn the_request_keeps_its_fields_and_secrets_are_redacted() {
-        let encoded = tracer().encode(
-            &request("application/json"),
-            "10.0.0.7",
-            &body(b"{\n  \"user\": \"ada\"\n}", false),
-            &record(),
-            200,
-        );
+        let encoded = pretty_json_login(200);
         let request = decoded(&encoded)[0].request.clone();
         assert_eq!(request.method, "POST");
         assert_eq!(request.url, "/api/user/login");
