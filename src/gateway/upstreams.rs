@@ -78,25 +78,31 @@ impl ServiceUpstream {
 
     /// Picks the next replica round robin, skipping `tried` ones. Unhealthy replicas are
     /// used only when no healthy untried one is left: a health check can lag a restart.
+    ///
+    /// Only current members are drawn. The balancer learns a membership change after
+    /// `nodes` does (its update is asynchronous), and in between it could still draw a
+    /// replica that just left, which has no entry any more: that request failed with 503
+    /// while other replicas were up.
     pub fn select(&self, tried: &[SocketAddr]) -> Option<Arc<NodeState>> {
-        let untried = |backend: &Backend| {
+        let nodes = self.nodes.load();
+        let eligible = |backend: &Backend| {
             backend
                 .addr
                 .as_inet()
-                .is_some_and(|addr| !tried.contains(addr))
+                .is_some_and(|addr| !tried.contains(addr) && nodes.contains_key(addr))
         };
         let backend = self
             .balancer
             .select_with(b"", MAX_SELECT_ITERATIONS, |b, healthy| {
-                healthy && untried(b)
+                healthy && eligible(b)
             })
             .or_else(|| {
                 self.balancer
-                    .select_with(b"", MAX_SELECT_ITERATIONS, |b, _| untried(b))
+                    .select_with(b"", MAX_SELECT_ITERATIONS, |b, _| eligible(b))
             })?;
         self.picks.fetch_add(1, Ordering::Relaxed);
         let addr = *backend.addr.as_inet()?;
-        self.nodes.load().get(&addr).cloned()
+        nodes.get(&addr).cloned()
     }
 
     /// Whether a retry would find a replica not tried yet.
@@ -233,4 +239,38 @@ async fn resolve_all<'a>(nodes: impl Iterator<Item = &'a NodeInfo>) -> Vec<(Node
         }
     }
     resolved
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(port: u16) -> (NodeInfo, SocketAddr) {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let info = serde_json::from_value(serde_json::json!({
+            "id": format!("user-{port}"), "service": "user", "http": addr.to_string()
+        }))
+        .unwrap();
+        (info, addr)
+    }
+
+    #[tokio::test]
+    async fn a_replica_that_left_is_not_drawn_while_the_balancer_catches_up() {
+        let upstream = ServiceUpstream::new("user");
+        upstream.replace(vec![member(9001), member(9002)]).await;
+        // The moment inside `replace` after the membership changed and before the
+        // balancer's update finished: 9002 has left, the balancer still holds it.
+        let staying: HashMap<_, _> = upstream
+            .nodes
+            .load()
+            .iter()
+            .filter(|(addr, _)| addr.port() == 9001)
+            .map(|(addr, node)| (*addr, node.clone()))
+            .collect();
+        upstream.nodes.store(Arc::new(staying));
+        for _ in 0..10 {
+            let picked = upstream.select(&[]).expect("9001 is still a member");
+            assert_eq!(picked.addr.port(), 9001);
+        }
+    }
 }
