@@ -120,28 +120,18 @@ impl GatewayTracer {
         let mut headers = Object::begin(out);
         let mut entries = header.headers.iter().peekable();
         while let Some((name, first)) = entries.next() {
-            let value = headers.key(name.as_str());
-            let redacted = self.redactor.is_redacted(name.as_str());
-            if entries.peek().is_none_or(|(next, _)| *next != name) {
-                let shown = if redacted {
-                    REDACTED.as_bytes()
-                } else {
-                    first.as_bytes()
-                };
-                json::write_lossy_str(value, shown);
-                continue;
-            }
-            let mut joined = first.as_bytes().to_vec();
+            let mut joined: Option<Vec<u8>> = None;
             while let Some((_, more)) = entries.next_if(|(next, _)| *next == name) {
+                let joined = joined.get_or_insert_with(|| first.as_bytes().to_vec());
                 joined.extend_from_slice(b", ");
                 joined.extend_from_slice(more.as_bytes());
             }
-            let shown = if redacted {
+            let shown = if self.redactor.is_redacted(name.as_str()) {
                 REDACTED.as_bytes()
             } else {
-                &joined
+                joined.as_deref().unwrap_or(first.as_bytes())
             };
-            json::write_lossy_str(value, shown);
+            json::write_lossy_str(headers.key(name.as_str()), shown);
         }
         headers.end();
     }
