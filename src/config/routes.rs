@@ -94,6 +94,11 @@ fn check_path(path: &str) -> Result<(), String> {
             "route path `{path}` must be a plain path (no spaces, `?` or `#`)"
         ));
     }
+    if http::uri::PathAndQuery::try_from(path).is_err() {
+        return Err(format!(
+            "route path `{path}` has characters a request target cannot carry"
+        ));
+    }
     Ok(())
 }
 
@@ -411,6 +416,9 @@ pub struct Route {
     pub service: Arc<str>,
     pub name: String,
     pub path: String,
+    /// `path` as the request target sent upstream when the client sent no query string,
+    /// parsed once here instead of on every request.
+    pub target: Option<http::Uri>,
     pub methods: Option<Vec<http::Method>>,
     pub timeout: Duration,
     pub retries: u32,
@@ -452,6 +460,7 @@ impl RouteTable {
                             service: service_name.clone(),
                             name: name.clone(),
                             path: route.path.clone(),
+                            target: http::Uri::try_from(route.path.as_str()).ok(),
                             methods: route.methods.as_ref().map(|methods| {
                                 methods
                                     .iter()

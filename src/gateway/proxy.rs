@@ -7,7 +7,8 @@
 //! replica; a failure after sending, or a 502/503/504 answer, moves on only for idempotent
 //! methods, so the gateway never executes a POST twice.
 
-use std::net::SocketAddr;
+use std::cell::RefCell;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -135,6 +136,25 @@ fn attempt_value(attempt: usize) -> http::HeaderValue {
     }
 }
 
+/// The client's address as an `X-Forwarded-For` value. Formatting an address costs more than
+/// the rest of this header's work, and a gateway sees the same few addresses again and again
+/// (its load balancer's, or one client's keep-alive connection), so each proxy thread keeps
+/// the last one it formatted.
+fn forwarded_for_value(ip: IpAddr) -> http::HeaderValue {
+    thread_local! {
+        static LAST: RefCell<Option<(IpAddr, http::HeaderValue)>> = const { RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((cached, value)) if *cached == ip => value.clone(),
+        _ => {
+            let value = http::HeaderValue::try_from(ip.to_string())
+                .expect("an IP address in text is a valid header value");
+            *last = Some((ip, value.clone()));
+            value
+        }
+    })
+}
+
 fn is_form(request: &RequestHeader) -> bool {
     request
         .headers
@@ -192,6 +212,11 @@ impl ProxyHttp for GatewayProxy {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx::default()
     }
+
+    /// No downstream modules. pingora's default adds a response-compression module, disabled,
+    /// which still allocates its context and runs its filters on every request; the gateway
+    /// passes bodies through as the replica encoded them.
+    fn init_downstream_modules(&self, _modules: &mut pingora::modules::http::HttpModules) {}
 
     async fn request_filter(
         &self,
@@ -292,13 +317,18 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         let route = ctx.route.as_ref().expect("routed requests have a route");
-        let target = match upstream_request.uri.query() {
-            Some(query) => format!("{}?{query}", route.path),
-            None => route.path.clone(),
+        let uri = match (upstream_request.uri.query(), &route.target) {
+            (None, Some(target)) => target.clone(),
+            (query, _) => {
+                let target = match query {
+                    Some(query) => format!("{}?{query}", route.path),
+                    None => route.path.clone(),
+                };
+                target
+                    .parse::<http::Uri>()
+                    .map_err(|_| gateway_error(400, "request target cannot be rewritten"))?
+            }
         };
-        let uri = target
-            .parse::<http::Uri>()
-            .map_err(|_| gateway_error(400, "request target cannot be rewritten"))?;
         upstream_request.set_uri(uri);
         ctx.form_to_json = None;
         if route.transform == Transform::Json && is_form(upstream_request) {
@@ -316,8 +346,12 @@ impl ProxyHttp for GatewayProxy {
         }
         if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
             let forwarded = match upstream_request.headers.get("x-forwarded-for") {
-                Some(previous) => format!("{}, {}", previous.to_str().unwrap_or(""), client.ip()),
-                None => client.ip().to_string(),
+                Some(previous) => {
+                    let chain = format!("{}, {}", previous.to_str().unwrap_or(""), client.ip());
+                    http::HeaderValue::try_from(chain)
+                        .map_err(|_| gateway_error(400, "X-Forwarded-For cannot be extended"))?
+                }
+                None => forwarded_for_value(client.ip()),
             };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
@@ -492,6 +526,20 @@ impl ProxyHttp for GatewayProxy {
                 elapsed_ms = record.elapsed().as_millis() as u64,
                 "request finished"
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_for_follows_the_client_address_whatever_was_cached() {
+        let v4: IpAddr = "10.1.2.3".parse().unwrap();
+        let v6: IpAddr = "2001:db8::7".parse().unwrap();
+        for ip in [v4, v4, v6, v4, v6, v6] {
+            assert_eq!(forwarded_for_value(ip), ip.to_string().as_str());
         }
     }
 }

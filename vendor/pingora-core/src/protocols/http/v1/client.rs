@@ -284,7 +284,8 @@ impl HttpSession {
                         // while header_refs doesn't as it is still empty
                         let _num_headers = populate_headers(base, &mut header_refs, resp.headers);
 
-                        let mut response_header = match ResponseHeader::build(
+                        // goms patch: no case map, as for requests (see v1/server.rs).
+                        let mut response_header = match ResponseHeader::build_no_case(
                             resp.code.unwrap(),
                             Some(resp.headers.len()),
                         ) {

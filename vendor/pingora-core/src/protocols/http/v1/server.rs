@@ -349,7 +349,11 @@ impl HttpSession {
                         // while header_refs doesn't as it is still empty
                         let _num_headers = populate_headers(base, &mut header_refs, req.headers);
 
-                        let mut request_header = Box::new(RequestHeader::build(
+                        // goms patch: no case map. Keeping each header name's original case
+                        // doubled the header work (a second map, a name copy per header, both
+                        // cloned for the upstream request). Names go out titled when standard,
+                        // else lowercase, as Envoy sends them by default.
+                        let mut request_header = Box::new(RequestHeader::build_no_case(
                             req.method.unwrap_or(""),
                             // we path httparse to allow unsafe bytes in the str
                             req.path.unwrap_or("").as_bytes(),
