@@ -27,6 +27,10 @@
 #   --hold S           after start-up, print the front ends' URLs and PIDs and wait S seconds (for
 #                      perf, strace, curl by hand), then measure as usual
 #   --smoke            1 round, 2 s per run, one connection count (16); for CI
+#   --callgrind        instead of the timed rounds, run every proxy under valgrind's callgrind and
+#                      print the instructions each executes per request (GET and POST, 4 connections,
+#                      --duration s each): unlike req/s and CPU time, these counts repeat from run to
+#                      run whatever else the machine does. Installs valgrind from Debian if missing.
 #
 # Everything it starts (upstream nginx, etcd, gateway, front nginx, HAProxy) is stopped by PID in an
 # EXIT trap, even on failure. It never signals processes by name: other nginx/etcd may be running.
@@ -49,6 +53,7 @@ BARE_PINGORA=0
 PROFILE=0
 PROFILE_SECS=10
 HOLD=0
+CALLGRIND=0
 POST_BYTES=1024
 
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; }
@@ -68,6 +73,7 @@ while [ $# -gt 0 ]; do
         --tracing) TRACING=1; shift ;;
         --bare-pingora) BARE_PINGORA=1; shift ;;
         --smoke) SMOKE=1; shift ;;
+        --callgrind) CALLGRIND=1; shift ;;
         --hold) HOLD=${2:?}; shift 2 ;;
         --profile) PROFILE=1; shift ;;
         --profile-seconds) PROFILE_SECS=${2:?}; shift 2 ;;
@@ -102,6 +108,7 @@ command -v curl >/dev/null || need_pkgs+=(curl)
 command -v ss >/dev/null || need_pkgs+=(iproute2)
 command -v pgrep >/dev/null || need_pkgs+=(procps)
 [ "$PROFILE" = 0 ] || command -v perf >/dev/null || need_pkgs+=(linux-perf)
+[ "$CALLGRIND" = 0 ] || command -v callgrind_control >/dev/null || need_pkgs+=(valgrind)
 if [ ${#need_pkgs[@]} -gt 0 ]; then
     [ "$(id -u)" = 0 ] || die "missing ${need_pkgs[*]}; run as root or install them"
     log "installing from Debian: ${need_pkgs[*]}"
@@ -118,6 +125,11 @@ ulimit -n 65536 2>/dev/null || true   # for 256 connections x 2 sides x proxies;
 PIDS=()        # every long-running process we started, in start order
 LATE_PIDS=()   # stopped after PIDS (epmd, after its broker)
 GW_PID=""
+# --callgrind: every proxy starts under callgrind; each writes $T/callgrind-NAME.out.N per dump.
+VG() { # VG NAME: the command prefix for a proxy named NAME (nothing without --callgrind)
+    [ "$CALLGRIND" = 1 ] || return 0
+    printf '%s\n' valgrind --tool=callgrind --dump-instr=no "--callgrind-out-file=$T/callgrind-$1.out"
+}
 
 # All descendants of a PID (nginx master -> workers), depth first, the PID itself first.
 tree_pids() {
@@ -361,7 +373,8 @@ start_gateway() { # start_gateway NAME PORT [ENV...] -- [ARGS...]; sets STARTED_
     while [ $# -gt 0 ] && [ "$1" != -- ]; do envs+=("$1"); shift; done
     [ $# -gt 0 ] && shift
     args=("$@")
-    env GOMS__CALL_SERVICE_KEY=bench ${envs[@]+"${envs[@]}"} \
+    local vg=(); mapfile -t vg < <(VG "$name")
+    env GOMS__CALL_SERVICE_KEY=bench ${envs[@]+"${envs[@]}"} ${vg[@]+"${vg[@]}"} \
         "$GOMS_BIN" --config /nonexistent gateway --http-port "$port" \
         --etcd-addr "127.0.0.1:$EP" --routes "$T/routes/routes.yml" --threads "$GW_THREADS" \
         --node-id "bench-$name" ${args[@]+"${args[@]}"} > "$T/$name.log" 2>&1 &
@@ -385,8 +398,11 @@ fi
 # ---------------------------------------------------------------------------------------------
 free_port; NP=$FREE_PORT
 mkdir -p "$T/front/tmp"
+# Under callgrind, one process: no master to fork the worker off.
+MASTER_PROCESS=on; [ "$CALLGRIND" = 0 ] || MASTER_PROCESS=off
 cat > "$T/front/nginx.conf" <<EOF
 worker_processes 1;
+master_process $MASTER_PROCESS;
 worker_rlimit_nofile 16384;
 daemon off;
 pid $T/front/nginx.pid;
@@ -414,7 +430,8 @@ $(nginx_common "$T/front")
     }
 }
 EOF
-nginx -p "$T/front" -c "$T/front/nginx.conf" > "$T/front/stdout.log" 2>&1 &
+mapfile -t vg < <(VG nginx)
+${vg[@]+"${vg[@]}"} nginx -p "$T/front" -c "$T/front/nginx.conf" > "$T/front/stdout.log" 2>&1 &
 NG_PID=$!; PIDS+=("$NG_PID")
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +463,8 @@ backend bench
     server u3 127.0.0.1:$U3
 EOF
 haproxy -c -q -f "$T/haproxy.cfg" || die "haproxy config invalid"
-haproxy -db -f "$T/haproxy.cfg" > "$T/haproxy.log" 2>&1 &
+mapfile -t vg < <(VG haproxy)
+${vg[@]+"${vg[@]}"} haproxy -db -f "$T/haproxy.cfg" > "$T/haproxy.log" 2>&1 &
 HA_PID=$!; PIDS+=("$HA_PID")
 
 # ---------------------------------------------------------------------------------------------
@@ -457,7 +475,8 @@ if [ "$BARE_PINGORA" = 1 ]; then
     log "building the bare pingora proxy: cargo build --release --locked --example bare_pingora"
     (cd "$REPO" && cargo build --release --locked --example bare_pingora)
     free_port; BPP=$FREE_PORT
-    "$REPO/target/release/examples/bare_pingora" "127.0.0.1:$BPP" "$GW_THREADS" \
+    mapfile -t vg < <(VG pingora)
+    ${vg[@]+"${vg[@]}"} "$REPO/target/release/examples/bare_pingora" "127.0.0.1:$BPP" "$GW_THREADS" \
         "127.0.0.1:$U1" "127.0.0.1:$U2" "127.0.0.1:$U3" > "$T/bare-pingora.log" 2>&1 &
     BP_PID=$!; PIDS+=("$BP_PID")
 fi
@@ -567,6 +586,45 @@ run_wrk() {
 # ---------------------------------------------------------------------------------------------
 # Measure: warm-up, then rounds of A B C D for every scenario and connection count.
 # ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
+# --callgrind: instructions per request, counted by callgrind, instead of the timed rounds.
+# Counters are zeroed after a warm-up and dumped after a wrk run; the dump's total covers all of
+# the proxy's threads. Valgrind runs a program some 50 times slower, so few connections suffice.
+# ---------------------------------------------------------------------------------------------
+callgrind_total() { # callgrind_total NAME: the instruction total of NAME's newest dump
+    local f
+    f=$(ls -t "$T/callgrind-$1.out".* 2>/dev/null | head -n 1)
+    [ -n "$f" ] || die "no callgrind dump for $1"
+    awk '/^totals:/ { print $2; exit }' "$f"
+}
+if [ "$CALLGRIND" = 1 ]; then
+    declare -A CG_NAME=([goms]=gateway [goms+trace]=gateway-trace [pingora]=pingora [nginx]=nginx [haproxy]=haproxy)
+    CG_OUT=$T/instructions.tsv
+    printf 'scenario\tfrontend\trequests\tinstructions_per_request\n' > "$CG_OUT"
+    for scen in get post; do
+        for fe in "${FRONTENDS[@]}"; do
+            [ "$fe" != direct ] || continue
+            run_wrk "$fe" "$scen" 4 1 > /dev/null      # warm-up: pools, caches, lazy statics
+            callgrind_control --zero "${PID_OF[$fe]}" > /dev/null 2>&1
+            requests=$(run_wrk "$fe" "$scen" 4 "$DURATION" | awk '{ print $1 }')
+            callgrind_control --dump "${PID_OF[$fe]}" > /dev/null 2>&1
+            total=$(callgrind_total "${CG_NAME[$fe]}")
+            printf '%s\t%s\t%s\t%s\n' "$scen" "$fe" "$requests" $(( total / requests )) >> "$CG_OUT"
+            log "callgrind: $scen via $fe: $requests requests, $(( total / requests )) instructions/request"
+        done
+    done
+    echo
+    echo "Instructions per request (valgrind --tool=callgrind, all threads of the proxy, 4 connections, ${DURATION} s)"
+    echo
+    echo "| scenario | front end | requests | instructions/request | vs nginx |"
+    echo "| --- | --- | ---: | ---: | ---: |"
+    awk -F'\t' 'NR > 1 { row[NR] = $0; if ($2 == "nginx") base[$1] = $4 }
+        END { for (i = 2; i <= NR; i++) { split(row[i], f, "\t")
+            printf "| %s | %s | %d | %d | %.2f |\n", (f[1] == "get" ? "GET small" : "POST 1 KiB"), f[2], f[3], f[4], f[4] / base[f[1]] } }' "$CG_OUT"
+    [ -z "$OUT_DIR" ] || { mkdir -p "$OUT_DIR"; cp "$CG_OUT" "$T"/callgrind-*.out.* "$OUT_DIR/"; }
+    exit 0
+fi
+
 MAXC=0; for c in $CONNS; do [ "$c" -gt "$MAXC" ] && MAXC=$c; done
 log "warm-up: 1 s per front end at $MAXC connections"
 for fe in "${FRONTENDS[@]}"; do run_wrk "$fe" get "$MAXC" 1 >/dev/null; done
