@@ -15,7 +15,7 @@ use uuid::Uuid;
 use crate::trace::event::{BodyCapture, BodyKind, REDACTED};
 use crate::trace::framing::EncodedEvents;
 use crate::trace::json::{self, Object};
-use crate::trace::{millis, rfc3339, Redactor, RequestRecord};
+use crate::trace::{rfc3339, Redactor, RequestRecord};
 
 /// Who emits: the gateway's node identity and project label.
 pub struct GatewayTracer {
@@ -42,7 +42,7 @@ impl GatewayTracer {
         start.raw("request", &request);
         let mut trace = Object::begin(start.key("trace"));
         let mut timing = Object::begin(trace.key("timing"));
-        timing.str("startedAt", &received_at);
+        timing.plain_str("startedAt", &received_at);
         timing.end();
         trace.end();
         end_event(start, record);
@@ -51,11 +51,11 @@ impl GatewayTracer {
         let mut end = self.begin_event(&mut lines, "request.end", &ended_at, record);
         end.raw("request", &request);
         write_end_timing(&mut end, record, &received_at);
-        end.number("durationMs", millis(record.elapsed()));
-        end.number("status", status);
+        end.millis("durationMs", record.elapsed());
+        end.uint("status", u64::from(status));
         if let Some(served_by) = record.attempts.last() {
             end.str("upstream", &served_by.upstream);
-            end.number("attempt", record.attempts.len());
+            end.uint("attempt", record.attempts.len() as u64);
         }
         end_event(end, record);
 
@@ -73,14 +73,15 @@ impl GatewayTracer {
         let mut event_id = Uuid::encode_buffer();
         let mut event = Object::begin(lines);
         event
-            .str(
+            .plain_str(
                 "eventId",
                 Uuid::new_v4().hyphenated().encode_lower(&mut event_id),
             )
-            .str("requestId", &record.request_id)
-            .str("event", kind)
-            .str("time", time)
-            .str("serviceName", crate::gateway::GATEWAY_SERVICE)
+            // Kept from the client only when it has no character that needs escaping.
+            .plain_str("requestId", &record.request_id)
+            .plain_str("event", kind)
+            .plain_str("time", time)
+            .plain_str("serviceName", crate::gateway::GATEWAY_SERVICE)
             .str("serviceId", &self.node_id)
             .str("projectName", &self.project_name);
         event
@@ -151,7 +152,7 @@ fn write_body(out: &mut Vec<u8>, kind: BodyKind, body: &BodyCapture) {
     } else {
         let mut form = Object::begin(out);
         for (name, value) in url::form_urlencoded::parse(&body.bytes) {
-            form.str(&name, &value);
+            json::write_str(form.escaped_key(&name), &value);
         }
         form.end();
     }
@@ -161,7 +162,7 @@ fn write_body(out: &mut Vec<u8>, kind: BodyKind, body: &BodyCapture) {
 fn write_end_timing(end: &mut Object<'_>, record: &RequestRecord, received_at: &str) {
     let mut trace = Object::begin(end.key("trace"));
     let mut timing = Object::begin(trace.key("timing"));
-    timing.str("startedAt", received_at);
+    timing.plain_str("startedAt", received_at);
     if !record.attempts.is_empty() {
         let out = timing.key("attempts");
         out.push(b'[');
@@ -173,12 +174,9 @@ fn write_end_timing(end: &mut Object<'_>, record: &RequestRecord, received_at: &
             let mut item = Object::begin(out);
             item.str("node", &attempt.node_id)
                 .str("upstream", &attempt.upstream)
-                .number(
-                    "durationMs",
-                    millis(finished.duration_since(attempt.started)),
-                );
+                .millis("durationMs", finished.duration_since(attempt.started));
             if let Some(status) = attempt.status {
-                item.number("status", status);
+                item.uint("status", u64::from(status));
             }
             if let Some(error) = &attempt.error {
                 item.str("error", error);
@@ -194,10 +192,10 @@ fn write_end_timing(end: &mut Object<'_>, record: &RequestRecord, received_at: &
 /// Writes the W3C ids every event ends with, closes the event and its line.
 fn end_event(mut event: Object<'_>, record: &RequestRecord) {
     event
-        .str("traceId", &record.trace.trace_id)
-        .str("spanId", &record.trace.span_id);
+        .plain_str("traceId", &record.trace.trace_id)
+        .plain_str("spanId", &record.trace.span_id);
     if let Some(parent) = &record.trace.parent_span_id {
-        event.str("parentSpanId", parent);
+        event.plain_str("parentSpanId", parent);
     }
     let lines = event.end();
     lines.push(b'\n');

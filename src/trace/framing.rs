@@ -3,17 +3,17 @@
 //!
 //! The broker's cost is per message, not per byte: one event per message held the broker
 //! to about 16,000 events/s on a core, less than two events per gateway request at full
-//! load. A message of up to [`MAX_EVENTS_PER_MESSAGE`] events cuts that cost by the batch
-//! size while keeping each event a complete document with its own `eventId`, so the
-//! consumer still indexes, retries and dead-letters event by event. A message that holds a
-//! single JSON object (one line) is a valid message too.
+//! load. A message of up to [`MAX_EVENTS_PER_MESSAGE`] events (and [`MAX_MESSAGE_BYTES`])
+//! cuts that cost by the batch size while keeping each event a complete document with its
+//! own `eventId`, so the consumer still indexes, retries and dead-letters event by event. A
+//! message that holds a single JSON object (one line) is a valid message too.
 
 use super::event::TraceEvent;
 
 /// MIME type of a trace message.
 pub const CONTENT_TYPE: &str = "application/x-ndjson";
 /// Most events in one message.
-pub const MAX_EVENTS_PER_MESSAGE: usize = 128;
+pub const MAX_EVENTS_PER_MESSAGE: usize = 1024;
 /// A message is closed once it reaches this size, whatever its event count.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
 
@@ -103,39 +103,76 @@ pub fn event_count(data: &[u8]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::trace::event::test_event as event;
 
-    #[test]
-    fn splits_into_messages_of_at_most_the_batch_size() {
-        let units: Vec<_> = (0..300)
-            .map(|n| EncodedEvents::from_events([&event(n)]))
-            .collect();
-        let messages = encode(&units);
-        let counts: Vec<usize> = messages.iter().map(|m| event_count(m)).collect();
-        assert_eq!(counts, [128, 128, 44]);
-        let ids: Vec<String> = messages
+    /// A one-line unit: a small JSON document with an id, about 20 bytes.
+    fn small(n: usize) -> EncodedEvents {
+        EncodedEvents::from_lines(format!("{{\"eventId\":\"e{n}\"}}\n").into_bytes(), 1)
+    }
+
+    fn ids(messages: &[Vec<u8>]) -> Vec<String> {
+        messages
             .iter()
             .flat_map(|m| {
                 lines(m)
                     .map(|r| {
-                        serde_json::from_slice::<TraceEvent>(&m[r])
+                        serde_json::from_slice::<serde_json::Value>(&m[r]).unwrap()["eventId"]
+                            .as_str()
                             .unwrap()
-                            .event_id
+                            .to_string()
                     })
                     .collect::<Vec<_>>()
             })
+            .collect()
+    }
+
+    #[test]
+    fn splits_into_messages_of_at_most_the_batch_size() {
+        let total = 2 * MAX_EVENTS_PER_MESSAGE + 44;
+        let units: Vec<_> = (0..total).map(small).collect();
+        let messages = encode(&units);
+        let counts: Vec<usize> = messages.iter().map(|m| event_count(m)).collect();
+        assert_eq!(counts, [MAX_EVENTS_PER_MESSAGE, MAX_EVENTS_PER_MESSAGE, 44]);
+        assert_eq!(
+            ids(&messages),
+            (0..total).map(|i| format!("e{i}")).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn a_message_is_closed_at_the_byte_limit_between_events() {
+        // 2 KiB events: 600 of them hold 1.2 MB, under the event limit but over the byte limit.
+        let padding = "x".repeat(2048);
+        let units: Vec<_> = (0..600)
+            .map(|n| {
+                let line = format!("{{\"eventId\":\"e{n}\",\"pad\":\"{padding}\"}}\n");
+                EncodedEvents::from_lines(line.into_bytes(), 1)
+            })
             .collect();
-        assert_eq!(ids, (0..300).map(|i| format!("e{i}")).collect::<Vec<_>>());
+        let messages = encode(&units);
+        assert_eq!(messages.len(), 3);
+        for message in &messages {
+            assert!(message.len() <= MAX_MESSAGE_BYTES);
+            assert!(message.ends_with(b"\n"));
+        }
+        assert_eq!(
+            ids(&messages),
+            (0..600).map(|i| format!("e{i}")).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn a_request_s_two_events_stay_in_one_message() {
-        let units: Vec<_> = (0..100)
-            .map(|n| EncodedEvents::from_events([&event(2 * n), &event(2 * n + 1)]))
+        let pairs = MAX_EVENTS_PER_MESSAGE / 2 + 36;
+        let units: Vec<_> = (0..pairs)
+            .map(|n| {
+                let mut lines = small(2 * n).as_bytes().to_vec();
+                lines.extend_from_slice(small(2 * n + 1).as_bytes());
+                EncodedEvents::from_lines(lines, 2)
+            })
             .collect();
         assert!(units.iter().all(|unit| unit.count() == 2));
         let counts: Vec<usize> = encode(&units).iter().map(|m| event_count(m)).collect();
-        assert_eq!(counts, [128, 72]);
+        assert_eq!(counts, [MAX_EVENTS_PER_MESSAGE, 72]);
     }
 
     #[test]

@@ -63,6 +63,21 @@ fn plain_prefix_len(bytes: &[u8]) -> usize {
         .unwrap_or(bytes.len() - at)
 }
 
+/// Writes an unsigned integer in decimal.
+pub fn write_uint(out: &mut Vec<u8>, mut value: u64) {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&buf[at..]);
+}
+
 /// Writes bytes as a JSON string; bytes that are not UTF-8 become U+FFFD.
 pub fn write_lossy_str(out: &mut Vec<u8>, value: &[u8]) {
     write_str(out, &String::from_utf8_lossy(value));
@@ -107,8 +122,24 @@ impl<'a> Object<'a> {
         Object { out, empty: true }
     }
 
-    /// Writes `"name":` and hands back the buffer for the value.
+    /// Writes `"name":` and hands back the buffer for the value. `name` is written as it is:
+    /// it must need no escaping, which holds for goms's own field names and for HTTP header
+    /// names (tokens). A name from a request body goes through [`Object::escaped_key`].
     pub fn key(&mut self, name: &str) -> &mut Vec<u8> {
+        debug_assert_eq!(plain_prefix_len(name.as_bytes()), name.len(), "{name:?}");
+        self.out.reserve(name.len() + 4);
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
+        self.out.push(b'"');
+        self.out.extend_from_slice(name.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.out
+    }
+
+    /// Like [`Object::key`], for a name that may need escaping.
+    pub fn escaped_key(&mut self, name: &str) -> &mut Vec<u8> {
         if !self.empty {
             self.out.push(b',');
         }
@@ -118,8 +149,21 @@ impl<'a> Object<'a> {
         self.out
     }
 
+    /// A string member; the value is escaped.
     pub fn str(&mut self, name: &str, value: &str) -> &mut Self {
         write_str(self.key(name), value);
+        self
+    }
+
+    /// A string member whose value needs no escaping by construction: a UUID, a hex id, an
+    /// RFC 3339 time, a validated request id. Skips the scan that [`Object::str`] makes.
+    pub fn plain_str(&mut self, name: &str, value: &str) -> &mut Self {
+        debug_assert_eq!(plain_prefix_len(value.as_bytes()), value.len(), "{value:?}");
+        let out = self.key(name);
+        out.reserve(value.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(value.as_bytes());
+        out.push(b'"');
         self
     }
 
@@ -129,10 +173,31 @@ impl<'a> Object<'a> {
         self
     }
 
-    pub fn number(&mut self, name: &str, value: impl std::fmt::Display) -> &mut Self {
-        use std::io::Write;
+    pub fn uint(&mut self, name: &str, value: u64) -> &mut Self {
+        write_uint(self.key(name), value);
+        self
+    }
+
+    /// A duration in milliseconds with up to three decimals (microsecond precision): the
+    /// same text as formatting `micros / 1000.0` as an `f64`, without the float formatter.
+    pub fn millis(&mut self, name: &str, duration: std::time::Duration) -> &mut Self {
+        let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         let out = self.key(name);
-        write!(out, "{value}").expect("writing to a Vec cannot fail");
+        write_uint(out, micros / 1000);
+        let mut fraction = micros % 1000;
+        if fraction != 0 {
+            let mut digits = 3;
+            while fraction % 10 == 0 {
+                fraction /= 10;
+                digits -= 1;
+            }
+            let mut text = [b'.', b'0', b'0', b'0'];
+            for slot in text[1..=digits].iter_mut().rev() {
+                *slot = b'0' + (fraction % 10) as u8;
+                fraction /= 10;
+            }
+            out.extend_from_slice(&text[..=digits]);
+        }
         self
     }
 
@@ -179,6 +244,52 @@ mod tests {
     }
 
     #[test]
+    fn millis_write_the_same_text_as_the_float_formatter() {
+        for micros in [
+            0,
+            1,
+            7,
+            10,
+            50,
+            999,
+            1000,
+            1001,
+            1230,
+            1234,
+            60_000_000,
+            123_456_789,
+        ] {
+            let duration = std::time::Duration::from_micros(micros);
+            let json = written(|out| {
+                let mut object = Object::begin(out);
+                object.millis("d", duration);
+                object.end();
+            });
+            let expected = format!("{{\"d\":{}}}", micros as f64 / 1000.0);
+            assert_eq!(json, expected, "{micros} µs");
+        }
+    }
+
+    #[test]
+    fn integers_are_written_in_decimal() {
+        for value in [0, 7, 10, 404, 65_535, u64::MAX] {
+            assert_eq!(written(|out| write_uint(out, value)), value.to_string());
+        }
+    }
+
+    #[test]
+    fn names_from_a_request_are_escaped_and_known_names_are_not() {
+        let json = written(|out| {
+            let mut object = Object::begin(out);
+            object.escaped_key("a\"b").extend_from_slice(b"1");
+            object.plain_str("id", "4bf92f35").uint("n", 3);
+            object.end();
+        });
+        assert_eq!(json, r#"{"a\"b":1,"id":"4bf92f35","n":3}"#);
+        assert!(serde_json::from_str::<Value>(&json).is_ok());
+    }
+
+    #[test]
     fn bytes_that_are_not_utf8_become_replacement_characters() {
         let json = written(|out| write_lossy_str(out, b"ok\xffok"));
         assert_eq!(
@@ -210,9 +321,12 @@ mod tests {
     fn objects_separate_members_and_nest() {
         let json = written(|out| {
             let mut object = Object::begin(out);
-            object.str("s", "v").number("n", 1.5).raw("t", b"true");
+            object
+                .str("s", "v")
+                .millis("n", std::time::Duration::from_micros(1500))
+                .raw("t", b"true");
             let mut inner = Object::begin(object.key("o"));
-            inner.number("i", 7u16);
+            inner.uint("i", 7);
             inner.end();
             object.end();
         });
