@@ -540,6 +540,14 @@ mod tests {
     }
 
     #[test]
+    fn path_with_a_control_character_names_its_line() {
+        let error =
+            error_text("services:\n  user:\n    login: \"/login\"\n    bell: \"/ring\\x07\"\n");
+        assert!(error.starts_with("services.yml:4:"), "{error}");
+        assert!(error.contains("request target cannot carry"), "{error}");
+    }
+
+    #[test]
     fn duplicate_route_names_its_line() {
         let error = error_text("services:\n  user:\n    login: \"/a\"\n    login: \"/b\"\n");
         assert!(error.starts_with("services.yml:4:"), "{error}");
