@@ -133,8 +133,8 @@ pub struct TraceConsumerConfig {
     /// Longest wait for a batch to fill. Default `200ms`.
     #[serde(default = "default_batch_wait", deserialize_with = "duration_text")]
     pub batch_wait: Duration,
-    /// Unacknowledged messages the broker hands this consumer; a message carries up to 1,024
-    /// events or 512 KiB. Default 50.
+    /// Unacknowledged messages the broker hands this consumer; a message carries up to 128
+    /// events. Default 200.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
     /// Daily index prefix: `<prefix>-YYYY.MM.DD`. Default `trace_logs`.
@@ -372,7 +372,7 @@ fn default_batch_wait() -> Duration {
     Duration::from_millis(200)
 }
 fn default_prefetch() -> u16 {
-    50
+    200
 }
 fn default_index_prefix() -> String {
     "trace_logs".into()

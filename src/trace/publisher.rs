@@ -2,7 +2,7 @@
 //! an event.
 //!
 //! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process queue -> publisher task ->
-//! persistent messages of up to 1,024 events (512 KiB) each ([`framing`]) with publisher confirms. While
+//! persistent messages of up to 128 events each ([`framing`]) with publisher confirms. While
 //! the broker is away, or when the queue is full, events go to the disk [`Spool`]; the
 //! publisher replays it when the broker is back and deletes a segment only after every event
 //! in it was confirmed. Only a full spool drops events, and every drop is counted and logged.
@@ -25,7 +25,7 @@ use super::spool::{Spool, SpoolError, SpooledSegment};
 use crate::config::QueueType;
 
 /// Most queue entries (a gateway request's two events, or one event) taken from the queue and
-/// sent, as messages of up to 1,024 events, before waiting for their confirms. The broker
+/// sent, as messages of up to 128 events, before waiting for their confirms. The broker
 /// confirms persistent messages after writing them to disk, some milliseconds; a batch of 256 capped the publisher near 9,000 events/s, below what a busy
 /// gateway emits, and the rest overflowed into the spool.
 const PUBLISH_BATCH: usize = 2048;
