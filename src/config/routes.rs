@@ -417,7 +417,8 @@ pub struct Route {
     pub name: String,
     pub path: String,
     /// `path` as the request target sent upstream when the client sent no query string,
-    /// parsed once here instead of on every request.
+    /// parsed once here instead of on every request. `None` only for a path that cannot be a
+    /// target, which the route file's check refuses.
     pub target: Option<http::Uri>,
     pub methods: Option<Vec<http::Method>>,
     pub timeout: Duration,
@@ -532,19 +533,17 @@ mod tests {
     }
 
     #[test]
-    fn path_without_slash_names_its_line() {
-        let error =
-            error_text("services:\n  user:\n    login: \"/login\"\n    register: \"register\"\n");
-        assert!(error.starts_with("services.yml:4:"), "{error}");
-        assert!(error.contains("must start with `/`"), "{error}");
-    }
-
-    #[test]
-    fn path_with_a_control_character_names_its_line() {
-        let error =
-            error_text("services:\n  user:\n    login: \"/login\"\n    bell: \"/ring\\x07\"\n");
-        assert!(error.starts_with("services.yml:4:"), "{error}");
-        assert!(error.contains("request target cannot carry"), "{error}");
+    fn bad_path_names_its_line() {
+        for (path, reason) in [
+            ("register", "must start with `/`"),
+            ("/ring\\x07", "request target cannot carry"),
+        ] {
+            let error = error_text(&format!(
+                "services:\n  user:\n    login: \"/login\"\n    other: \"{path}\"\n"
+            ));
+            assert!(error.starts_with("services.yml:4:"), "{error}");
+            assert!(error.contains(reason), "{error}");
+        }
     }
 
     #[test]

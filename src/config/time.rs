@@ -21,20 +21,22 @@ pub fn rfc3339_from_unix(secs: u64, millis: u32) -> String {
     // Written digit by digit: every trace event carries one or two of these, and `format!`
     // with padded fields cost more than the rest of the event's numbers together.
     let mut text = *b"0000-00-00T00:00:00.000Z";
-    let mut put = |at: usize, width: usize, mut value: u64| {
-        for slot in text[at..at + width].iter_mut().rev() {
-            *slot = b'0' + (value % 10) as u8;
-            value /= 10;
-        }
-    };
-    put(0, 4, year.clamp(0, 9999) as u64);
-    put(5, 2, u64::from(month));
-    put(8, 2, u64::from(day));
-    put(11, 2, time / 3600);
-    put(14, 2, (time % 3600) / 60);
-    put(17, 2, time % 60);
-    put(20, 3, u64::from(millis.min(999)));
+    put_digits(&mut text[0..4], year.clamp(0, 9999) as u64);
+    put_digits(&mut text[5..7], u64::from(month));
+    put_digits(&mut text[8..10], u64::from(day));
+    put_digits(&mut text[11..13], time / 3600);
+    put_digits(&mut text[14..16], (time % 3600) / 60);
+    put_digits(&mut text[17..19], time % 60);
+    put_digits(&mut text[20..23], u64::from(millis.min(999)));
     String::from_utf8(text.to_vec()).expect("ASCII digits")
+}
+
+/// Fills `slots` with the last `slots.len()` decimal digits of `value`, zero-padded.
+pub fn put_digits(slots: &mut [u8], mut value: u64) {
+    for slot in slots.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// Howard Hinnant's days-to-civil algorithm.

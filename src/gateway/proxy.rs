@@ -317,18 +317,11 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         let route = ctx.route.as_ref().expect("routed requests have a route");
-        let uri = match (upstream_request.uri.query(), &route.target) {
-            (None, Some(target)) => target.clone(),
-            (query, _) => {
-                let target = match query {
-                    Some(query) => format!("{}?{query}", route.path),
-                    None => route.path.clone(),
-                };
-                target
-                    .parse::<http::Uri>()
-                    .map_err(|_| gateway_error(400, "request target cannot be rewritten"))?
-            }
-        };
+        let uri = match upstream_request.uri.query() {
+            None => route.target.clone(),
+            Some(query) => format!("{}?{query}", route.path).parse().ok(),
+        }
+        .ok_or_else(|| gateway_error(400, "request target cannot be rewritten"))?;
         upstream_request.set_uri(uri);
         ctx.form_to_json = None;
         if route.transform == Transform::Json && is_form(upstream_request) {

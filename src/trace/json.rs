@@ -128,10 +128,7 @@ impl<'a> Object<'a> {
     pub fn key(&mut self, name: &str) -> &mut Vec<u8> {
         debug_assert_eq!(plain_prefix_len(name.as_bytes()), name.len(), "{name:?}");
         self.out.reserve(name.len() + 4);
-        if !self.empty {
-            self.out.push(b',');
-        }
-        self.empty = false;
+        self.separate();
         self.out.push(b'"');
         self.out.extend_from_slice(name.as_bytes());
         self.out.extend_from_slice(b"\":");
@@ -140,10 +137,7 @@ impl<'a> Object<'a> {
 
     /// Like [`Object::key`], for a name that may need escaping.
     pub fn escaped_key(&mut self, name: &str) -> &mut Vec<u8> {
-        if !self.empty {
-            self.out.push(b',');
-        }
-        self.empty = false;
+        self.separate();
         write_str(self.out, name);
         self.out.push(b':');
         self.out
@@ -184,21 +178,24 @@ impl<'a> Object<'a> {
         let micros = u64::try_from(duration.as_micros()).unwrap_or(u64::MAX);
         let out = self.key(name);
         write_uint(out, micros / 1000);
-        let mut fraction = micros % 1000;
-        if fraction != 0 {
-            let mut digits = 3;
-            while fraction % 10 == 0 {
-                fraction /= 10;
-                digits -= 1;
-            }
-            let mut text = [b'.', b'0', b'0', b'0'];
-            for slot in text[1..=digits].iter_mut().rev() {
-                *slot = b'0' + (fraction % 10) as u8;
-                fraction /= 10;
-            }
-            out.extend_from_slice(&text[..=digits]);
+        if micros % 1000 != 0 {
+            let mut fraction = *b".000";
+            crate::config::put_digits(&mut fraction[1..], micros % 1000);
+            let end = fraction
+                .iter()
+                .rposition(|&b| b != b'0')
+                .map_or(0, |last| last + 1);
+            out.extend_from_slice(&fraction[..end]);
         }
         self
+    }
+
+    /// The comma before every member but the first.
+    fn separate(&mut self) {
+        if !self.empty {
+            self.out.push(b',');
+        }
+        self.empty = false;
     }
 
     /// Closes the object and hands back the buffer it was written into.
