@@ -136,11 +136,11 @@ fn attempt_value(attempt: usize) -> http::HeaderValue {
     }
 }
 
-/// The client's address as an `X-Forwarded-For` value. Formatting an address costs more than
-/// the rest of this header's work, and a gateway sees the same few addresses again and again
-/// (its load balancer's, or one client's keep-alive connection), so each proxy thread keeps
-/// the last one it formatted.
-fn forwarded_for_value(ip: IpAddr) -> http::HeaderValue {
+/// The client's address as text, for `X-Forwarded-For` and the trace events' `clientIp`.
+/// Formatting an address costs more than the rest of either job, and a gateway sees the same
+/// few addresses again and again (its load balancer's, or one client's keep-alive
+/// connection), so each proxy thread keeps the last one it formatted.
+fn client_ip_text(ip: IpAddr) -> http::HeaderValue {
     thread_local! {
         static LAST: RefCell<Option<(IpAddr, http::HeaderValue)>> = const { RefCell::new(None) };
     }
@@ -344,7 +344,7 @@ impl ProxyHttp for GatewayProxy {
                     http::HeaderValue::try_from(chain)
                         .map_err(|_| gateway_error(400, "X-Forwarded-For cannot be extended"))?
                 }
-                None => forwarded_for_value(client.ip()),
+                None => client_ip_text(client.ip()),
             };
             upstream_request.insert_header("x-forwarded-for", forwarded)?;
         }
@@ -505,11 +505,13 @@ impl ProxyHttp for GatewayProxy {
             let client_ip = session
                 .client_addr()
                 .and_then(|a| a.as_inet())
-                .map(|a| a.ip().to_string())
-                .unwrap_or_default();
+                .map(|a| client_ip_text(a.ip()));
+            let client_ip = client_ip.as_ref().map_or("", |ip| {
+                ip.to_str().expect("an IP address in text is ASCII")
+            });
             let events =
                 self.tracer
-                    .encode(session.req_header(), &client_ip, &ctx.body, record, status);
+                    .encode(session.req_header(), client_ip, &ctx.body, record, status);
             self.trace.emit_encoded(events);
         }
         if let Some(record) = ctx.record.as_ref() {
@@ -528,11 +530,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn forwarded_for_follows_the_client_address_whatever_was_cached() {
+    fn client_ip_text_follows_the_client_address_whatever_was_cached() {
         let v4: IpAddr = "10.1.2.3".parse().unwrap();
         let v6: IpAddr = "2001:db8::7".parse().unwrap();
         for ip in [v4, v4, v6, v4, v6, v6] {
-            assert_eq!(forwarded_for_value(ip), ip.to_string().as_str());
+            assert_eq!(client_ip_text(ip), ip.to_string().as_str());
         }
     }
 }
