@@ -131,62 +131,49 @@ async fn bulk(
     _headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let mut store = store.lock().unwrap();
-    store.requests.push("POST /_bulk".into());
-    store.bulk_requests += 1;
-    if store.faults.reject_requests > 0 {
-        store.faults.reject_requests -= 1;
-        let status = StatusCode::from_u16(store.faults.reject_status)
-            .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-        return elastic(
-            status,
-            json!({"error": "injected failure", "status": status.as_u16()}),
-        );
-    }
-    let flaky = store.faults.flaky_requests > 0;
-    if flaky {
-        store.faults.flaky_requests -= 1;
-    }
-    let text = String::from_utf8_lossy(&body).into_owned();
-    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let mut items = Vec::new();
-    let mut position = 0;
-    while let (Some(action), Some(source)) = (lines.next(), lines.next()) {
-        position += 1;
-        let action: Value = match serde_json::from_str(action) {
-            Ok(action) => action,
-            Err(error) => {
-                return elastic(StatusCode::BAD_REQUEST, json!({"error": error.to_string()}))
-            }
-        };
-        let meta = &action["create"];
-        let index = meta["_index"].as_str().unwrap_or_default().to_string();
-        let id = meta["_id"].as_str().unwrap_or_default().to_string();
-        if flaky && store.faults.item_429_every > 0 && position % store.faults.item_429_every == 0 {
-            items.push(json!({"create": {"_index": index, "_id": id, "status": 429,
-                "error": {"type": "es_rejected_execution_exception"}}}));
-            continue;
+    let item_429_every = {
+        let mut store = store.lock().unwrap();
+        store.requests.push("POST /_bulk".into());
+        store.bulk_requests += 1;
+        if store.faults.reject_requests > 0 {
+            store.faults.reject_requests -= 1;
+            let status = StatusCode::from_u16(store.faults.reject_status)
+                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+            return elastic(
+                status,
+                json!({"error": "injected failure", "status": status.as_u16()}),
+            );
         }
-        let Ok(document) = serde_json::from_str::<Value>(source) else {
-            items.push(json!({"create": {"_index": index, "_id": id, "status": 400,
-                "error": {"type": "document_parsing_exception"}}}));
-            continue;
-        };
-        let key = (index.clone(), id.clone());
-        if store.documents.contains_key(&key) {
-            store.conflicts += 1;
-            items.push(json!({"create": {"_index": index, "_id": id, "status": 409,
-                "error": {"type": "version_conflict_engine_exception"}}}));
-            continue;
+        if store.faults.flaky_requests > 0 {
+            store.faults.flaky_requests -= 1;
+            store.faults.item_429_every
+        } else {
+            0
         }
-        store.documents.insert(key, document);
-        *store.creates.entry(id.clone()).or_default() += 1;
-        items.push(
-            json!({"create": {"_index": index, "_id": id, "status": 201, "result": "created"}}),
-        );
-    }
-    if store.faults.apply_then_fail > 0 {
-        store.faults.apply_then_fail -= 1;
+    };
+    // Parsed outside the lock, as Elasticsearch parses concurrent bulks in parallel: under
+    // the lock, one consumer's bulk held up the others and blocked a runtime thread.
+    let lines = match parse_bulk(&body) {
+        Ok(lines) => lines,
+        Err(error) => return elastic(StatusCode::BAD_REQUEST, json!({"error": error})),
+    };
+    let (items, fail_after_apply) = {
+        let mut store = store.lock().unwrap();
+        let items: Vec<Value> = lines
+            .into_iter()
+            .enumerate()
+            .map(|(at, line)| {
+                let rejected = item_429_every > 0 && (at + 1) % item_429_every == 0;
+                apply(&mut store, line, rejected)
+            })
+            .collect();
+        let fail = store.faults.apply_then_fail > 0;
+        if fail {
+            store.faults.apply_then_fail -= 1;
+        }
+        (items, fail)
+    };
+    if fail_after_apply {
         return elastic(
             StatusCode::INTERNAL_SERVER_ERROR,
             json!({"error": "injected failure after apply"}),
@@ -199,6 +186,57 @@ async fn bulk(
         StatusCode::OK,
         json!({"took": 1, "errors": errors, "items": items}),
     )
+}
+
+/// One `create` of a bulk request: where, which `_id`, and the document if it parsed.
+struct BulkCreate {
+    index: String,
+    id: String,
+    document: Option<Value>,
+}
+
+/// Reads action/source line pairs; a malformed action line fails the whole request.
+fn parse_bulk(body: &[u8]) -> Result<Vec<BulkCreate>, String> {
+    let text = String::from_utf8_lossy(body);
+    let mut lines = text.lines().filter(|l| !l.trim().is_empty());
+    let mut creates = Vec::new();
+    while let (Some(action), Some(source)) = (lines.next(), lines.next()) {
+        let action: Value = serde_json::from_str(action).map_err(|e| e.to_string())?;
+        let meta = &action["create"];
+        creates.push(BulkCreate {
+            index: meta["_index"].as_str().unwrap_or_default().to_string(),
+            id: meta["_id"].as_str().unwrap_or_default().to_string(),
+            document: serde_json::from_str::<Value>(source).ok(),
+        });
+    }
+    Ok(creates)
+}
+
+/// Applies one create with Elasticsearch's answers: 429 when injected, 400 for a document
+/// that is not JSON, 409 for an `_id` already in the index, else 201.
+fn apply(store: &mut Store, create: BulkCreate, rejected: bool) -> Value {
+    let BulkCreate {
+        index,
+        id,
+        document,
+    } = create;
+    if rejected {
+        return json!({"create": {"_index": index, "_id": id, "status": 429,
+            "error": {"type": "es_rejected_execution_exception"}}});
+    }
+    let Some(document) = document else {
+        return json!({"create": {"_index": index, "_id": id, "status": 400,
+            "error": {"type": "document_parsing_exception"}}});
+    };
+    let key = (index.clone(), id.clone());
+    if store.documents.contains_key(&key) {
+        store.conflicts += 1;
+        return json!({"create": {"_index": index, "_id": id, "status": 409,
+            "error": {"type": "version_conflict_engine_exception"}}});
+    }
+    store.documents.insert(key, document);
+    *store.creates.entry(id.clone()).or_default() += 1;
+    json!({"create": {"_index": index, "_id": id, "status": 201, "result": "created"}})
 }
 
 /// `{"query": {"term": {"field": "value"}}}` or `match_all`, over indices matching the
