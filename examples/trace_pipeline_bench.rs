@@ -103,7 +103,7 @@ async fn consume(
             index_prefix: "trace_logs".into(),
             batch_size: 500,
             batch_wait: Duration::from_millis(50),
-            prefetch: 1000,
+            prefetch: goms::config::TraceConsumerConfig::default().prefetch,
             max_backoff: Duration::from_secs(1),
         };
         let stopped = stopped.clone();

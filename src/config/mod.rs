@@ -133,8 +133,9 @@ pub struct TraceConsumerConfig {
     /// Longest wait for a batch to fill. Default `200ms`.
     #[serde(default = "default_batch_wait", deserialize_with = "duration_text")]
     pub batch_wait: Duration,
-    /// Unacknowledged messages the broker hands this consumer; a message carries up to 128
-    /// events. Default 200.
+    /// Unacknowledged messages the broker hands this consumer; a message carries up to 1,024
+    /// events (512 KiB). Default 32: enough for full `_bulk` batches, few enough that
+    /// consumers sharing a backlog each get a part of it.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
     /// Daily index prefix: `<prefix>-YYYY.MM.DD`. Default `trace_logs`.
@@ -372,7 +373,7 @@ fn default_batch_wait() -> Duration {
     Duration::from_millis(200)
 }
 fn default_prefetch() -> u16 {
-    200
+    32
 }
 fn default_index_prefix() -> String {
     "trace_logs".into()

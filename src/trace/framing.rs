@@ -18,7 +18,7 @@ use super::event::TraceEvent;
 /// MIME type of a trace message.
 pub const CONTENT_TYPE: &str = "application/x-ndjson";
 /// Most events in one message.
-pub const MAX_EVENTS_PER_MESSAGE: usize = 128;
+pub const MAX_EVENTS_PER_MESSAGE: usize = 1024;
 /// A message is closed once it reaches this size, whatever its event count.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
 
@@ -63,22 +63,36 @@ impl EncodedEvents {
 /// cut between the units, never inside one.
 pub fn encode(units: &[EncodedEvents]) -> Vec<Vec<u8>> {
     let mut messages = Vec::new();
-    let mut current = Vec::new();
-    let mut in_current = 0;
-    for unit in units {
-        let over = in_current + unit.count > MAX_EVENTS_PER_MESSAGE
-            || current.len() + unit.lines.len() > MAX_MESSAGE_BYTES;
-        if in_current > 0 && over {
-            messages.push(std::mem::take(&mut current));
-            in_current = 0;
+    let mut rest = units;
+    while !rest.is_empty() {
+        let (fits, bytes) = message_extent(rest);
+        // Sized once: growing a buffer of hundreds of kilobytes step by step copied each
+        // message about twice more.
+        let mut message = Vec::with_capacity(bytes);
+        for unit in &rest[..fits] {
+            message.extend_from_slice(&unit.lines);
         }
-        current.extend_from_slice(&unit.lines);
-        in_current += unit.count;
-    }
-    if !current.is_empty() {
-        messages.push(current);
+        messages.push(message);
+        rest = &rest[fits..];
     }
     messages
+}
+
+/// How many leading units go into the next message, and their size in bytes: as many as the
+/// limits allow, and at least one, so that an oversized unit still travels.
+fn message_extent(units: &[EncodedEvents]) -> (usize, usize) {
+    let (mut fits, mut events, mut bytes) = (0, 0, 0);
+    for unit in units {
+        let over = events + unit.count > MAX_EVENTS_PER_MESSAGE
+            || bytes + unit.lines.len() > MAX_MESSAGE_BYTES;
+        if fits > 0 && over {
+            break;
+        }
+        fits += 1;
+        events += unit.count;
+        bytes += unit.lines.len();
+    }
+    (fits, bytes)
 }
 
 /// The events of a message, as byte ranges of its non-blank lines.

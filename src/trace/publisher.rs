@@ -2,7 +2,8 @@
 //! an event.
 //!
 //! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process queue -> publisher task ->
-//! persistent messages of up to 128 events each ([`framing`]) with publisher confirms. While
+//! persistent messages of up to 1,024 events each ([`framing`]) with publisher confirms,
+//! several batches in flight so that a slow confirm does not hold up the queue. While
 //! the broker is away, or when the queue is full, events go to the disk [`Spool`]; the
 //! publisher replays it when the broker is back and deletes a segment only after every event
 //! in it was confirmed. Only a full spool drops events, and every drop is counted and logged.
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::BasicProperties;
+use lapin::{BasicProperties, PublisherConfirm};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
@@ -25,9 +26,10 @@ use super::spool::{Spool, SpoolError, SpooledSegment};
 use crate::config::QueueType;
 
 /// Most queue entries (a gateway request's two events, or one event) taken from the queue and
-/// sent, as messages of up to 128 events, before waiting for their confirms. The broker
-/// confirms persistent messages after writing them to disk, some milliseconds; a batch of 256 capped the publisher near 9,000 events/s, below what a busy
-/// gateway emits, and the rest overflowed into the spool.
+/// sent together, as messages of up to 1,024 events whose confirms are awaited together. The
+/// broker confirms persistent messages after writing them to disk, some milliseconds; a
+/// batch of 256 capped the publisher near 9,000 events/s, below what a busy gateway emits,
+/// and the rest overflowed into the spool.
 const PUBLISH_BATCH: usize = 2048;
 /// Longest wait for one batch's confirms before the broker counts as away.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -42,8 +44,9 @@ pub struct PublisherSettings {
     /// waiting (`trace.publishInterval`). The broker's cost was per round trip (it writes and
     /// syncs the messages before it confirms them): publishing as soon as anything was queued
     /// meant ~500 rounds/s and about half a core of broker CPU at 13,000 requests/s. At 50 ms
-    /// what is left follows the bytes; 500 ms saved only ~15% more. The publisher also polls instead of awaiting `recv`: a waiting receiver
-    /// makes every `emit` on the request path wake the publisher's thread.
+    /// what is left follows the bytes; 500 ms saved only ~15% more. The publisher also polls
+    /// instead of awaiting `recv`: a waiting receiver makes every `emit` on the request path
+    /// wake the publisher's thread.
     pub publish_interval: Duration,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
@@ -205,6 +208,9 @@ fn spool_events(spool: &Mutex<Spool>, stats: &PublisherStats, events: &[EncodedE
 
 struct Connection {
     link: Option<Link>,
+    /// Counts the links opened, so that a late failure of a batch sent on an earlier link
+    /// does not tear down the current one.
+    generation: u64,
     next_attempt: Instant,
     failures: u32,
 }
@@ -234,6 +240,7 @@ impl Connection {
                 }
                 self.failures = 0;
                 self.link = Some(link);
+                self.generation += 1;
             }
             Err(error) => self.lost(&error),
         }
@@ -259,10 +266,15 @@ async fn run(
 ) {
     let mut connection = Connection {
         link: None,
+        generation: 0,
         next_attempt: Instant::now(),
         failures: 0,
     };
+    let mut in_flight = InFlight::default();
     loop {
+        in_flight
+            .settle_finished(&mut connection, &spool, &stats)
+            .await;
         connection.ensure(&settings).await;
         if let Some(link) = &connection.link {
             match replay_one_segment(link, &settings.queue, &spool, &stats).await {
@@ -282,7 +294,9 @@ async fn run(
         }
         let batch = take_queued(&mut queue);
         if !batch.is_empty() {
-            deliver(&mut connection, &settings.queue, &spool, &stats, batch).await;
+            in_flight
+                .send(&mut connection, &settings.queue, &spool, &stats, batch)
+                .await;
         }
     }
     // Shutting down: whatever is still queued is published if possible, else spooled.
@@ -290,8 +304,11 @@ async fn run(
     let mut rest = Vec::new();
     while queue.recv_many(&mut rest, PUBLISH_BATCH).await > 0 {
         let batch = std::mem::take(&mut rest);
-        deliver(&mut connection, &settings.queue, &spool, &stats, batch).await;
+        in_flight
+            .send(&mut connection, &settings.queue, &spool, &stats, batch)
+            .await;
     }
+    in_flight.settle_all(&mut connection, &spool, &stats).await;
 }
 
 fn event_count(units: &[EncodedEvents]) -> u64 {
@@ -311,25 +328,131 @@ fn take_queued(queue: &mut mpsc::Receiver<EncodedEvents>) -> Vec<EncodedEvents> 
     batch
 }
 
-async fn deliver(
-    connection: &mut Connection,
-    queue: &str,
-    spool: &Mutex<Spool>,
-    stats: &PublisherStats,
+/// Most batches sent and not yet confirmed. The broker's confirms usually take 10-20 ms but
+/// now and then over half a second (measured here: up to 725 ms at 11,000 requests/s, with
+/// gigabytes of events waiting in the queue). Waiting for each batch's confirms before
+/// sending the next let the in-process queue fill in that time and pushed events into the
+/// spool, which writes to disk on the request path.
+const MAX_IN_FLIGHT: usize = 8;
+
+/// Batches sent to the broker whose confirms are still awaited, oldest first. A batch
+/// counts as published only once confirmed; a batch whose confirms fail or time out is
+/// spooled whole (some of its messages may have reached the queue: the consumer's create
+/// semantics make a replayed event a no-op).
+#[derive(Default)]
+struct InFlight {
+    batches: std::collections::VecDeque<SentBatch>,
+}
+
+/// A batch's event count, the link it went out on, and the task awaiting its confirms.
+struct SentBatch {
+    events: u64,
+    generation: u64,
+    confirms: JoinHandle<Result<(), Unconfirmed>>,
+}
+
+/// A batch the broker did not confirm, handed back for the spool.
+struct Unconfirmed {
+    error: String,
     batch: Vec<EncodedEvents>,
-) {
-    if let Some(link) = &connection.link {
-        match publish_confirmed(link, queue, &batch).await {
-            Ok(()) => {
-                stats
-                    .published
-                    .fetch_add(event_count(&batch), Ordering::Relaxed);
-                return;
+}
+
+impl InFlight {
+    /// Sends a batch and leaves its confirms to a task; without a broker, spools it.
+    async fn send(
+        &mut self,
+        connection: &mut Connection,
+        queue: &str,
+        spool: &Mutex<Spool>,
+        stats: &PublisherStats,
+        batch: Vec<EncodedEvents>,
+    ) {
+        if self.batches.len() >= MAX_IN_FLIGHT {
+            if let Some(oldest) = self.batches.pop_front() {
+                settle(oldest, connection, spool, stats).await;
             }
-            Err(error) => connection.lost(&error),
+        }
+        let Some(link) = &connection.link else {
+            spool_events(spool, stats, &batch);
+            return;
+        };
+        match publish(link, queue, &batch).await {
+            Ok(confirms) => self.batches.push_back(SentBatch {
+                events: event_count(&batch),
+                generation: connection.generation,
+                confirms: tokio::spawn(async move {
+                    await_confirms(confirms)
+                        .await
+                        .map_err(|error| Unconfirmed { error, batch })
+                }),
+            }),
+            Err(error) => {
+                connection.lost(&error);
+                spool_events(spool, stats, &batch);
+            }
         }
     }
-    spool_events(spool, stats, &batch);
+
+    /// Counts or spools every batch whose confirms are in, without waiting for the others.
+    async fn settle_finished(
+        &mut self,
+        connection: &mut Connection,
+        spool: &Mutex<Spool>,
+        stats: &PublisherStats,
+    ) {
+        while self
+            .batches
+            .front()
+            .is_some_and(|sent| sent.confirms.is_finished())
+        {
+            if let Some(done) = self.batches.pop_front() {
+                settle(done, connection, spool, stats).await;
+            }
+        }
+    }
+
+    /// Waits for every batch in flight (shutdown).
+    async fn settle_all(
+        &mut self,
+        connection: &mut Connection,
+        spool: &Mutex<Spool>,
+        stats: &PublisherStats,
+    ) {
+        while let Some(oldest) = self.batches.pop_front() {
+            settle(oldest, connection, spool, stats).await;
+        }
+    }
+}
+
+/// Waits for one batch's confirms: counts it as published, or spools it.
+async fn settle(
+    sent: SentBatch,
+    connection: &mut Connection,
+    spool: &Mutex<Spool>,
+    stats: &PublisherStats,
+) {
+    match sent.confirms.await {
+        Ok(Ok(())) => {
+            stats.published.fetch_add(sent.events, Ordering::Relaxed);
+        }
+        Ok(Err(Unconfirmed { error, batch })) => {
+            if connection.link.is_some() && connection.generation == sent.generation {
+                connection.lost(&error);
+            }
+            spool_events(spool, stats, &batch);
+        }
+        // Only a panic in lapin, or a runtime shutting down under the publisher, ends the
+        // task early; the batch went with it.
+        Err(join_error) => {
+            let total = stats.dropped.fetch_add(sent.events, Ordering::Relaxed) + sent.events;
+            error!(
+                message = "Trace confirm task failed; its events are lost.",
+                error = %join_error,
+                dropped = sent.events,
+                dropped_total = total
+            );
+        }
+    }
 }
 
 /// Publishes one spooled segment; returns whether there was one.
@@ -376,39 +499,49 @@ async fn replay_one_segment(
 }
 
 /// Sends the events as persistent messages of several events each ([`framing`]) and waits
-/// until the broker confirmed every message. All messages are in flight at once, then all
-/// confirms are awaited together: one round trip per batch instead of one per message.
+/// until the broker confirmed every message (used to replay the spool, one segment at a time).
 async fn publish_confirmed(
     link: &Link,
     queue: &str,
     events: &[EncodedEvents],
 ) -> Result<(), String> {
+    await_confirms(publish(link, queue, events).await?).await
+}
+
+/// Sends the events as persistent messages of several events each ([`framing`]) and returns
+/// the broker's confirms, to be awaited together: one round trip per batch, not per message.
+async fn publish(
+    link: &Link,
+    queue: &str,
+    events: &[EncodedEvents],
+) -> Result<Vec<PublisherConfirm>, String> {
     let messages = framing::encode(events);
-    let send_all = async {
-        let publishes = messages.iter().map(|payload| {
-            let properties = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type(framing::CONTENT_TYPE.into());
-            link.channel.basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                payload,
-                properties,
-            )
-        });
-        let confirms = futures::future::try_join_all(publishes)
-            .await
-            .map_err(|e| e.to_string())?;
-        let confirmations = futures::future::try_join_all(confirms)
-            .await
-            .map_err(|e| e.to_string())?;
-        if confirmations.iter().any(|c| !c.is_ack()) {
-            return Err("broker refused (nack) a trace message".to_string());
-        }
-        Ok(())
-    };
-    tokio::time::timeout(CONFIRM_TIMEOUT, send_all)
+    let publishes = messages.iter().map(|payload| {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_content_type(framing::CONTENT_TYPE.into());
+        link.channel.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            payload,
+            properties,
+        )
+    });
+    tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(publishes))
         .await
-        .map_err(|_| format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))?
+        .map_err(|_| format!("publishing took longer than {CONFIRM_TIMEOUT:?}"))?
+        .map_err(|e| e.to_string())
+}
+
+async fn await_confirms(confirms: Vec<PublisherConfirm>) -> Result<(), String> {
+    let confirmations =
+        tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(confirms))
+            .await
+            .map_err(|_| format!("no publisher confirm within {CONFIRM_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+    if confirmations.iter().any(|c| !c.is_ack()) {
+        return Err("broker refused (nack) a trace message".to_string());
+    }
+    Ok(())
 }
