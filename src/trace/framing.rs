@@ -8,10 +8,10 @@
 //! own `eventId`, so the consumer still indexes, retries and dead-letters event by event. A
 //! message that holds a single JSON object (one line) is a valid message too.
 //!
-//! Why not more: 1,024 events per message cut RabbitMQ's CPU per traced request by about a
-//! fifth (6.0 to 4.8 µs), but a consumer's prefetch then held whole backlogs: in
-//! `bench/trace-pipeline.sh 100000`, three consumers indexed 33,300 events/s against one
-//! consumer's 33,800, where at 128 events per message they reach 51,700.
+//! Why 1,024: against 128 it cut RabbitMQ's CPU per traced request by about a fifth (7.3 to
+//! 5.8 µs in `bench/compare.sh --tracing`). A consumer's prefetch counts messages, so it was
+//! lowered with it (200 to 32): otherwise one consumer holds a whole backlog and the others
+//! idle.
 
 use super::event::TraceEvent;
 
