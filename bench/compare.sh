@@ -584,9 +584,6 @@ run_wrk() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# Measure: warm-up, then rounds of A B C D for every scenario and connection count.
-# ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
 # --callgrind: instructions per request, counted by callgrind, instead of the timed rounds.
 # Counters are zeroed after a warm-up and dumped after a wrk run; the dump's total covers all of
 # the proxy's threads. Valgrind runs a program some 50 times slower, so few connections suffice.
@@ -625,6 +622,9 @@ if [ "$CALLGRIND" = 1 ]; then
     exit 0
 fi
 
+# ---------------------------------------------------------------------------------------------
+# Measure: warm-up, then rounds of A B C D for every scenario and connection count.
+# ---------------------------------------------------------------------------------------------
 MAXC=0; for c in $CONNS; do [ "$c" -gt "$MAXC" ] && MAXC=$c; done
 log "warm-up: 1 s per front end at $MAXC connections"
 for fe in "${FRONTENDS[@]}"; do run_wrk "$fe" get "$MAXC" 1 >/dev/null; done

@@ -64,18 +64,11 @@ fn plain_prefix_len(bytes: &[u8]) -> usize {
 }
 
 /// Writes an unsigned integer in decimal.
-pub fn write_uint(out: &mut Vec<u8>, mut value: u64) {
-    let mut buf = [0u8; 20];
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&buf[at..]);
+pub fn write_uint(out: &mut Vec<u8>, value: u64) {
+    let digits = value.checked_ilog10().map_or(1, |log| log as usize + 1);
+    let start = out.len();
+    out.resize(start + digits, b'0');
+    crate::config::put_digits(&mut out[start..], value);
 }
 
 /// Writes bytes as a JSON string; bytes that are not UTF-8 become U+FFFD.
