@@ -18,6 +18,8 @@
 #   --keep             keep the scratch directory (configs, logs) for inspection
 #   --tracing          also measure a second gateway with tracing on (`goms+trace`), publishing to a
 #                      local RabbitMQ (installed from Debian if missing); the `goms` rows are tracing off
+#   --trace-env K=V    extra environment for the `goms+trace` gateway, repeatable (e.g.
+#                      --trace-env GOMS__TRACE__PUBLISH_INTERVAL=200ms), to weigh a trace setting
 #   --bare-pingora     also measure `pingora`: a bare pingora round-robin proxy (examples/bare_pingora.rs,
 #                      built with cargo), doing what the nginx front end does, with --threads threads;
 #                      the floor goms's gateway is built on
@@ -49,6 +51,7 @@ OUT_DIR=""
 KEEP=0
 SMOKE=0
 TRACING=0
+EXTRA_TRACE_ENV=()
 BARE_PINGORA=0
 PROFILE=0
 PROFILE_SECS=10
@@ -71,6 +74,9 @@ while [ $# -gt 0 ]; do
         --out) OUT_DIR=${2:?}; shift 2 ;;
         --keep) KEEP=1; shift ;;
         --tracing) TRACING=1; shift ;;
+        --trace-env)
+            case "${2:-}" in GOMS__*=*) EXTRA_TRACE_ENV+=("$2") ;; *) die "--trace-env takes GOMS__NAME=value, got '${2:-}'" ;; esac
+            shift 2 ;;
         --bare-pingora) BARE_PINGORA=1; shift ;;
         --smoke) SMOKE=1; shift ;;
         --callgrind) CALLGRIND=1; shift ;;
@@ -88,6 +94,7 @@ for v in "$ROUNDS" "$DURATION" "$GW_THREADS" "$WRK_THREADS" "$PROFILE_SECS" $CON
     case "$v" in ''|*[!0-9]*) die "not a positive integer: '$v'" ;; esac
     [ "$v" -gt 0 ] || die "must be at least 1: $v"
 done
+[ "${#EXTRA_TRACE_ENV[@]}" = 0 ] || [ "$TRACING" = 1 ] || die "--trace-env needs --tracing"
 [ "$SMOKE" = 1 ] || [ "$ROUNDS" -ge 3 ] || die "--rounds must be at least 3 (or use --smoke)"
 [ "$DURATION" -le 120 ] || die "--duration is capped at 120 s"
 [ "$ROUNDS" -le 50 ] || die "--rounds is capped at 50"
@@ -354,8 +361,9 @@ GATEWAY_TRACE_ENV=()
 GATEWAY_TRACE_ARGS=()
 if [ "$TRACING" = 1 ] && [ "$TRACE_AVAILABLE" = 1 ]; then
     start_trace_broker                       # sets TRACE_AMQP_URL
+    [ "${#EXTRA_TRACE_ENV[@]}" = 0 ] || log "goms+trace also runs with: ${EXTRA_TRACE_ENV[*]}"
     GATEWAY_TRACE_ENV=(GOMS__TRACE__ENABLED=true "GOMS__AMQP_ADDR=$TRACE_AMQP_URL"
-        "GOMS__TRACE__SPOOL_DIR=$T/spool-trace")
+        "GOMS__TRACE__SPOOL_DIR=$T/spool-trace" ${EXTRA_TRACE_ENV[@]+"${EXTRA_TRACE_ENV[@]}"})
 fi
 
 # In a folder of its own: the gateway watches the route file's folder, and the logs written
