@@ -54,12 +54,14 @@ async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool)
 
 async fn publish(amqp: &str, queue: &str, events: usize, offset: usize) -> f64 {
     let spool = tempfile::tempdir().unwrap();
+    let defaults = goms::config::TraceConfig::default();
     let (sink, publisher) = Publisher::prepare(PublisherSettings {
         amqp_url: amqp.to_string(),
         queue: queue.to_string(),
         queue_type: Default::default(),
         queue_capacity: events,
-        publish_interval: Duration::from_millis(50),
+        publish_interval: defaults.publish_interval,
+        compression: defaults.compression,
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
     })

@@ -8,7 +8,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use goms::trace::event::{EventKind, RequestInfo, TraceTiming};
-use goms::trace::framing::EncodedEvents;
+use goms::trace::framing::{self, EncodedEvents, TraceCompression};
 use goms::trace::TraceEvent;
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
@@ -283,8 +283,13 @@ fn synthetic_event(id: usize) -> TraceEvent {
     }
 }
 
-/// Publishes raw payloads with goms's topology (persistent, confirmed).
-async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>) {
+/// Publishes raw payloads with goms's topology (persistent, confirmed), with the given
+/// `content-encoding` if any.
+async fn publish_encoded(
+    broker: &RabbitMq,
+    encoding: Option<&str>,
+    payloads: impl IntoIterator<Item = Vec<u8>>,
+) {
     let link = goms::trace::amqp::connect(&broker.url(), "goms.trace", Default::default())
         .await
         .unwrap();
@@ -292,6 +297,7 @@ async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>)
         .confirm_select(Default::default())
         .await
         .unwrap();
+    let properties = BasicProperties::default().with_delivery_mode(2);
     for payload in payloads {
         link.channel
             .basic_publish(
@@ -299,12 +305,19 @@ async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>)
                 "goms.trace".into(),
                 BasicPublishOptions::default(),
                 &payload,
-                BasicProperties::default().with_delivery_mode(2),
+                match encoding {
+                    Some(encoding) => properties.clone().with_content_encoding(encoding.into()),
+                    None => properties.clone(),
+                },
             )
             .await
             .unwrap();
     }
     assert!(link.channel.wait_for_confirms().await.unwrap().is_empty());
+}
+
+async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>) {
+    publish_encoded(broker, None, payloads).await;
 }
 
 /// One event per message, as any JSON publisher would send them.
@@ -316,12 +329,19 @@ async fn publish_synthetic(broker: &RabbitMq, count: usize) {
     .await;
 }
 
-/// Several events per message, as goms's publisher sends them.
-async fn publish_synthetic_batched(broker: &RabbitMq, ids: std::ops::Range<usize>) {
+/// Several events per message, as goms's publisher sends them, compressed or not.
+async fn publish_synthetic_batched(
+    broker: &RabbitMq,
+    compression: TraceCompression,
+    ids: std::ops::Range<usize>,
+) {
     let units: Vec<EncodedEvents> = ids
         .map(|id| EncodedEvents::from_events([&synthetic_event(id)]))
         .collect();
-    publish(broker, goms::trace::framing::encode(&units)).await;
+    let messages = framing::encode(&units)
+        .into_iter()
+        .map(|lines| framing::compress(compression, lines));
+    publish_encoded(broker, framing::content_encoding(compression), messages).await;
 }
 
 #[tokio::test]
@@ -329,7 +349,8 @@ async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_letter
     let broker = RabbitMq::start().await;
     let es = EsStandIn::start().await;
     let total = 1202;
-    publish_synthetic_batched(&broker, 0..1200).await;
+    publish_synthetic_batched(&broker, TraceCompression::None, 0..600).await;
+    publish_synthetic_batched(&broker, TraceCompression::Lz4, 600..1200).await;
     // Two whole bad messages, and one whose bad middle line must not hold back its two events.
     let mut mixed = serde_json::to_vec(&synthetic_event(1200)).unwrap();
     mixed.extend_from_slice(b"\n{\"no\":\"eventId\"}\n");
@@ -341,6 +362,14 @@ async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_letter
             br#"{"no":"eventId"}"#.to_vec(),
             mixed,
         ],
+    )
+    .await;
+    // Bodies that cannot be decoded are dead-lettered whole, as they came.
+    publish_encoded(&broker, Some("lz4"), [b"\x20\0\0\0not lz4 at all".to_vec()]).await;
+    publish_encoded(
+        &broker,
+        Some("br"),
+        [serde_json::to_vec(&synthetic_event(9999)).unwrap()],
     )
     .await;
     es.inject(Faults {
@@ -385,14 +414,15 @@ async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_letter
         );
     }
     eventually(
-        "both garbage messages and the mixed message's bad line dead-lettered",
+        "the garbage and undecodable messages and the mixed message's bad line dead-lettered",
         Duration::from_secs(20),
-        || async { broker.depth("goms.trace.dead").await == 3 },
+        || async { broker.depth("goms.trace.dead").await == 5 },
     )
     .await;
     consumer.terminate(Duration::from_secs(10)).await;
     let output = consumer.output();
-    assert!(output.contains("dead_lettered=3"), "{output}");
+    assert!(output.contains("dead_lettered=5"), "{output}");
+    assert!(output.contains("unknown content-encoding `br`"), "{output}");
     assert!(!output.contains("retried=0 "), "{output}");
 }
 

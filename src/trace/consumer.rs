@@ -6,8 +6,9 @@
 //! earlier delivery). Events that failed are retried with backoff while their messages stay
 //! unacknowledged, so an Elasticsearch outage parks events in RabbitMQ instead of losing
 //! them. A line that is not a trace event, or that Elasticsearch refuses, goes to the
-//! dead-letter queue.
+//! dead-letter queue, and so does a message whose body cannot be decompressed.
 
+use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -23,7 +24,7 @@ use tracing::{info, warn};
 use super::amqp;
 use super::elasticsearch::{BulkItem, ItemOutcome, SinkError, TraceIndex};
 use super::event::daily_index;
-use super::framing;
+use super::framing::{self, DecodeError};
 use crate::config::QueueType;
 
 #[derive(Debug, Clone)]
@@ -65,9 +66,49 @@ enum SessionEnd {
     BrokerLost(String),
 }
 
+/// A delivery and its body as NDJSON lines.
+struct Received {
+    delivery: Delivery,
+    body: Body,
+}
+
+enum Body {
+    /// Plain NDJSON, read in place.
+    Plain,
+    /// The lines of a compressed body.
+    Decompressed(Vec<u8>),
+    /// Why the body could not be decoded: such a message is dead-lettered whole, as it came.
+    Undecodable(DecodeError),
+}
+
+impl Received {
+    fn new(delivery: Delivery) -> Self {
+        let encoding = delivery.properties.content_encoding().as_ref();
+        let body = match framing::decode(encoding.map(|e| e.as_str()), &delivery.data) {
+            Ok(Cow::Borrowed(_)) => Body::Plain,
+            Ok(Cow::Owned(lines)) => Body::Decompressed(lines),
+            Err(error) => Body::Undecodable(error),
+        };
+        Received { delivery, body }
+    }
+
+    /// The body's NDJSON lines; none for an undecodable body.
+    fn lines(&self) -> &[u8] {
+        match &self.body {
+            Body::Plain => &self.delivery.data,
+            Body::Decompressed(lines) => lines,
+            Body::Undecodable(_) => &[],
+        }
+    }
+
+    fn event_count(&self) -> usize {
+        framing::event_count(self.lines())
+    }
+}
+
 /// A delivered message and what became of its events so far.
 struct Message {
-    delivery: Delivery,
+    received: Received,
     /// Events not yet settled (indexed, already there, or refused).
     unsettled: usize,
     /// Events it carried, for telling "all refused" from "some refused".
@@ -185,25 +226,26 @@ async fn next_batch(
     deliveries: &mut lapin::Consumer,
     settings: &ConsumerSettings,
     shutdown: &mut watch::Receiver<bool>,
-) -> Result<Option<Vec<Delivery>>, String> {
+) -> Result<Option<Vec<Received>>, String> {
     let first = tokio::select! {
         next = deliveries.next() => next,
         _ = shutdown.changed() => return Ok(None),
     };
     let mut batch = match first {
-        Some(Ok(delivery)) => vec![delivery],
+        Some(Ok(delivery)) => vec![Received::new(delivery)],
         Some(Err(error)) => return Err(error.to_string()),
         None => return Err("consumer stream ended".into()),
     };
-    let mut events = framing::event_count(&batch[0].data);
+    let mut events = batch[0].event_count();
     let deadline = Instant::now() + settings.batch_wait;
     // With `prefetch` messages unacknowledged the broker sends no more: waiting would only stall.
     while events < settings.batch_size && batch.len() < usize::from(settings.prefetch) {
         let remaining = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(remaining, deliveries.next()).await {
             Ok(Some(Ok(delivery))) => {
-                events += framing::event_count(&delivery.data);
-                batch.push(delivery);
+                let received = Received::new(delivery);
+                events += received.event_count();
+                batch.push(received);
             }
             Ok(Some(Err(error))) => return Err(error.to_string()),
             Ok(None) => return Err("consumer stream ended".into()),
@@ -215,7 +257,7 @@ async fn next_batch(
 
 /// Indexes a batch, retrying failed events until every message is acked or dead-lettered.
 async fn index_batch(
-    batch: Vec<Delivery>,
+    batch: Vec<Received>,
     link: &amqp::Link,
     index: &TraceIndex,
     settings: &ConsumerSettings,
@@ -235,8 +277,8 @@ async fn index_batch(
                     source: &messages[p.message]
                         .as_ref()
                         .expect("unsettled")
-                        .delivery
-                        .data[p.line.clone()],
+                        .received
+                        .lines()[p.line.clone()],
                 })
                 .collect();
             match index.bulk(&items).await {
@@ -264,7 +306,12 @@ async fn index_batch(
                     requeue: true,
                     multiple: false,
                 };
-                message.delivery.nack(requeue).await.map_err(broker)?;
+                message
+                    .received
+                    .delivery
+                    .nack(requeue)
+                    .await
+                    .map_err(broker)?;
             }
             return Err(SessionEnd::Stopped);
         }
@@ -273,25 +320,33 @@ async fn index_batch(
 
 /// Splits every message into its events; lines that are not trace events are marked dead.
 fn split_events(
-    batch: Vec<Delivery>,
+    batch: Vec<Received>,
     prefix: &str,
     stats: &ConsumerStats,
 ) -> (Vec<Option<Message>>, Vec<Pending>) {
     let mut messages = Vec::with_capacity(batch.len());
     let mut pending = Vec::new();
-    for delivery in batch {
+    for received in batch {
         let mut message = Message {
             unsettled: 0,
             events: 0,
             dead: Vec::new(),
-            delivery,
+            received,
         };
         let number = messages.len();
-        for line in framing::lines(&message.delivery.data) {
-            message.events += 1;
-            match identify(&message.delivery.data[line.clone()], prefix) {
+        if let Body::Undecodable(reason) = &message.received.body {
+            warn!(message = "Trace message cannot be decoded; dead-lettered.", %reason, bytes = message.received.delivery.data.len());
+            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            messages.push(Some(message));
+            continue;
+        }
+        let (mut events, mut unsettled, mut dead) = (0, 0, Vec::new());
+        let lines = message.received.lines();
+        for line in framing::lines(lines) {
+            events += 1;
+            match identify(&lines[line.clone()], prefix) {
                 Ok((event_id, index)) => {
-                    message.unsettled += 1;
+                    unsettled += 1;
                     pending.push(Pending {
                         message: number,
                         line,
@@ -302,10 +357,11 @@ fn split_events(
                 Err(reason) => {
                     warn!(message = "Not a trace event; dead-lettered.", %reason, bytes = line.len());
                     stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    message.dead.push(line);
+                    dead.push(line);
                 }
             }
         }
+        (message.events, message.unsettled, message.dead) = (events, unsettled, dead);
         if message.events == 0 {
             warn!(message = "Empty trace message; dead-lettered.");
             stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
@@ -362,6 +418,7 @@ async fn finish_settled(
         let message = slot.take().expect("checked above");
         if message.dead.len() == message.events {
             message
+                .received
                 .delivery
                 .reject(BasicRejectOptions { requeue: false })
                 .await
@@ -371,12 +428,13 @@ async fn finish_settled(
         if !message.dead.is_empty() {
             let mut lines = Vec::new();
             for line in &message.dead {
-                lines.extend_from_slice(&message.delivery.data[line.clone()]);
+                lines.extend_from_slice(&message.received.lines()[line.clone()]);
                 lines.push(b'\n');
             }
             amqp::dead_letter(link, queue, &lines).await?;
         }
         message
+            .received
             .delivery
             .ack(BasicAckOptions::default())
             .await

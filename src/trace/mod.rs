@@ -44,6 +44,7 @@ pub fn publisher_settings(config: &GomsConfig) -> PublisherSettings {
         queue_type: config.trace.queue_type,
         queue_capacity: config.trace.queue_capacity,
         publish_interval: config.trace.publish_interval,
+        compression: config.trace.compression,
         spool_dir: config.trace.spool_dir.clone(),
         spool_max_bytes: config.trace.spool_max_bytes,
     }
