@@ -5,11 +5,12 @@
 mod support;
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use goms::trace::event::{EventKind, RequestInfo, TraceTiming};
 use goms::trace::framing::{self, EncodedEvents, TraceCompression};
-use goms::trace::TraceEvent;
+use goms::trace::{Publisher, PublisherSettings, RunningPublisher, TraceEvent};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use support::es_standin::{EsStandIn, Faults};
@@ -252,6 +253,54 @@ async fn a_broker_outage_under_load_fails_no_request_and_loses_no_event() {
         "{}",
         gateway.output()
     );
+}
+
+/// A broker that accepts connections and never answers (as behind a partition) holds each
+/// connection attempt for the full connect timeout. The publisher must keep draining its
+/// in-memory queue meanwhile: the request path must never find it full and write the spool.
+#[tokio::test]
+async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut sockets = Vec::new();
+        while let Ok((socket, _)) = silent.accept().await {
+            sockets.push(socket);
+        }
+    });
+    let spool = tempfile::tempdir().unwrap();
+    let (sink, publisher) = Publisher::prepare(PublisherSettings {
+        amqp_url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
+        queue: "goms.trace".into(),
+        queue_type: Default::default(),
+        queue_capacity: 100,
+        publish_interval: Duration::from_millis(20),
+        compression: TraceCompression::Lz4,
+        spool_dir: spool.path().to_path_buf(),
+        spool_max_bytes: 1 << 30,
+    })
+    .unwrap();
+    let running = RunningPublisher::spawn(publisher);
+
+    // 1,000 events over about 3 s, inside one 5 s connection attempt: ten times what the
+    // queue holds.
+    let total = 1000u64;
+    for id in 0..total {
+        sink.emit(synthetic_event(id as usize));
+        if id % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    }
+    let stats = sink.stats();
+    eventually("every event spooled", Duration::from_secs(20), || async {
+        stats.spooled.load(Ordering::Relaxed) == total
+    })
+    .await;
+    assert_eq!(stats.overflowed.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.published.load(Ordering::Relaxed), 0);
+    running.shutdown(Duration::from_secs(10)).await;
+    held.abort();
 }
 
 fn metric(text: &str, name: &str) -> f64 {

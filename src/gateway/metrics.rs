@@ -163,6 +163,11 @@ pub fn render_trace(out: &mut String, trace: &PublisherStats) {
             &trace.spooled,
         ),
         (
+            "overflowed",
+            "Of the spooled events, those the request path wrote itself because the in-process queue was full.",
+            &trace.overflowed,
+        ),
+        (
             "dropped",
             "Trace events lost because the spool was full or unwritable.",
             &trace.dropped,

@@ -61,6 +61,10 @@ pub struct PublisherStats {
     pub emitted: AtomicU64,
     pub published: AtomicU64,
     pub spooled: AtomicU64,
+    /// Of `spooled`: events the request path wrote to the spool itself because the
+    /// in-process queue was full. The publisher keeps the queue drained even while the broker
+    /// is away, so this stays 0 unless the publisher falls behind.
+    pub overflowed: AtomicU64,
     pub dropped: AtomicU64,
 }
 
@@ -110,6 +114,9 @@ impl TraceSink {
             Err(mpsc::error::TrySendError::Closed(events)) => events,
         };
         if let Some(spool) = &self.spool {
+            self.stats
+                .overflowed
+                .fetch_add(events.count() as u64, Ordering::Relaxed);
             spool_events(spool, &self.stats, &[events]);
         }
     }
@@ -211,6 +218,11 @@ fn spool_events(spool: &Mutex<Spool>, stats: &PublisherStats, events: &[EncodedE
 
 struct Connection {
     link: Option<Link>,
+    /// A connection attempt, run as its own task: a broker that does not answer (packets
+    /// dropped by a partition, a host gone) holds an attempt for up to
+    /// [`amqp::CONNECT_TIMEOUT`], and meanwhile the publisher must keep draining the
+    /// in-process queue, or the request path would find it full and write the spool itself.
+    attempt: Option<JoinHandle<Result<Link, String>>>,
     /// Counts the links opened, so that a late failure of a batch sent on an earlier link
     /// does not tear down the current one.
     generation: u64,
@@ -219,34 +231,40 @@ struct Connection {
 }
 
 impl Connection {
+    /// Takes up a finished connection attempt, or starts one when it is due; never waits for
+    /// the broker.
     async fn ensure(&mut self, settings: &PublisherSettings) {
-        if self.link.is_some() || Instant::now() < self.next_attempt {
+        if self.link.is_some() {
             return;
         }
-        let connected =
-            match amqp::connect(&settings.amqp_url, &settings.queue, settings.queue_type).await {
-                Ok(link) => link
-                    .channel
-                    .confirm_select(ConfirmSelectOptions::default())
-                    .await
-                    .map(|()| link)
-                    .map_err(|e| e.to_string()),
-                Err(error) => Err(error.to_string()),
-            };
-        match connected {
-            Ok(link) => {
-                if self.failures > 0 {
-                    info!(
-                        message = "Trace broker reachable again.",
-                        attempts = self.failures
-                    );
-                }
-                self.failures = 0;
-                self.link = Some(link);
-                self.generation += 1;
+        match self.attempt.take() {
+            Some(attempt) if attempt.is_finished() => match attempt.await {
+                Ok(Ok(link)) => self.connected(link),
+                Ok(Err(error)) => self.lost(&error),
+                Err(join_error) => self.lost(&join_error.to_string()),
+            },
+            Some(attempt) => self.attempt = Some(attempt),
+            None if Instant::now() >= self.next_attempt => {
+                self.attempt = Some(tokio::spawn(open_confirmed_link(settings.clone())));
             }
-            Err(error) => self.lost(&error),
+            None => {}
         }
+    }
+
+    fn is_connecting(&self) -> bool {
+        self.attempt.is_some()
+    }
+
+    fn connected(&mut self, link: Link) {
+        if self.failures > 0 {
+            info!(
+                message = "Trace broker reachable again.",
+                attempts = self.failures
+            );
+        }
+        self.failures = 0;
+        self.link = Some(link);
+        self.generation += 1;
     }
 
     fn lost(&mut self, error: &str) {
@@ -260,6 +278,18 @@ impl Connection {
     }
 }
 
+/// Connects, declares the topology and switches the channel to publisher confirms.
+async fn open_confirmed_link(settings: PublisherSettings) -> Result<Link, String> {
+    let link = amqp::connect(&settings.amqp_url, &settings.queue, settings.queue_type)
+        .await
+        .map_err(|e| e.to_string())?;
+    link.channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(link)
+}
+
 async fn run(
     settings: PublisherSettings,
     mut queue: mpsc::Receiver<EncodedEvents>,
@@ -269,6 +299,7 @@ async fn run(
 ) {
     let mut connection = Connection {
         link: None,
+        attempt: None,
         generation: 0,
         next_attempt: Instant::now(),
         failures: 0,
@@ -286,13 +317,19 @@ async fn run(
                 Err(error) => connection.lost(&error),
             }
         }
-        if queue.len() < PUBLISH_BATCH {
+        // While a connection attempt runs, events wait in memory rather than go to the spool,
+        // unless the queue is half full.
+        let hold = connection.is_connecting() && queue.len() < settings.queue_capacity / 2;
+        if queue.len() < PUBLISH_BATCH || hold {
             if queue.is_closed() && queue.is_empty() {
                 break;
             }
             tokio::select! {
                 _ = tokio::time::sleep(settings.publish_interval) => {}
                 _ = stopped.changed() => break,
+            }
+            if hold {
+                continue;
             }
         }
         let batch = take_queued(&mut queue);
@@ -303,6 +340,9 @@ async fn run(
         }
     }
     // Shutting down: whatever is still queued is published if possible, else spooled.
+    if let Some(attempt) = connection.attempt.take() {
+        attempt.abort();
+    }
     queue.close();
     let mut rest = Vec::new();
     while queue.recv_many(&mut rest, PUBLISH_BATCH).await > 0 {
