@@ -1,7 +1,7 @@
 //! CPU cost of tracing one gateway request, without sockets or a broker: writing its
-//! `request.start` and `request.end` events as JSON (done on the proxy thread, in `logging`)
-//! and packing them into messages (done by the publisher task). Prints nanoseconds per
-//! request; asserts nothing. Run with `cargo run --release --example trace_event_cost [N]`.
+//! `request.start` and `request.end` events as JSON (done on the proxy thread, in `logging`),
+//! packing them into messages and compressing those with LZ4 (done by the publisher task).
+//! Prints nanoseconds per request; asserts nothing. Run with `cargo run --release --example trace_event_cost [N]`.
 
 use std::hint::black_box;
 use std::sync::Arc;
@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use goms::gateway::trace_events::GatewayTracer;
 use goms::trace::event::BodyCapture;
-use goms::trace::{framing, Attempt, Redactor, RequestRecord, TraceContext};
+use goms::trace::framing::{self, TraceCompression};
+use goms::trace::{Attempt, Redactor, RequestRecord, TraceContext};
 use pingora::http::RequestHeader;
 
 /// A request like the benchmark's, with the headers a browser or SDK adds.
@@ -70,12 +71,13 @@ fn main() {
     }
     let build = per_request(started.elapsed(), n);
 
-    // The publisher packs what it took from the queue in batches; 64 requests' events at a
-    // time is what a 50 ms poll collects at about 1,300 req/s and far below the cap.
-    let batch: Vec<_> = (0..64)
+    // The publisher packs what it took from the queue in batches; 256 requests' events at a
+    // time is what a 200 ms poll collects at about 1,300 req/s, one message.
+    const BATCH: usize = 256;
+    let batch: Vec<_> = (0..BATCH)
         .map(|_| tracer.encode(&header, "10.0.0.7", &body, &record, 200))
         .collect();
-    let rounds = (n / 64).max(1);
+    let rounds = (n / BATCH).max(1);
     let started = Instant::now();
     let mut bytes = 0;
     for _ in 0..rounds {
@@ -84,13 +86,28 @@ fn main() {
             .map(Vec::len)
             .sum();
     }
-    let serialise = per_request(started.elapsed(), rounds * 64);
+    let serialise = per_request(started.elapsed(), rounds * BATCH);
+
+    let messages = framing::encode(&batch);
+    let started = Instant::now();
+    let mut compressed = 0;
+    for _ in 0..rounds {
+        compressed = messages
+            .iter()
+            .map(|message| {
+                black_box(framing::compress(TraceCompression::Lz4, message.clone())).len()
+            })
+            .sum();
+    }
+    let compress = per_request(started.elapsed(), rounds * BATCH);
 
     println!("trace cost per gateway request ({n} requests, release build, one thread)");
     println!("  write request.start + request.end (proxy thread)  {build:>8.0} ns");
     println!("  pack both into messages (publisher task)           {serialise:>8.0} ns");
+    println!("  compress the messages with LZ4 (publisher task)    {compress:>8.0} ns");
     println!(
-        "  bytes per request on the wire                      {:>8}",
-        bytes / 64
+        "  bytes per request, plain / LZ4                     {:>8} / {}",
+        bytes / BATCH,
+        compressed / BATCH
     );
 }
