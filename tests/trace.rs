@@ -248,6 +248,8 @@ async fn a_broker_outage_under_load_fails_no_request_and_loses_no_event() {
         .await
         .unwrap();
     assert_eq!(metric(&metrics, "goms_trace_events_dropped_total"), 0.0);
+    // The publisher, not a request, wrote every spooled event.
+    assert_eq!(metric(&metrics, "goms_trace_events_overflowed_total"), 0.0);
     assert!(
         gateway.has_line("Replayed spooled trace events"),
         "{}",
@@ -346,7 +348,10 @@ async fn publish_encoded(
         .confirm_select(Default::default())
         .await
         .unwrap();
-    let properties = BasicProperties::default().with_delivery_mode(2);
+    let mut properties = BasicProperties::default().with_delivery_mode(2);
+    if let Some(encoding) = encoding {
+        properties = properties.with_content_encoding(encoding.into());
+    }
     for payload in payloads {
         link.channel
             .basic_publish(
@@ -354,10 +359,7 @@ async fn publish_encoded(
                 "goms.trace".into(),
                 BasicPublishOptions::default(),
                 &payload,
-                match encoding {
-                    Some(encoding) => properties.clone().with_content_encoding(encoding.into()),
-                    None => properties.clone(),
-                },
+                properties.clone(),
             )
             .await
             .unwrap();

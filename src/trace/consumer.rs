@@ -327,48 +327,66 @@ fn split_events(
     let mut messages = Vec::with_capacity(batch.len());
     let mut pending = Vec::new();
     for received in batch {
-        let mut message = Message {
-            unsettled: 0,
-            events: 0,
-            dead: Vec::new(),
-            received,
-        };
         let number = messages.len();
-        if let Body::Undecodable(reason) = &message.received.body {
-            warn!(message = "Trace message cannot be decoded; dead-lettered.", %reason, bytes = message.received.delivery.data.len());
-            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            messages.push(Some(message));
-            continue;
-        }
-        let (mut events, mut unsettled, mut dead) = (0, 0, Vec::new());
-        let lines = message.received.lines();
-        for line in framing::lines(lines) {
-            events += 1;
-            match identify(&lines[line.clone()], prefix) {
-                Ok((event_id, index)) => {
-                    unsettled += 1;
-                    pending.push(Pending {
-                        message: number,
-                        line,
-                        event_id,
-                        index,
-                    });
-                }
-                Err(reason) => {
-                    warn!(message = "Not a trace event; dead-lettered.", %reason, bytes = line.len());
-                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                    dead.push(line);
-                }
+        let lines = match &received.body {
+            Body::Undecodable(reason) => {
+                warn!(message = "Trace message cannot be decoded; dead-lettered.", %reason, bytes = received.delivery.data.len());
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                Lines::default()
             }
-        }
-        (message.events, message.unsettled, message.dead) = (events, unsettled, dead);
-        if message.events == 0 {
-            warn!(message = "Empty trace message; dead-lettered.");
-            stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        }
-        messages.push(Some(message));
+            _ => {
+                let lines = split_lines(received.lines(), number, prefix, stats, &mut pending);
+                if lines.events == 0 {
+                    warn!(message = "Empty trace message; dead-lettered.");
+                    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                }
+                lines
+            }
+        };
+        messages.push(Some(Message {
+            received,
+            unsettled: lines.events - lines.dead.len(),
+            events: lines.events,
+            dead: lines.dead,
+        }));
     }
     (messages, pending)
+}
+
+/// What [`split_lines`] found in one message's body.
+#[derive(Default)]
+struct Lines {
+    events: usize,
+    dead: Vec<std::ops::Range<usize>>,
+}
+
+/// Queues the trace events of message `number` in `pending`; returns how many lines it had
+/// and which were not trace events.
+fn split_lines(
+    body: &[u8],
+    number: usize,
+    prefix: &str,
+    stats: &ConsumerStats,
+    pending: &mut Vec<Pending>,
+) -> Lines {
+    let mut lines = Lines::default();
+    for line in framing::lines(body) {
+        lines.events += 1;
+        match identify(&body[line.clone()], prefix) {
+            Ok((event_id, index)) => pending.push(Pending {
+                message: number,
+                line,
+                event_id,
+                index,
+            }),
+            Err(reason) => {
+                warn!(message = "Not a trace event; dead-lettered.", %reason, bytes = line.len());
+                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+                lines.dead.push(line);
+            }
+        }
+    }
+    lines
 }
 
 /// Books each outcome against its message; returns the events to retry.

@@ -1,8 +1,8 @@
 //! How trace events travel in AMQP messages: several events per message, one JSON document
 //! per line (NDJSON, `application/x-ndjson`).
 //!
-//! The broker's cost is per message, not per byte: one event per message held the broker
-//! to about 16,000 events/s on a core, less than two events per gateway request at full
+//! Most of the broker's cost for small messages is per message: one event per message held
+//! the broker to about 16,000 events/s on a core, less than two events per gateway request at full
 //! load. A message of up to [`MAX_EVENTS_PER_MESSAGE`] events (and [`MAX_MESSAGE_BYTES`])
 //! cuts that cost by the batch size while keeping each event a complete document with its
 //! own `eventId`, so the consumer still indexes, retries and dead-letters event by event. A
@@ -14,10 +14,10 @@
 //! idle.
 //!
 //! A message body may be compressed, as its AMQP `content-encoding` says ([`compress`],
-//! [`decode`]).
-//! Publishers compress with LZ4 by default: the broker's cost follows the bytes it receives,
-//! stores and delivers, and trace events compress about fivefold at a fraction of that cost.
-//! Consumers read both kinds, so messages from older publishers and hand-made ones stay valid.
+//! [`decode`]). Publishers compress with LZ4 by default: past the per-message cost, the
+//! broker's cost follows the bytes it receives, stores and delivers, and trace events
+//! compress about fivefold for a fraction of that cost. Consumers read both kinds, so
+//! messages from older publishers and hand-made ones stay valid.
 
 use std::borrow::Cow;
 
@@ -26,6 +26,8 @@ pub use crate::config::TraceCompression;
 
 /// MIME type of a trace message.
 pub const CONTENT_TYPE: &str = "application/x-ndjson";
+/// `content-encoding` of an LZ4-compressed message.
+pub const LZ4_ENCODING: &str = "lz4";
 /// Most events in one message.
 pub const MAX_EVENTS_PER_MESSAGE: usize = 1024;
 /// A message is closed once it reaches this size, whatever its event count.
@@ -52,9 +54,6 @@ pub fn compress(compression: TraceCompression, lines: Vec<u8>) -> Vec<u8> {
         TraceCompression::None => lines,
     }
 }
-
-/// `content-encoding` of an LZ4-compressed message.
-pub const LZ4_ENCODING: &str = "lz4";
 
 /// Why a message body could not be turned back into NDJSON lines.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
