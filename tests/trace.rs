@@ -305,6 +305,84 @@ async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
     held.abort();
 }
 
+/// A broker that blocks publishers (its memory or disk alarm) stops reading from their
+/// connections, so a publish there waits until the alarm clears. The publisher must keep
+/// draining its queue into the spool meanwhile, and once the alarm clears every event must
+/// reach the index exactly once.
+#[tokio::test]
+async fn a_broker_that_blocks_publishers_loses_nothing_and_leaves_spool_writes_to_the_publisher() {
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    let _consumer = consumer("consumer", &broker, &es.url(), &[]);
+    let spool = tempfile::tempdir().unwrap();
+    let (sink, publisher) = Publisher::prepare(PublisherSettings {
+        amqp_url: broker.url(),
+        queue: "goms.trace".into(),
+        queue_type: Default::default(),
+        queue_capacity: 100,
+        publish_interval: Duration::from_millis(20),
+        compression: TraceCompression::Lz4,
+        spool_dir: spool.path().to_path_buf(),
+        spool_max_bytes: 1 << 30,
+    })
+    .unwrap();
+    let running = RunningPublisher::spawn(publisher);
+    let stats = sink.stats();
+
+    let before = 100;
+    for id in 0..before {
+        sink.emit(synthetic_event(id));
+    }
+    eventually(
+        "events published before the alarm",
+        Duration::from_secs(30),
+        || async { stats.published.load(Ordering::Relaxed) == before as u64 },
+    )
+    .await;
+
+    // 1,000 events over about 3 s while the broker blocks publishers: ten times what the
+    // queue holds.
+    broker.block_publishers().await;
+    let total = before + 1000;
+    for id in before..total {
+        sink.emit(synthetic_event(id));
+        if id % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    }
+    assert!(
+        stats.published.load(Ordering::Relaxed) < total as u64,
+        "the broker took every event despite its alarm; the test proves nothing"
+    );
+    broker.unblock_publishers().await;
+
+    eventually(
+        &format!("{total} events indexed"),
+        Duration::from_secs(60),
+        || {
+            let es = es.clone();
+            async move { es.document_count() >= total }
+        },
+    )
+    .await;
+    assert_eq!(
+        es.document_count(),
+        total,
+        "duplicates or strays in the index"
+    );
+    assert!(
+        stats.spooled.load(Ordering::Relaxed) > 0,
+        "nothing was spooled during the alarm"
+    );
+    assert_eq!(
+        stats.overflowed.load(Ordering::Relaxed),
+        0,
+        "the request path wrote the spool"
+    );
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    running.shutdown(Duration::from_secs(10)).await;
+}
+
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
         .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))

@@ -1,11 +1,13 @@
 //! Gets trace events from the request path to RabbitMQ without blocking a request or losing
 //! an event.
 //!
-//! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process queue -> publisher task ->
-//! persistent messages of up to 1,024 events each ([`framing`]) with publisher confirms,
-//! several batches in flight so that a slow confirm does not hold up the queue. While
-//! the broker is away, or when the queue is full, events go to the disk [`Spool`]; the
-//! publisher replays it when the broker is back and deletes a segment only after every event
+//! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process queue -> publisher loop ->
+//! persistent messages of up to 1,024 events each ([`framing`]) with publisher confirms.
+//! The loop never waits for the broker: connection attempts, and each batch's publish and
+//! confirms, run as tasks of their own, several batches in flight. While the broker is away
+//! or blocks publishers, or when too many batches await confirms, events wait in the queue
+//! until it is half full, then the loop writes them to the disk [`Spool`]; it replays the
+//! spool when the broker takes publishes again and deletes a segment only after every event
 //! in it was confirmed. Only a full spool drops events, and every drop is counted and logged.
 
 use std::path::PathBuf;
@@ -14,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::{BasicProperties, PublisherConfirm};
-use tokio::sync::{mpsc, watch};
+use lapin::{BasicProperties, Channel, PublisherConfirm};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
@@ -228,9 +230,23 @@ struct Connection {
     generation: u64,
     next_attempt: Instant,
     failures: u32,
+    /// Whether the broker said it blocks publishers (`connection.blocked`: a memory or disk
+    /// alarm), as last logged.
+    blocked: bool,
 }
 
 impl Connection {
+    fn new() -> Self {
+        Connection {
+            link: None,
+            attempt: None,
+            generation: 0,
+            next_attempt: Instant::now(),
+            failures: 0,
+            blocked: false,
+        }
+    }
+
     /// Takes up a finished connection attempt, or starts one when it is due; never waits for
     /// the broker.
     async fn ensure(&mut self, settings: &PublisherSettings) {
@@ -253,6 +269,24 @@ impl Connection {
 
     fn is_connecting(&self) -> bool {
         self.attempt.is_some()
+    }
+
+    /// The link, unless there is none or the broker blocks publishers. lapin writes nothing
+    /// to a blocked connection, so a publish there would wait for the alarm to clear.
+    fn publishable(&mut self) -> Option<&Link> {
+        let blocked = self
+            .link
+            .as_ref()
+            .is_some_and(|link| link.connection.status().blocked());
+        if blocked != self.blocked {
+            self.blocked = blocked;
+            if blocked {
+                warn!("Trace broker blocks publishers (resource alarm); spooling events to disk.");
+            } else if self.link.is_some() {
+                info!("Trace broker accepts publishers again.");
+            }
+        }
+        self.link.as_ref().filter(|_| !blocked)
     }
 
     fn connected(&mut self, link: Link) {
@@ -297,35 +331,34 @@ async fn run(
     stats: Arc<PublisherStats>,
     mut stopped: watch::Receiver<bool>,
 ) {
-    let mut connection = Connection {
-        link: None,
-        attempt: None,
-        generation: 0,
-        next_attempt: Instant::now(),
-        failures: 0,
-    };
+    let mut connection = Connection::new();
     let mut in_flight = InFlight::default();
+    // During a replay the queue is drained once a batch's worth waits, or half the queue
+    // when that is smaller, so that replaying a large spool never lets it fill.
+    let drain_during_replay = PUBLISH_BATCH.min(settings.queue_capacity / 2).max(1);
     loop {
         in_flight
             .settle_finished(&mut connection, &spool, &stats)
             .await;
         connection.ensure(&settings).await;
-        if let Some(link) = &connection.link {
-            match replay_one_segment(link, &settings, &spool, &stats).await {
-                Ok(true) => continue,
-                Ok(false) => {}
-                Err(error) => connection.lost(&error),
-            }
+        if replay_one_segment_if_possible(&mut connection, &settings, &spool, &stats).await
+            && queue.len() < drain_during_replay
+        {
+            continue;
         }
-        // While a connection attempt runs, events wait in memory rather than go to the spool,
-        // unless the queue is half full.
-        let hold = connection.is_connecting() && queue.len() < settings.queue_capacity / 2;
+        // Events wait in memory while a connection attempt runs, while the broker blocks
+        // publishers, or while the most batches allowed await confirms; once the queue is
+        // half full the publisher spools them, so that the request path never has to.
+        let waiting_for_broker = (connection.is_connecting() || connection.link.is_some())
+            && !in_flight.can_send(&mut connection);
+        let hold = waiting_for_broker && queue.len() < settings.queue_capacity / 2;
         if queue.len() < PUBLISH_BATCH || hold {
             if queue.is_closed() && queue.is_empty() {
                 break;
             }
             tokio::select! {
                 _ = tokio::time::sleep(settings.publish_interval) => {}
+                _ = in_flight.one_settled(), if in_flight.is_full() => {}
                 _ = stopped.changed() => break,
             }
             if hold {
@@ -333,11 +366,17 @@ async fn run(
             }
         }
         let batch = take_queued(&mut queue);
-        if !batch.is_empty() {
-            in_flight
-                .send(&mut connection, &settings, &spool, &stats, batch)
-                .await;
+        if batch.is_empty() {
+            continue;
         }
+        send_or_spool(
+            &mut in_flight,
+            &mut connection,
+            &settings,
+            &spool,
+            &stats,
+            batch,
+        );
     }
     // Shutting down: whatever is still queued is published if possible, else spooled.
     if let Some(attempt) = connection.attempt.take() {
@@ -347,11 +386,59 @@ async fn run(
     let mut rest = Vec::new();
     while queue.recv_many(&mut rest, PUBLISH_BATCH).await > 0 {
         let batch = std::mem::take(&mut rest);
-        in_flight
-            .send(&mut connection, &settings, &spool, &stats, batch)
-            .await;
+        if in_flight.is_full() {
+            in_flight
+                .settle_oldest(&mut connection, &spool, &stats)
+                .await;
+        }
+        send_or_spool(
+            &mut in_flight,
+            &mut connection,
+            &settings,
+            &spool,
+            &stats,
+            batch,
+        );
     }
     in_flight.settle_all(&mut connection, &spool, &stats).await;
+}
+
+/// Hands the batch to the broker if it takes publishes and there is room in flight;
+/// otherwise the publisher spools it.
+fn send_or_spool(
+    in_flight: &mut InFlight,
+    connection: &mut Connection,
+    settings: &PublisherSettings,
+    spool: &Mutex<Spool>,
+    stats: &PublisherStats,
+    batch: Vec<EncodedEvents>,
+) {
+    let generation = connection.generation;
+    match connection.publishable() {
+        Some(link) if !in_flight.is_full() => {
+            in_flight.send(link.channel.clone(), generation, settings, batch);
+        }
+        _ => spool_events(spool, stats, &batch),
+    }
+}
+
+/// Replays one spooled segment when the broker takes publishes; returns whether it did.
+async fn replay_one_segment_if_possible(
+    connection: &mut Connection,
+    settings: &PublisherSettings,
+    spool: &Mutex<Spool>,
+    stats: &PublisherStats,
+) -> bool {
+    let Some(link) = connection.publishable() else {
+        return false;
+    };
+    match replay_one_segment(link, settings, spool, stats).await {
+        Ok(replayed) => replayed,
+        Err(error) => {
+            connection.lost(&error);
+            false
+        }
+    }
 }
 
 fn event_count(units: &[EncodedEvents]) -> u64 {
@@ -378,16 +465,21 @@ fn take_queued(queue: &mut mpsc::Receiver<EncodedEvents>) -> Vec<EncodedEvents> 
 /// spool, which writes to disk on the request path.
 const MAX_IN_FLIGHT: usize = 8;
 
-/// Batches sent to the broker whose confirms are still awaited, oldest first. A batch
-/// counts as published only once confirmed; a batch whose confirms fail or time out is
-/// spooled whole (some of its messages may have reached the queue: the consumer's create
-/// semantics make a replayed event a no-op).
+/// Batches handed to the broker whose confirms are still awaited, oldest first. Each is sent
+/// and confirmed by a task of its own, so the publisher loop never waits for the broker: a
+/// broker that stops reading (a resource alarm) holds those tasks, not the loop. A batch
+/// counts as published only once confirmed; a batch whose publish or confirms fail or time
+/// out is spooled whole (some of its messages may have reached the queue: the consumer's
+/// create semantics make a replayed event a no-op).
 #[derive(Default)]
 struct InFlight {
     batches: std::collections::VecDeque<SentBatch>,
+    /// Signalled by each batch's task when it ends, to wake a loop waiting for room.
+    settled: Arc<Notify>,
 }
 
-/// A batch's event count, the link it went out on, and the task awaiting its confirms.
+/// A batch's event count, the link it went out on, and the task sending it and awaiting its
+/// confirms.
 struct SentBatch {
     events: u64,
     generation: u64,
@@ -401,39 +493,40 @@ struct Unconfirmed {
 }
 
 impl InFlight {
-    /// Sends a batch and leaves its confirms to a task; without a broker, spools it.
-    async fn send(
+    fn is_full(&self) -> bool {
+        self.batches.len() >= MAX_IN_FLIGHT
+    }
+
+    /// Whether a batch can go to the broker now: a link that takes publishes, and room.
+    fn can_send(&self, connection: &mut Connection) -> bool {
+        !self.is_full() && connection.publishable().is_some()
+    }
+
+    /// Resolves when a batch's task has ended (at once if one ended since the last call).
+    async fn one_settled(&self) {
+        self.settled.notified().await;
+    }
+
+    /// Leaves sending the batch on `channel` and awaiting its confirms to a task.
+    fn send(
         &mut self,
-        connection: &mut Connection,
+        channel: Channel,
+        generation: u64,
         settings: &PublisherSettings,
-        spool: &Mutex<Spool>,
-        stats: &PublisherStats,
         batch: Vec<EncodedEvents>,
     ) {
-        if self.batches.len() >= MAX_IN_FLIGHT {
-            if let Some(oldest) = self.batches.pop_front() {
-                settle(oldest, connection, spool, stats).await;
-            }
-        }
-        let Some(link) = &connection.link else {
-            spool_events(spool, stats, &batch);
-            return;
-        };
-        match publish(link, settings, &batch).await {
-            Ok(confirms) => self.batches.push_back(SentBatch {
-                events: event_count(&batch),
-                generation: connection.generation,
-                confirms: tokio::spawn(async move {
-                    await_confirms(confirms)
-                        .await
-                        .map_err(|error| Unconfirmed { error, batch })
-                }),
+        let queue = settings.queue.clone();
+        let compression = settings.compression;
+        let settled = self.settled.clone();
+        self.batches.push_back(SentBatch {
+            events: event_count(&batch),
+            generation,
+            confirms: tokio::spawn(async move {
+                let outcome = publish_confirmed(&channel, &queue, compression, &batch).await;
+                settled.notify_one();
+                outcome.map_err(|error| Unconfirmed { error, batch })
             }),
-            Err(error) => {
-                connection.lost(&error);
-                spool_events(spool, stats, &batch);
-            }
-        }
+        });
     }
 
     /// Counts or spools every batch whose confirms are in, without waiting for the others.
@@ -448,9 +541,19 @@ impl InFlight {
             .front()
             .is_some_and(|sent| sent.confirms.is_finished())
         {
-            if let Some(done) = self.batches.pop_front() {
-                settle(done, connection, spool, stats).await;
-            }
+            self.settle_oldest(connection, spool, stats).await;
+        }
+    }
+
+    /// Waits for the oldest batch's confirms (shutdown, or no room left).
+    async fn settle_oldest(
+        &mut self,
+        connection: &mut Connection,
+        spool: &Mutex<Spool>,
+        stats: &PublisherStats,
+    ) {
+        if let Some(oldest) = self.batches.pop_front() {
+            settle(oldest, connection, spool, stats).await;
         }
     }
 
@@ -461,8 +564,8 @@ impl InFlight {
         spool: &Mutex<Spool>,
         stats: &PublisherStats,
     ) {
-        while let Some(oldest) = self.batches.pop_front() {
-            settle(oldest, connection, spool, stats).await;
+        while !self.batches.is_empty() {
+            self.settle_oldest(connection, spool, stats).await;
         }
     }
 }
@@ -526,7 +629,7 @@ async fn replay_one_segment(
             .fetch_add(unreadable as u64, Ordering::Relaxed);
     }
     for chunk in events.chunks(PUBLISH_BATCH) {
-        publish_confirmed(link, settings, chunk).await?;
+        publish_confirmed(&link.channel, &settings.queue, settings.compression, chunk).await?;
         stats
             .published
             .fetch_add(event_count(chunk), Ordering::Relaxed);
@@ -542,24 +645,25 @@ async fn replay_one_segment(
 }
 
 /// Sends the events as persistent messages of several events each ([`framing`]) and waits
-/// until the broker confirmed every message (used to replay the spool, one segment at a time).
+/// until the broker confirmed every message.
 async fn publish_confirmed(
-    link: &Link,
-    settings: &PublisherSettings,
+    channel: &Channel,
+    queue: &str,
+    compression: TraceCompression,
     events: &[EncodedEvents],
 ) -> Result<(), String> {
-    await_confirms(publish(link, settings, events).await?).await
+    await_confirms(publish(channel, queue, compression, events).await?).await
 }
 
 /// Sends the events as persistent messages of several events each, compressed as configured
 /// ([`framing`]), and returns the broker's confirms, to be awaited together: one round trip
 /// per batch, not per message.
 async fn publish(
-    link: &Link,
-    settings: &PublisherSettings,
+    channel: &Channel,
+    queue: &str,
+    compression: TraceCompression,
     events: &[EncodedEvents],
 ) -> Result<Vec<PublisherConfirm>, String> {
-    let compression = settings.compression;
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(framing::CONTENT_TYPE.into());
@@ -571,9 +675,9 @@ async fn publish(
         .map(|lines| framing::compress(compression, lines))
         .collect();
     let publishes = messages.iter().map(|payload| {
-        link.channel.basic_publish(
+        channel.basic_publish(
             "".into(),
-            settings.queue.as_str().into(),
+            queue.into(),
             BasicPublishOptions::default(),
             payload,
             properties.clone(),

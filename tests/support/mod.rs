@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testcontainers::core::{IntoContainerPort, WaitFor};
+use testcontainers::core::{CmdWaitFor, ExecCommand, IntoContainerPort, WaitFor};
 use testcontainers::runners::AsyncRunner;
 use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 
@@ -455,6 +455,28 @@ impl RabbitMq {
     pub async fn resume(&self) {
         self.container.start().await.expect("start RabbitMQ again");
         self.wait_ready().await;
+    }
+
+    /// Raises RabbitMQ's memory alarm (a high watermark of 0), as memory or disk running
+    /// short would: the broker blocks every connection that publishes until it clears.
+    pub async fn block_publishers(&self) {
+        self.rabbitmqctl(&["set_vm_memory_high_watermark", "0"])
+            .await;
+    }
+
+    /// Clears the alarm of [`RabbitMq::block_publishers`] (0.4 is RabbitMQ's default).
+    pub async fn unblock_publishers(&self) {
+        self.rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"])
+            .await;
+    }
+
+    async fn rabbitmqctl(&self, args: &[&str]) {
+        let command = ExecCommand::new(std::iter::once("rabbitmqctl").chain(args.iter().copied()))
+            .with_cmd_ready_condition(CmdWaitFor::exit_code(0));
+        self.container
+            .exec(command)
+            .await
+            .unwrap_or_else(|error| panic!("rabbitmqctl {args:?}: {error}"));
     }
 
     async fn wait_ready(&self) {
