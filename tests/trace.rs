@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use goms::trace::event::{EventKind, RequestInfo, TraceTiming};
 use goms::trace::framing::{self, EncodedEvents, TraceCompression};
-use goms::trace::{Publisher, PublisherSettings, RunningPublisher, TraceEvent};
+use goms::trace::spool::Spool;
+use goms::trace::{Publisher, PublisherSettings, RunningPublisher, TraceEvent, TraceSink};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use support::es_standin::{EsStandIn, Faults};
@@ -271,28 +272,13 @@ async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
         }
     });
     let spool = tempfile::tempdir().unwrap();
-    let (sink, publisher) = Publisher::prepare(PublisherSettings {
-        amqp_url: format!("amqp://guest:guest@127.0.0.1:{port}/%2f"),
-        queue: "goms.trace".into(),
-        queue_type: Default::default(),
-        queue_capacity: 100,
-        publish_interval: Duration::from_millis(20),
-        compression: TraceCompression::Lz4,
-        spool_dir: spool.path().to_path_buf(),
-        spool_max_bytes: 1 << 30,
-    })
-    .unwrap();
+    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
+    let (sink, publisher) = Publisher::prepare(small_queue_publisher(url, &spool)).unwrap();
     let running = RunningPublisher::spawn(publisher);
 
-    // 1,000 events over about 3 s, inside one 5 s connection attempt: ten times what the
-    // queue holds.
+    // Inside one 5 s connection attempt.
     let total = 1000u64;
-    for id in 0..total {
-        sink.emit(synthetic_event(id as usize));
-        if id % 20 == 19 {
-            tokio::time::sleep(Duration::from_millis(60)).await;
-        }
-    }
+    emit_paced(&sink, 0..total as usize).await;
     let stats = sink.stats();
     eventually("every event spooled", Duration::from_secs(20), || async {
         stats.spooled.load(Ordering::Relaxed) == total
@@ -315,17 +301,8 @@ async fn a_broker_that_blocks_publishers_loses_nothing_and_leaves_spool_writes_t
     let es = EsStandIn::start().await;
     let _consumer = consumer("consumer", &broker, &es.url(), &[]);
     let spool = tempfile::tempdir().unwrap();
-    let (sink, publisher) = Publisher::prepare(PublisherSettings {
-        amqp_url: broker.url(),
-        queue: "goms.trace".into(),
-        queue_type: Default::default(),
-        queue_capacity: 100,
-        publish_interval: Duration::from_millis(20),
-        compression: TraceCompression::Lz4,
-        spool_dir: spool.path().to_path_buf(),
-        spool_max_bytes: 1 << 30,
-    })
-    .unwrap();
+    let (sink, publisher) =
+        Publisher::prepare(small_queue_publisher(broker.url(), &spool)).unwrap();
     let running = RunningPublisher::spawn(publisher);
     let stats = sink.stats();
 
@@ -340,16 +317,9 @@ async fn a_broker_that_blocks_publishers_loses_nothing_and_leaves_spool_writes_t
     )
     .await;
 
-    // 1,000 events over about 3 s while the broker blocks publishers: ten times what the
-    // queue holds.
     broker.block_publishers().await;
     let total = before + 1000;
-    for id in before..total {
-        sink.emit(synthetic_event(id));
-        if id % 20 == 19 {
-            tokio::time::sleep(Duration::from_millis(60)).await;
-        }
-    }
+    emit_paced(&sink, before..total).await;
     assert!(
         stats.published.load(Ordering::Relaxed) < total as u64,
         "the broker took every event despite its alarm; the test proves nothing"
@@ -381,6 +351,88 @@ async fn a_broker_that_blocks_publishers_loses_nothing_and_leaves_spool_writes_t
     );
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
     running.shutdown(Duration::from_secs(10)).await;
+}
+
+/// While a spool is being replayed the broker may start blocking publishers too (a backlog
+/// is when memory runs short). The replay must hold only itself: new events still reach the
+/// spool by the publisher's hand, and every event arrives once the alarm clears. Spooled
+/// segments outlive the process, so the spool is filled before the publisher starts, and the
+/// alarm is raised before it connects: its first publish is the replay's.
+#[tokio::test]
+async fn a_broker_that_blocks_a_replay_loses_nothing_and_leaves_spool_writes_to_the_publisher() {
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    let _consumer = consumer("consumer", &broker, &es.url(), &[]);
+    let spool = tempfile::tempdir().unwrap();
+    let spooled_earlier = 3000;
+    let units: Vec<EncodedEvents> = (0..spooled_earlier)
+        .map(|id| EncodedEvents::from_events([&synthetic_event(id)]))
+        .collect();
+    Spool::open(spool.path(), 1 << 30)
+        .unwrap()
+        .append(&units)
+        .unwrap();
+
+    broker.block_publishers().await;
+    let (sink, publisher) =
+        Publisher::prepare(small_queue_publisher(broker.url(), &spool)).unwrap();
+    let running = RunningPublisher::spawn(publisher);
+    let total = spooled_earlier + 1000;
+    emit_paced(&sink, spooled_earlier..total).await;
+    let stats = sink.stats();
+    assert!(
+        stats.published.load(Ordering::Relaxed) < total as u64,
+        "the broker took every event despite its alarm; the test proves nothing"
+    );
+    broker.unblock_publishers().await;
+
+    eventually(
+        &format!("{total} events indexed"),
+        Duration::from_secs(60),
+        || {
+            let es = es.clone();
+            async move { es.document_count() >= total }
+        },
+    )
+    .await;
+    assert_eq!(
+        es.document_count(),
+        total,
+        "duplicates or strays in the index"
+    );
+    assert_eq!(
+        stats.overflowed.load(Ordering::Relaxed),
+        0,
+        "the request path wrote the spool"
+    );
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    running.shutdown(Duration::from_secs(10)).await;
+}
+
+/// A publisher whose in-memory queue holds 100 entries, so that [`emit_paced`] overflows it
+/// tenfold unless the publisher keeps draining it.
+fn small_queue_publisher(amqp_url: String, spool: &tempfile::TempDir) -> PublisherSettings {
+    PublisherSettings {
+        amqp_url,
+        queue: "goms.trace".into(),
+        queue_type: Default::default(),
+        queue_capacity: 100,
+        publish_interval: Duration::from_millis(20),
+        compression: TraceCompression::Lz4,
+        spool_dir: spool.path().to_path_buf(),
+        spool_max_bytes: 1 << 30,
+    }
+}
+
+/// Emits synthetic events at a gateway's pace, 20 every 60 ms (1,000 take about 3 s): the
+/// publisher gets many chances to fall behind, and every emit is a request path's.
+async fn emit_paced(sink: &TraceSink, ids: std::ops::Range<usize>) {
+    for id in ids {
+        sink.emit(synthetic_event(id));
+        if id % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(60)).await;
+        }
+    }
 }
 
 fn metric(text: &str, name: &str) -> f64 {

@@ -189,9 +189,7 @@ impl RunningPublisher {
 }
 
 fn spool_events(spool: &Mutex<Spool>, stats: &PublisherStats, events: &[EncodedEvents]) {
-    let mut spool = spool
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
+    let mut spool = lock(spool);
     match spool.append(events) {
         Ok(outcome) => {
             stats
@@ -332,56 +330,61 @@ async fn run(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut connection = Connection::new();
-    let mut in_flight = InFlight::default();
-    // During a replay the queue is drained once a batch's worth waits, or half the queue
-    // when that is smaller, so that replaying a large spool never lets it fill.
-    let drain_during_replay = PUBLISH_BATCH.min(settings.queue_capacity / 2).max(1);
+    // Woken by the tasks that publish batches and replay the spool, when one ends.
+    let progress = Arc::new(Notify::new());
+    let mut in_flight = InFlight::new(progress.clone());
+    let mut replay = Replay::new(progress.clone());
+    let mut next_take = Instant::now() + settings.publish_interval;
     loop {
         in_flight
             .settle_finished(&mut connection, &spool, &stats)
             .await;
         connection.ensure(&settings).await;
-        if replay_one_segment_if_possible(&mut connection, &settings, &spool, &stats).await
-            && queue.len() < drain_during_replay
-        {
-            continue;
-        }
+        replay
+            .advance(&mut connection, &settings, &spool, &stats)
+            .await;
         // Events wait in memory while a connection attempt runs, while the broker blocks
         // publishers, or while the most batches allowed await confirms; once the queue is
         // half full the publisher spools them, so that the request path never has to.
         let waiting_for_broker = (connection.is_connecting() || connection.link.is_some())
             && !in_flight.can_send(&mut connection);
         let hold = waiting_for_broker && queue.len() < settings.queue_capacity / 2;
-        if queue.len() < PUBLISH_BATCH || hold {
+        let due = queue.len() >= PUBLISH_BATCH || Instant::now() >= next_take;
+        if hold || !due {
             if queue.is_closed() && queue.is_empty() {
                 break;
             }
+            let look_again = if due {
+                Instant::now() + settings.publish_interval
+            } else {
+                next_take
+            };
             tokio::select! {
-                _ = tokio::time::sleep(settings.publish_interval) => {}
-                _ = in_flight.one_settled(), if in_flight.is_full() => {}
+                _ = tokio::time::sleep_until(look_again.into()) => {}
+                _ = progress.notified(), if in_flight.is_full() || replay.is_running() => {}
                 _ = stopped.changed() => break,
             }
-            if hold {
-                continue;
-            }
-        }
-        let batch = take_queued(&mut queue);
-        if batch.is_empty() {
             continue;
         }
-        send_or_spool(
-            &mut in_flight,
-            &mut connection,
-            &settings,
-            &spool,
-            &stats,
-            batch,
-        );
+        next_take = Instant::now() + settings.publish_interval;
+        let batch = take_queued(&mut queue);
+        if !batch.is_empty() {
+            send_or_spool(
+                &mut in_flight,
+                &mut connection,
+                &settings,
+                &spool,
+                &stats,
+                batch,
+            );
+        }
     }
     // Shutting down: whatever is still queued is published if possible, else spooled.
     if let Some(attempt) = connection.attempt.take() {
         attempt.abort();
     }
+    // A segment cut off mid-replay stays in the spool and is replayed by the next run.
+    replay.abort();
     queue.close();
     let mut rest = Vec::new();
     while queue.recv_many(&mut rest, PUBLISH_BATCH).await > 0 {
@@ -422,25 +425,6 @@ fn send_or_spool(
     }
 }
 
-/// Replays one spooled segment when the broker takes publishes; returns whether it did.
-async fn replay_one_segment_if_possible(
-    connection: &mut Connection,
-    settings: &PublisherSettings,
-    spool: &Mutex<Spool>,
-    stats: &PublisherStats,
-) -> bool {
-    let Some(link) = connection.publishable() else {
-        return false;
-    };
-    match replay_one_segment(link, settings, spool, stats).await {
-        Ok(replayed) => replayed,
-        Err(error) => {
-            connection.lost(&error);
-            false
-        }
-    }
-}
-
 fn event_count(units: &[EncodedEvents]) -> u64 {
     units.iter().map(|unit| unit.count() as u64).sum()
 }
@@ -471,11 +455,10 @@ const MAX_IN_FLIGHT: usize = 8;
 /// counts as published only once confirmed; a batch whose publish or confirms fail or time
 /// out is spooled whole (some of its messages may have reached the queue: the consumer's
 /// create semantics make a replayed event a no-op).
-#[derive(Default)]
 struct InFlight {
     batches: std::collections::VecDeque<SentBatch>,
     /// Signalled by each batch's task when it ends, to wake a loop waiting for room.
-    settled: Arc<Notify>,
+    progress: Arc<Notify>,
 }
 
 /// A batch's event count, the link it went out on, and the task sending it and awaiting its
@@ -493,6 +476,13 @@ struct Unconfirmed {
 }
 
 impl InFlight {
+    fn new(progress: Arc<Notify>) -> Self {
+        InFlight {
+            batches: Default::default(),
+            progress,
+        }
+    }
+
     fn is_full(&self) -> bool {
         self.batches.len() >= MAX_IN_FLIGHT
     }
@@ -500,11 +490,6 @@ impl InFlight {
     /// Whether a batch can go to the broker now: a link that takes publishes, and room.
     fn can_send(&self, connection: &mut Connection) -> bool {
         !self.is_full() && connection.publishable().is_some()
-    }
-
-    /// Resolves when a batch's task has ended (at once if one ended since the last call).
-    async fn one_settled(&self) {
-        self.settled.notified().await;
     }
 
     /// Leaves sending the batch on `channel` and awaiting its confirms to a task.
@@ -517,13 +502,13 @@ impl InFlight {
     ) {
         let queue = settings.queue.clone();
         let compression = settings.compression;
-        let settled = self.settled.clone();
+        let progress = self.progress.clone();
         self.batches.push_back(SentBatch {
             events: event_count(&batch),
             generation,
             confirms: tokio::spawn(async move {
                 let outcome = publish_confirmed(&channel, &queue, compression, &batch).await;
-                settled.notify_one();
+                progress.notify_one();
                 outcome.map_err(|error| Unconfirmed { error, batch })
             }),
         });
@@ -570,6 +555,86 @@ impl InFlight {
     }
 }
 
+/// The spool's replay, one segment at a time, each step a task of its own: a broker that
+/// stops answering or blocks publishers mid-replay holds that task, not the publisher loop.
+struct Replay {
+    /// The link generation the step publishes on, and the step.
+    running: Option<(u64, JoinHandle<Result<(), String>>)>,
+    /// Signalled when a step ends, so that the next starts at once.
+    progress: Arc<Notify>,
+}
+
+impl Replay {
+    fn new(progress: Arc<Notify>) -> Self {
+        Replay {
+            running: None,
+            progress,
+        }
+    }
+
+    fn is_running(&self) -> bool {
+        self.running.is_some()
+    }
+
+    /// Takes up a finished step, then starts the next one if the spool holds events and the
+    /// broker takes publishes; never waits for the broker.
+    async fn advance(
+        &mut self,
+        connection: &mut Connection,
+        settings: &PublisherSettings,
+        spool: &Arc<Mutex<Spool>>,
+        stats: &Arc<PublisherStats>,
+    ) {
+        match self.running.take() {
+            Some(step) if !step.1.is_finished() => {
+                self.running = Some(step);
+                return;
+            }
+            Some((generation, step)) => {
+                let outcome = step
+                    .await
+                    .unwrap_or_else(|join_error| Err(join_error.to_string()));
+                if let Err(error) = outcome {
+                    if connection.link.is_some() && connection.generation == generation {
+                        connection.lost(&error);
+                    }
+                    return;
+                }
+            }
+            None => {}
+        }
+        if lock(spool).is_empty() {
+            return;
+        }
+        let generation = connection.generation;
+        let Some(link) = connection.publishable() else {
+            return;
+        };
+        let channel = link.channel.clone();
+        let queue = settings.queue.clone();
+        let compression = settings.compression;
+        let (spool, stats, progress) = (spool.clone(), stats.clone(), self.progress.clone());
+        let step = tokio::spawn(async move {
+            let outcome = replay_one_segment(&channel, &queue, compression, &spool, &stats).await;
+            progress.notify_one();
+            outcome
+        });
+        self.running = Some((generation, step));
+    }
+
+    fn abort(&mut self) {
+        if let Some((_, step)) = self.running.take() {
+            step.abort();
+        }
+    }
+}
+
+fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
+    spool
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Waits for one batch's confirms: counts it as published, or spools it.
 async fn settle(
     sent: SentBatch,
@@ -601,27 +666,23 @@ async fn settle(
     }
 }
 
-/// Publishes one spooled segment; returns whether there was one.
+/// Publishes the oldest spooled segment, if any, and deletes it once every event in it was
+/// confirmed.
 async fn replay_one_segment(
-    link: &Link,
-    settings: &PublisherSettings,
+    channel: &Channel,
+    queue: &str,
+    compression: TraceCompression,
     spool: &Mutex<Spool>,
     stats: &PublisherStats,
-) -> Result<bool, String> {
-    let oldest = {
-        let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
-        if spool.is_empty() {
-            return Ok(false);
-        }
-        spool.oldest().map_err(|e| e.to_string())?
-    };
+) -> Result<(), String> {
+    let oldest = lock(spool).oldest().map_err(|e| e.to_string())?;
     let Some(SpooledSegment {
         path,
         events,
         unreadable,
     }) = oldest
     else {
-        return Ok(false);
+        return Ok(());
     };
     if unreadable > 0 {
         stats
@@ -629,19 +690,19 @@ async fn replay_one_segment(
             .fetch_add(unreadable as u64, Ordering::Relaxed);
     }
     for chunk in events.chunks(PUBLISH_BATCH) {
-        publish_confirmed(&link.channel, &settings.queue, settings.compression, chunk).await?;
+        publish_confirmed(channel, queue, compression, chunk).await?;
         stats
             .published
             .fetch_add(event_count(chunk), Ordering::Relaxed);
     }
-    let mut spool = spool.lock().unwrap_or_else(|p| p.into_inner());
+    let mut spool = lock(spool);
     spool.remove(&path).map_err(|e| e.to_string())?;
     info!(
         message = "Replayed spooled trace events.",
         events = events.len(),
         spool_bytes = spool.bytes()
     );
-    Ok(true)
+    Ok(())
 }
 
 /// Sends the events as persistent messages of several events each ([`framing`]) and waits

@@ -164,6 +164,8 @@ impl Spool {
         };
         let segments = self.segments().map_err(|e| io(&self.dir, e))?;
         let Some((_, path)) = segments.into_iter().next() else {
+            // Segments removed by hand: without this the spool would count as not empty forever.
+            self.total_bytes = 0;
             return Ok(None);
         };
         if self
@@ -274,5 +276,19 @@ mod tests {
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let segment = spool.oldest().unwrap().unwrap();
         assert_eq!((segment.events.len(), segment.unreadable), (1, 1));
+    }
+
+    #[test]
+    fn segments_removed_by_hand_leave_an_empty_spool() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool
+            .append(&[EncodedEvents::from_events([&event(0)])])
+            .unwrap();
+        for entry in std::fs::read_dir(dir.path()).unwrap() {
+            std::fs::remove_file(entry.unwrap().path()).unwrap();
+        }
+        assert!(spool.oldest().unwrap().is_none());
+        assert!(spool.is_empty(), "the publisher would try to replay forever");
     }
 }
