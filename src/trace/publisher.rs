@@ -378,6 +378,9 @@ async fn run(
                 batch,
             );
         }
+        // A queue that stays full skips the wait above; the tasks sending batches and
+        // attempting connections share this runtime and must still get their turn.
+        tokio::task::yield_now().await;
     }
     // Shutting down: whatever is still queued is published if possible, else spooled.
     if let Some(attempt) = connection.attempt.take() {

@@ -289,6 +289,9 @@ mod tests {
             std::fs::remove_file(entry.unwrap().path()).unwrap();
         }
         assert!(spool.oldest().unwrap().is_none());
-        assert!(spool.is_empty(), "the publisher would try to replay forever");
+        assert!(
+            spool.is_empty(),
+            "the publisher would try to replay forever"
+        );
     }
 }
