@@ -228,8 +228,8 @@ struct Connection {
     generation: u64,
     next_attempt: Instant,
     failures: u32,
-    /// Whether the broker said it blocks publishers (`connection.blocked`: a memory or disk
-    /// alarm), as last logged.
+    /// Whether the broker said it blocks publishers on this link (`connection.blocked`: a
+    /// memory or disk alarm), as last logged.
     blocked: bool,
 }
 
@@ -280,7 +280,7 @@ impl Connection {
             self.blocked = blocked;
             if blocked {
                 warn!("Trace broker blocks publishers (resource alarm); spooling events to disk.");
-            } else if self.link.is_some() {
+            } else {
                 info!("Trace broker accepts publishers again.");
             }
         }
@@ -301,6 +301,8 @@ impl Connection {
 
     fn lost(&mut self, error: &str) {
         self.link = None;
+        // The next link starts unblocked; the broker says so again if its alarm still holds.
+        self.blocked = false;
         self.failures += 1;
         if self.failures == 1 || self.failures % 30 == 0 {
             warn!(message = "Trace broker unavailable; spooling events to disk.", %error, attempts = self.failures);
