@@ -5,10 +5,11 @@
 //! persistent messages of up to 1,024 events each ([`framing`]) with publisher confirms.
 //! The loop never waits for the broker: connection attempts, and each batch's publish and
 //! confirms, run as tasks of their own, several batches in flight. While the broker is away
-//! or blocks publishers, or when too many batches await confirms, events wait in the queue
-//! until it is half full, then the loop writes them to the disk [`Spool`]; it replays the
-//! spool when the broker takes publishes again and deletes a segment only after every event
-//! in it was confirmed. Only a full spool drops events, and every drop is counted and logged.
+//! or blocks publishers, the loop writes events to the disk [`Spool`]; while a connection
+//! attempt runs or too many batches await confirms, events wait in the queue until it is half
+//! full, then go there too. The loop replays the spool when the broker takes publishes again
+//! and deletes a segment only after every event in it was confirmed. Only a full spool drops
+//! events, and every drop is counted and logged.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -345,11 +346,13 @@ async fn run(
         replay
             .advance(&mut connection, &settings, &spool, &stats)
             .await;
-        // Events wait in memory while a connection attempt runs, while the broker blocks
-        // publishers, or while the most batches allowed await confirms; once the queue is
-        // half full the publisher spools them, so that the request path never has to.
-        let waiting_for_broker = (connection.is_connecting() || connection.link.is_some())
-            && !in_flight.can_send(&mut connection);
+        // Events wait in memory while a connection attempt runs or while the most batches
+        // allowed await confirms, both over within seconds; once the queue is half full the
+        // publisher spools them, so that the request path never has to. A broker that blocks
+        // publishers may do so for minutes, and events held that long would die with the
+        // process, so then they go to the spool at each interval, as when it is away.
+        let waiting_for_broker = connection.is_connecting()
+            || (in_flight.is_full() && connection.publishable().is_some());
         let hold = waiting_for_broker && queue.len() < settings.queue_capacity / 2;
         let due = queue.len() >= PUBLISH_BATCH || Instant::now() >= next_take;
         if hold || !due {
@@ -490,11 +493,6 @@ impl InFlight {
 
     fn is_full(&self) -> bool {
         self.batches.len() >= MAX_IN_FLIGHT
-    }
-
-    /// Whether a batch can go to the broker now: a link that takes publishes, and room.
-    fn can_send(&self, connection: &mut Connection) -> bool {
-        !self.is_full() && connection.publishable().is_some()
     }
 
     /// Leaves sending the batch on `channel` and awaiting its confirms to a task.
