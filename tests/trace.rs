@@ -261,8 +261,7 @@ async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
     });
     let spool = tempfile::tempdir().unwrap();
     let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
-    let (sink, publisher) = Publisher::prepare(small_queue_publisher(url, &spool)).unwrap();
-    let running = RunningPublisher::spawn(publisher);
+    let (sink, running) = start_small_queue_publisher(url, &spool);
 
     // Inside one 5 s connection attempt.
     let total = 1000u64;
@@ -289,9 +288,7 @@ async fn a_broker_that_blocks_publishers_loses_nothing_and_leaves_spool_writes_t
     let es = EsStandIn::start().await;
     let _consumer = consumer("consumer", &broker, &es.url(), &[]);
     let spool = tempfile::tempdir().unwrap();
-    let (sink, publisher) =
-        Publisher::prepare(small_queue_publisher(broker.url(), &spool)).unwrap();
-    let running = RunningPublisher::spawn(publisher);
+    let (sink, running) = start_small_queue_publisher(broker.url(), &spool);
     let stats = sink.stats();
 
     let before = 100;
@@ -356,9 +353,7 @@ async fn a_broker_that_blocks_a_replay_loses_nothing_and_leaves_spool_writes_to_
         .unwrap();
 
     broker.block_publishers().await;
-    let (sink, publisher) =
-        Publisher::prepare(small_queue_publisher(broker.url(), &spool)).unwrap();
-    let running = RunningPublisher::spawn(publisher);
+    let (sink, running) = start_small_queue_publisher(broker.url(), &spool);
     let total = spooled_earlier + 1000;
     emit_paced(&sink, spooled_earlier..total).await;
     let stats = sink.stats();
@@ -407,10 +402,13 @@ async fn every_event_indexed_once_none_spooled_by_a_request(
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
 }
 
-/// A publisher whose in-memory queue holds 100 entries, so that [`emit_paced`] overflows it
-/// tenfold unless the publisher keeps draining it.
-fn small_queue_publisher(amqp_url: String, spool: &tempfile::TempDir) -> PublisherSettings {
-    PublisherSettings {
+/// Starts a publisher whose in-memory queue holds 100 entries, so that [`emit_paced`]
+/// overflows it tenfold unless the publisher keeps draining it.
+fn start_small_queue_publisher(
+    amqp_url: String,
+    spool: &tempfile::TempDir,
+) -> (TraceSink, RunningPublisher) {
+    let settings = PublisherSettings {
         amqp_url,
         queue: "goms.trace".into(),
         queue_type: Default::default(),
@@ -419,7 +417,9 @@ fn small_queue_publisher(amqp_url: String, spool: &tempfile::TempDir) -> Publish
         compression: TraceCompression::Lz4,
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
-    }
+    };
+    let (sink, publisher) = Publisher::prepare(settings).unwrap();
+    (sink, RunningPublisher::spawn(publisher))
 }
 
 /// Emits synthetic events at a gateway's pace, 20 every 60 ms (1,000 take about 3 s): the

@@ -225,7 +225,7 @@ struct Connection {
     /// in-process queue, or the request path would find it full and write the spool itself.
     attempt: Option<JoinHandle<Result<Link, String>>>,
     /// Counts the links opened, so that a late failure of a batch sent on an earlier link
-    /// does not tear down the current one.
+    /// does not tear down the current one ([`Connection::failed_on`]).
     generation: u64,
     next_attempt: Instant,
     failures: u32,
@@ -298,6 +298,14 @@ impl Connection {
         self.failures = 0;
         self.link = Some(link);
         self.generation += 1;
+    }
+
+    /// A publish on link `generation` failed: the broker counts as lost if that is still the
+    /// current link, while a late failure on an earlier link leaves the current one alone.
+    fn failed_on(&mut self, generation: u64, error: &str) {
+        if self.link.is_some() && self.generation == generation {
+            self.lost(error);
+        }
     }
 
     fn lost(&mut self, error: &str) {
@@ -598,9 +606,7 @@ impl Replay {
                     .await
                     .unwrap_or_else(|join_error| Err(join_error.to_string()));
                 if let Err(error) = outcome {
-                    if connection.link.is_some() && connection.generation == generation {
-                        connection.lost(&error);
-                    }
+                    connection.failed_on(generation, &error);
                     return;
                 }
             }
@@ -650,9 +656,7 @@ async fn settle(
             stats.published.fetch_add(sent.events, Ordering::Relaxed);
         }
         Ok(Err(Unconfirmed { error, batch })) => {
-            if connection.link.is_some() && connection.generation == sent.generation {
-                connection.lost(&error);
-            }
+            connection.failed_on(sent.generation, &error);
             spool_events(spool, stats, &batch);
         }
         // Only a panic in lapin, or a runtime shutting down under the publisher, ends the
