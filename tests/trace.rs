@@ -519,7 +519,7 @@ async fn publish_synthetic_batched(
         .collect();
     let messages = framing::encode(&units)
         .into_iter()
-        .map(|lines| framing::compress(compression, lines));
+        .map(|lines| framing::compress(compression, lines).into_owned());
     publish_encoded(broker, framing::content_encoding(compression), messages).await;
 }
 

@@ -509,10 +509,12 @@ impl ProxyHttp for GatewayProxy {
             let client_ip = client_ip.as_ref().map_or("", |ip| {
                 ip.to_str().expect("an IP address in text is ASCII")
             });
-            let events =
-                self.tracer
-                    .encode(session.req_header(), client_ip, &ctx.body, record, status);
-            self.trace.emit_encoded(events);
+            let header = session.req_header();
+            self.trace
+                .emit_with(GatewayTracer::EVENTS_PER_REQUEST, |lines| {
+                    self.tracer
+                        .write(lines, header, client_ip, &ctx.body, record, status)
+                });
         }
         if let Some(record) = ctx.record.as_ref() {
             debug!(

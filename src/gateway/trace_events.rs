@@ -25,7 +25,11 @@ pub struct GatewayTracer {
 }
 
 impl GatewayTracer {
-    /// The request's two events, as two NDJSON lines that travel together.
+    /// Events [`GatewayTracer::write`] writes per request.
+    pub const EVENTS_PER_REQUEST: usize = 2;
+
+    /// The request's two events, as a unit of their own (tests and benchmarks; the proxy
+    /// writes them into the trace queue with [`GatewayTracer::write`]).
     pub fn encode(
         &self,
         header: &RequestHeader,
@@ -34,11 +38,27 @@ impl GatewayTracer {
         record: &RequestRecord,
         status: u16,
     ) -> EncodedEvents {
+        let mut events = EncodedEvents::default();
+        events.append_with(Self::EVENTS_PER_REQUEST, |lines| {
+            self.write(lines, header, client_ip, body, record, status)
+        });
+        events
+    }
+
+    /// Appends the request's two events to `lines`, as two NDJSON lines.
+    pub fn write(
+        &self,
+        lines: &mut Vec<u8>,
+        header: &RequestHeader,
+        client_ip: &str,
+        body: &BodyCapture,
+        record: &RequestRecord,
+        status: u16,
+    ) {
         let request = self.request_json(header, client_ip, body);
         let received_at = rfc3339(record.received_at);
-        let mut lines = Vec::with_capacity(2 * request.len() + 1024);
 
-        let mut start = self.begin_event(&mut lines, "request.start", &received_at, record);
+        let mut start = self.begin_event(lines, "request.start", &received_at, record);
         start.raw("request", &request);
         let mut trace = Object::begin(start.key("trace"));
         let mut timing = Object::begin(trace.key("timing"));
@@ -48,7 +68,7 @@ impl GatewayTracer {
         end_event(start, record);
 
         let ended_at = rfc3339(SystemTime::now());
-        let mut end = self.begin_event(&mut lines, "request.end", &ended_at, record);
+        let mut end = self.begin_event(lines, "request.end", &ended_at, record);
         end.raw("request", &request);
         write_end_timing(&mut end, record, &received_at);
         end.millis("durationMs", record.elapsed());
@@ -58,8 +78,6 @@ impl GatewayTracer {
             end.uint("attempt", record.attempts.len() as u64);
         }
         end_event(end, record);
-
-        EncodedEvents::from_lines(lines, 2)
     }
 
     /// Opens an event and writes the members every gateway event has.

@@ -48,9 +48,9 @@ pub fn content_encoding(compression: TraceCompression) -> Option<&'static str> {
 /// The body to publish for a message's NDJSON lines: LZ4 block format preceded by the
 /// decoded size as a 4-byte little-endian integer (what Python's `lz4.block.compress`
 /// writes too), or the lines as they are.
-pub fn compress(compression: TraceCompression, lines: Vec<u8>) -> Vec<u8> {
+pub fn compress(compression: TraceCompression, lines: Cow<'_, [u8]>) -> Cow<'_, [u8]> {
     match compression {
-        TraceCompression::Lz4 => lz4_flex::block::compress_prepend_size(&lines),
+        TraceCompression::Lz4 => Cow::Owned(lz4_flex::block::compress_prepend_size(&lines)),
         TraceCompression::None => lines,
     }
 }
@@ -123,9 +123,40 @@ impl EncodedEvents {
     /// Takes lines written by hand (the gateway's [`json`](super::json) writer). The
     /// caller guarantees that each of the `count` lines is one complete JSON document.
     pub fn from_lines(lines: Vec<u8>, count: usize) -> Self {
-        debug_assert_eq!(event_count(&lines), count);
-        debug_assert!(lines.ends_with(b"\n"));
-        EncodedEvents { lines, count }
+        let mut encoded = EncodedEvents::default();
+        encoded.append_with(count, |out| *out = lines);
+        encoded
+    }
+
+    /// An empty unit that writes into `buffer`'s allocation (see [`EncodedEvents::into_buffer`]).
+    pub fn reusing(mut buffer: Vec<u8>) -> Self {
+        buffer.clear();
+        EncodedEvents {
+            lines: buffer,
+            count: 0,
+        }
+    }
+
+    /// The allocation, for [`EncodedEvents::reusing`].
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.lines
+    }
+
+    /// Appends `count` events that `write` puts down after what is there, each a complete
+    /// JSON document on a line of its own.
+    pub fn append_with(&mut self, count: usize, write: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.lines.len();
+        write(&mut self.lines);
+        debug_assert_eq!(event_count(&self.lines[start..]), count);
+        debug_assert!(self.lines.ends_with(b"\n"));
+        self.count += count;
+    }
+
+    /// Whether `count` more events may join these: not past [`MAX_EVENTS_PER_MESSAGE`]
+    /// events, and not once they hold [`MAX_MESSAGE_BYTES`]. A unit filled until this says
+    /// no is always a message of its own in [`encode`], sent without a copy.
+    pub fn has_room_for(&self, count: usize) -> bool {
+        self.count + count <= MAX_EVENTS_PER_MESSAGE && self.lines.len() < MAX_MESSAGE_BYTES
     }
 
     pub fn count(&self) -> usize {
@@ -138,19 +169,24 @@ impl EncodedEvents {
 }
 
 /// Packs encoded events into as few messages as the limits allow, in order. A message is
-/// cut between the units, never inside one.
-pub fn encode(units: &[EncodedEvents]) -> Vec<Vec<u8>> {
+/// cut between the units, never inside one. A unit that makes a message alone (the
+/// publisher's queue fills units up to the limits) is borrowed, not copied.
+pub fn encode(units: &[EncodedEvents]) -> Vec<Cow<'_, [u8]>> {
     let mut messages = Vec::new();
     let mut rest = units;
     while !rest.is_empty() {
         let (fits, bytes) = message_extent(rest);
-        // Sized once: growing a buffer of hundreds of kilobytes step by step copied each
-        // message about twice more.
-        let mut message = Vec::with_capacity(bytes);
-        for unit in &rest[..fits] {
-            message.extend_from_slice(&unit.lines);
+        if fits == 1 {
+            messages.push(Cow::Borrowed(rest[0].as_bytes()));
+        } else {
+            // Sized once: growing a buffer of hundreds of kilobytes step by step copied each
+            // message about twice more.
+            let mut message = Vec::with_capacity(bytes);
+            for unit in &rest[..fits] {
+                message.extend_from_slice(&unit.lines);
+            }
+            messages.push(Cow::Owned(message));
         }
-        messages.push(message);
         rest = &rest[fits..];
     }
     messages
@@ -206,7 +242,7 @@ mod tests {
         EncodedEvents::from_lines(format!("{{\"eventId\":\"e{n}\"}}\n").into_bytes(), 1)
     }
 
-    fn ids(messages: &[Vec<u8>]) -> Vec<String> {
+    fn ids(messages: &[Cow<'_, [u8]>]) -> Vec<String> {
         messages
             .iter()
             .flat_map(|m| {
@@ -280,6 +316,25 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_filled_to_the_limits_is_a_message_of_its_own_and_not_copied() {
+        let mut full = EncodedEvents::default();
+        let mut n = 0;
+        while full.has_room_for(1) {
+            full.append_with(1, |out| out.extend_from_slice(small(n).as_bytes()));
+            n += 1;
+        }
+        assert_eq!(full.count(), MAX_EVENTS_PER_MESSAGE);
+        let units = [full, small(n), small(n + 1)];
+        let messages = encode(&units);
+        assert_eq!(messages.len(), 2);
+        assert!(
+            matches!(&messages[0], Cow::Borrowed(m) if m.as_ptr() == units[0].as_bytes().as_ptr())
+        );
+        assert_eq!(event_count(&messages[1]), 2);
+        assert_eq!(ids(&messages).len(), n + 2);
+    }
+
+    #[test]
     fn lz4_messages_decode_to_their_lines_and_plain_ones_are_borrowed() {
         let units: Vec<_> = (0..300).map(small).collect();
         let plain = encode(&units).remove(0);
@@ -316,14 +371,14 @@ mod tests {
                 claimed: MAX_DECODED_BYTES + 1
             })
         );
-        let mut body = compress(TraceCompression::Lz4, small(1).as_bytes().to_vec());
+        let mut body = compress(TraceCompression::Lz4, small(1).as_bytes().into()).into_owned();
         body.truncate(body.len() - 3);
         assert!(matches!(
             decode(Some("lz4"), &body),
             Err(DecodeError::Corrupt(_))
         ));
         // A header that overstates the size is caught too.
-        let mut body = compress(TraceCompression::Lz4, small(1).as_bytes().to_vec());
+        let mut body = compress(TraceCompression::Lz4, small(1).as_bytes().into()).into_owned();
         body[0] += 10;
         assert!(matches!(
             decode(Some("lz4"), &body),

@@ -5,7 +5,8 @@
 //! - [`context`]: `X-Request-Id` and the W3C trace context.
 //! - [`record`]: what the gateway learns about a request while it passes.
 //! - [`event`]: the trace event document, header redaction and body capping.
-//! - [`publisher`]: request path -> bounded queue -> RabbitMQ (confirms), with [`spool`]
+//! - [`queue`]: the bounded in-process queue the request path writes events into.
+//! - [`publisher`]: queue -> RabbitMQ (confirms), with [`spool`]
 //!   on disk while the broker is away.
 //! - [`framing`]: several events per AMQP message, one JSON document per line.
 //! - [`amqp`]: connection and queue topology shared by both ends.
@@ -22,6 +23,7 @@ pub mod event;
 pub mod framing;
 pub mod json;
 pub mod publisher;
+pub mod queue;
 pub mod record;
 pub mod spool;
 

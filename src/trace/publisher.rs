@@ -1,8 +1,9 @@
 //! Gets trace events from the request path to RabbitMQ without blocking a request or losing
 //! an event.
 //!
-//! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process queue -> publisher loop ->
-//! persistent messages of up to 1,024 events each ([`framing`]) with publisher confirms.
+//! Path: [`TraceSink::emit`] (non-blocking) -> bounded in-process [`EventQueue`] ->
+//! publisher loop -> persistent messages of up to 1,024 events each ([`framing`]) with
+//! publisher confirms.
 //! The loop never waits for the broker: connection attempts, and each batch's publish and
 //! confirms, run as tasks of their own, several batches in flight. While the broker is away
 //! or blocks publishers, the loop writes events to the disk [`Spool`]; while a connection
@@ -18,19 +19,21 @@ use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Channel, PublisherConfirm};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::amqp::{self, Link};
 use super::event::TraceEvent;
 use super::framing::{self, EncodedEvents, TraceCompression};
+use super::queue::EventQueue;
 use super::spool::{Spool, SpoolError, SpooledSegment};
 use crate::config::QueueType;
 
-/// Most queue entries (a gateway request's two events, or one event) taken from the queue and
-/// sent together, as messages of up to 1,024 events whose confirms are awaited together. The
-/// broker confirms persistent messages after writing them to disk, some milliseconds; a
+/// Queue entries (a gateway request's two events, or one event) that make the publisher take
+/// the queue before its interval is up, and the most spooled events replayed as one batch.
+/// A batch goes out as messages of up to 1,024 events whose confirms are awaited together.
+/// The broker confirms persistent messages after writing them to disk, some milliseconds; a
 /// batch of 256 capped the publisher near 9,000 events/s, below what a busy gateway emits,
 /// and the rest overflowed into the spool.
 const PUBLISH_BATCH: usize = 2048;
@@ -48,9 +51,8 @@ pub struct PublisherSettings {
     /// syncs the messages before it confirms them): publishing as soon as anything was queued
     /// meant ~500 rounds/s and about half a core of broker CPU at 13,000 requests/s. Going
     /// from 50 to 200 ms (the default) cut RabbitMQ's CPU per traced request from 7.1 to
-    /// 5.1 µs uncompressed and from 4.1 to 2.0 µs with LZ4. The publisher also polls
-    /// instead of awaiting `recv`: a waiting receiver makes every `emit` on the request path
-    /// wake the publisher's thread.
+    /// 5.1 µs uncompressed and from 4.1 to 2.0 µs with LZ4. The publisher polls the queue:
+    /// nothing on the request path wakes its thread.
     pub publish_interval: Duration,
     /// How message bodies are compressed (`trace.compression`; see [`framing`]).
     pub compression: TraceCompression,
@@ -74,7 +76,7 @@ pub struct PublisherStats {
 /// The request path's handle: cheap to clone, never blocks on the broker.
 #[derive(Clone)]
 pub struct TraceSink {
-    queue: Option<mpsc::Sender<EncodedEvents>>,
+    queue: Option<Arc<EventQueue>>,
     spool: Option<Arc<Mutex<Spool>>>,
     stats: Arc<PublisherStats>,
 }
@@ -97,29 +99,32 @@ impl TraceSink {
         &self.stats
     }
 
-    /// Hands an event to the publisher; see [`TraceSink::emit_encoded`].
+    /// Hands an event to the publisher; see [`TraceSink::emit_with`].
     pub fn emit(&self, event: TraceEvent) {
-        if self.is_enabled() {
-            self.emit_encoded(EncodedEvents::from_events([&event]));
-        }
+        self.emit_with(1, |out| {
+            serde_json::to_writer(&mut *out, &event).expect("trace events serialise");
+            out.push(b'\n');
+        });
     }
 
-    /// Hands serialised events to the publisher. If the in-process queue is full, they go
-    /// straight to the disk spool; only a full spool drops them.
-    pub fn emit_encoded(&self, events: EncodedEvents) {
+    /// Hands `count` events to the publisher, which `write` serialises as one JSON document
+    /// per line, straight into the queue; they stay together up to Elasticsearch's `_bulk`.
+    /// If the in-process queue is full, they go to the disk spool; only a full spool drops
+    /// them.
+    pub fn emit_with(&self, count: usize, write: impl FnOnce(&mut Vec<u8>)) {
         let Some(queue) = &self.queue else { return };
         self.stats
             .emitted
-            .fetch_add(events.count() as u64, Ordering::Relaxed);
-        let events = match queue.try_send(events) {
-            Ok(()) => return,
-            Err(mpsc::error::TrySendError::Full(events)) => events,
-            Err(mpsc::error::TrySendError::Closed(events)) => events,
+            .fetch_add(count as u64, Ordering::Relaxed);
+        let Err(write) = queue.push(count, write) else {
+            return;
         };
         if let Some(spool) = &self.spool {
+            let mut events = EncodedEvents::default();
+            events.append_with(count, write);
             self.stats
                 .overflowed
-                .fetch_add(events.count() as u64, Ordering::Relaxed);
+                .fetch_add(count as u64, Ordering::Relaxed);
             spool_events(spool, &self.stats, &[events]);
         }
     }
@@ -129,7 +134,7 @@ impl TraceSink {
 /// whichever runtime the caller owns (pingora gives each service its own).
 pub struct Publisher {
     settings: PublisherSettings,
-    queue: mpsc::Receiver<EncodedEvents>,
+    queue: Arc<EventQueue>,
     spool: Arc<Mutex<Spool>>,
     stats: Arc<PublisherStats>,
 }
@@ -141,10 +146,10 @@ impl Publisher {
             &settings.spool_dir,
             settings.spool_max_bytes,
         )?));
-        let (sender, queue) = mpsc::channel(settings.queue_capacity);
+        let queue = Arc::new(EventQueue::new(settings.queue_capacity));
         let stats = Arc::new(PublisherStats::default());
         let sink = TraceSink {
-            queue: Some(sender),
+            queue: Some(queue.clone()),
             spool: Some(spool.clone()),
             stats: stats.clone(),
         };
@@ -335,7 +340,7 @@ async fn open_confirmed_link(settings: PublisherSettings) -> Result<Link, String
 
 async fn run(
     settings: PublisherSettings,
-    mut queue: mpsc::Receiver<EncodedEvents>,
+    queue: Arc<EventQueue>,
     spool: Arc<Mutex<Spool>>,
     stats: Arc<PublisherStats>,
     mut stopped: watch::Receiver<bool>,
@@ -343,7 +348,7 @@ async fn run(
     let mut connection = Connection::new();
     // Woken by the tasks that publish batches and replay the spool, when one ends.
     let progress = Arc::new(Notify::new());
-    let mut in_flight = InFlight::new(progress.clone());
+    let mut in_flight = InFlight::new(progress.clone(), queue.clone());
     let mut replay = Replay::new(progress.clone());
     let mut next_take = Instant::now() + settings.publish_interval;
     loop {
@@ -364,9 +369,6 @@ async fn run(
         let hold = waiting_for_broker && queue.len() < settings.queue_capacity / 2;
         let due = queue.len() >= PUBLISH_BATCH || Instant::now() >= next_take;
         if hold || !due {
-            if queue.is_closed() && queue.is_empty() {
-                break;
-            }
             let look_again = if due {
                 Instant::now() + settings.publish_interval
             } else {
@@ -380,7 +382,7 @@ async fn run(
             continue;
         }
         next_take = Instant::now() + settings.publish_interval;
-        let batch = take_queued(&mut queue);
+        let batch = queue.take_all().units;
         if !batch.is_empty() {
             send_or_spool(
                 &mut in_flight,
@@ -401,10 +403,9 @@ async fn run(
     }
     // A segment cut off mid-replay stays in the spool and is replayed by the next run.
     replay.abort();
-    queue.close();
-    let mut rest = Vec::new();
-    while queue.recv_many(&mut rest, PUBLISH_BATCH).await > 0 {
-        let batch = std::mem::take(&mut rest);
+    // From here on the request path spools what it emits.
+    let rest = queue.close().units;
+    if !rest.is_empty() {
         if in_flight.is_full() {
             in_flight
                 .settle_oldest(&mut connection, &spool, &stats)
@@ -416,7 +417,7 @@ async fn run(
             &settings,
             &spool,
             &stats,
-            batch,
+            rest,
         );
     }
     in_flight.settle_all(&mut connection, &spool, &stats).await;
@@ -445,19 +446,6 @@ fn event_count(units: &[EncodedEvents]) -> u64 {
     units.iter().map(|unit| unit.count() as u64).sum()
 }
 
-/// Takes what is queued, up to a batch, without registering a waker: see
-/// [`PublisherSettings::publish_interval`].
-fn take_queued(queue: &mut mpsc::Receiver<EncodedEvents>) -> Vec<EncodedEvents> {
-    let mut batch = Vec::new();
-    while batch.len() < PUBLISH_BATCH {
-        match queue.try_recv() {
-            Ok(event) => batch.push(event),
-            Err(_) => break,
-        }
-    }
-    batch
-}
-
 /// Most batches sent and not yet confirmed. The broker's confirms usually take 10-20 ms but
 /// now and then over half a second (measured here: up to 725 ms at 11,000 requests/s, with
 /// gigabytes of events waiting in the queue). Waiting for each batch's confirms before
@@ -475,6 +463,8 @@ struct InFlight {
     batches: std::collections::VecDeque<SentBatch>,
     /// Signalled by each batch's task when it ends, to wake a loop waiting for room.
     progress: Arc<Notify>,
+    /// Takes back a confirmed batch's buffers ([`EventQueue::recycle`]).
+    buffers: Arc<EventQueue>,
 }
 
 /// A batch's event count, the link it went out on, and the task sending it and awaiting its
@@ -492,10 +482,11 @@ struct Unconfirmed {
 }
 
 impl InFlight {
-    fn new(progress: Arc<Notify>) -> Self {
+    fn new(progress: Arc<Notify>, buffers: Arc<EventQueue>) -> Self {
         InFlight {
             batches: Default::default(),
             progress,
+            buffers,
         }
     }
 
@@ -513,14 +504,20 @@ impl InFlight {
     ) {
         let queue = settings.queue.clone();
         let compression = settings.compression;
-        let progress = self.progress.clone();
+        let (progress, buffers) = (self.progress.clone(), self.buffers.clone());
         self.batches.push_back(SentBatch {
             events: event_count(&batch),
             generation,
             confirms: tokio::spawn(async move {
                 let outcome = publish_confirmed(&channel, &queue, compression, &batch).await;
                 progress.notify_one();
-                outcome.map_err(|error| Unconfirmed { error, batch })
+                match outcome {
+                    Ok(()) => {
+                        buffers.recycle(batch);
+                        Ok(())
+                    }
+                    Err(error) => Err(Unconfirmed { error, batch }),
+                }
             }),
         });
     }
@@ -738,7 +735,7 @@ async fn publish(
     if let Some(encoding) = framing::content_encoding(compression) {
         properties = properties.with_content_encoding(encoding.into());
     }
-    let messages: Vec<Vec<u8>> = framing::encode(events)
+    let messages: Vec<_> = framing::encode(events)
         .into_iter()
         .map(|lines| framing::compress(compression, lines))
         .collect();
@@ -747,7 +744,7 @@ async fn publish(
             "".into(),
             queue.into(),
             BasicPublishOptions::default(),
-            payload,
+            payload.as_ref(),
             properties.clone(),
         )
     });

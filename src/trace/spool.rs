@@ -102,7 +102,10 @@ impl Spool {
     }
 
     /// Appends encoded events; a unit that does not fit under the cap is dropped whole (and
-    /// reported), so a request's events are spooled together or not at all.
+    /// reported), so a request's events are spooled together or not at all. A unit from the
+    /// trace queue holds up to a message's worth of requests, so near the cap up to one
+    /// message more is dropped than strictly had to be: half a megabyte against a cap of
+    /// hundreds of megabytes (256 MiB by default), for units that never need cutting.
     pub fn append(&mut self, units: &[EncodedEvents]) -> Result<Appended, SpoolError> {
         let mut outcome = Appended::default();
         for unit in units {

@@ -1,0 +1,265 @@
+//! The bounded in-process queue between the request path and the publisher: events wait here,
+//! already serialised, until the publisher takes them at its next interval.
+//!
+//! Each thread that emits has a shard of its own (picked once per thread) and writes its
+//! events straight into the buffer that becomes a message body: a shard holds units filled up
+//! to a message's limits ([`EncodedEvents::has_room_for`]), which [`framing::encode`] sends
+//! without copying. Emitting costs an uncontended lock and one shared counter; no allocation,
+//! no channel, and no free on the publisher's thread. Before, each request's events were a
+//! buffer of their own, sent through a channel, copied into a message and freed on another
+//! thread (perf: allocator and copies about 1.7 µs per traced request).
+//!
+//! Buffers go round: the publisher hands a confirmed batch's buffers back
+//! ([`EventQueue::recycle`]) and shards fill them again. A fresh buffer of half a megabyte
+//! costs a page fault every 4 KiB as it fills; a recycled one is already in memory.
+//!
+//! The bound counts entries (one [`EventQueue::push`]: a gateway request's two events, or one
+//! event) across all shards. A push past it is refused and the caller spools the events.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard};
+
+use super::framing::{self, EncodedEvents};
+
+/// More shards than emitting threads, so that threads rarely share one. The publisher locks
+/// each of them once per interval.
+const SHARDS: usize = 32;
+/// Buffers kept for reuse; past this a returned buffer is freed. Enough for every shard a
+/// busy gateway fills plus the batches in flight, without holding on to a burst's worth.
+const SPARE_BUFFERS: usize = 24;
+/// A new buffer's size: a full message plus room for the request that closes it.
+const BUFFER_BYTES: usize = framing::MAX_MESSAGE_BYTES + 64 * 1024;
+
+pub struct EventQueue {
+    shards: Box<[Mutex<Shard>]>,
+    /// Entries in all shards.
+    queued: AtomicUsize,
+    capacity: usize,
+    /// Set once the publisher drains for good; pushes are refused from then on.
+    closed: AtomicBool,
+    spare_buffers: Mutex<Vec<Vec<u8>>>,
+}
+
+/// One thread's events, in the order emitted; only the last unit still takes more.
+#[derive(Default)]
+struct Shard {
+    units: Vec<EncodedEvents>,
+    entries: usize,
+}
+
+/// Events taken from the queue, and the entries they were pushed as.
+#[derive(Default)]
+pub struct Taken {
+    pub units: Vec<EncodedEvents>,
+    pub entries: usize,
+}
+
+impl EventQueue {
+    pub fn new(capacity: usize) -> Self {
+        EventQueue {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            queued: AtomicUsize::new(0),
+            capacity,
+            closed: AtomicBool::new(false),
+            spare_buffers: Mutex::default(),
+        }
+    }
+
+    /// Appends `count` events that `write` puts down as complete lines, unless the queue is
+    /// full or closed: then `write` comes back, for the caller to spool the events.
+    pub fn push<W: FnOnce(&mut Vec<u8>)>(&self, count: usize, write: W) -> Result<(), W> {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(write);
+        }
+        let mut shard = lock(&self.shards[shard_of_this_thread()]);
+        // Checked under the shard's lock, which `close` takes after setting the flag: a push
+        // either lands before the final drain of its shard or sees the flag.
+        if self.closed.load(Ordering::Acquire) {
+            drop(shard);
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(write);
+        }
+        if !shard
+            .units
+            .last()
+            .is_some_and(|open| open.has_room_for(count))
+        {
+            let buffer = self.spare_buffer();
+            shard.units.push(EncodedEvents::reusing(buffer));
+        }
+        let open = shard.units.last_mut().expect("a unit is open");
+        open.append_with(count, write);
+        shard.entries += 1;
+        Ok(())
+    }
+
+    /// Entries waiting.
+    pub fn len(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Takes everything waiting, shard by shard, oldest first within each.
+    pub fn take_all(&self) -> Taken {
+        let mut taken = Taken::default();
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            if shard.entries == 0 {
+                continue;
+            }
+            taken.units.append(&mut shard.units);
+            taken.entries += std::mem::take(&mut shard.entries);
+        }
+        self.queued.fetch_sub(taken.entries, Ordering::Relaxed);
+        taken
+    }
+
+    /// Refuses pushes from now on and takes what is left.
+    pub fn close(&self) -> Taken {
+        self.closed.store(true, Ordering::Release);
+        self.take_all()
+    }
+
+    /// Gives the buffers of events that left the process back for the shards to fill.
+    pub fn recycle(&self, units: Vec<EncodedEvents>) {
+        let mut spare = lock(&self.spare_buffers);
+        for unit in units {
+            if spare.len() >= SPARE_BUFFERS {
+                break;
+            }
+            let buffer = unit.into_buffer();
+            if buffer.capacity() >= BUFFER_BYTES {
+                spare.push(buffer);
+            }
+        }
+    }
+
+    fn spare_buffer(&self) -> Vec<u8> {
+        lock(&self.spare_buffers)
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
+    }
+}
+
+/// The shard this thread writes to: threads take shards in turn as they first emit.
+fn shard_of_this_thread() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
+    }
+    SHARD.with(|shard| *shard)
+}
+
+/// A panic while writing an event (a bug) can leave part of a line in the shard, which the
+/// consumer dead-letters; the other events are intact, so a poisoned lock is taken over.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(n: usize) -> impl FnOnce(&mut Vec<u8>) {
+        move |out: &mut Vec<u8>| {
+            out.extend_from_slice(format!("{{\"eventId\":\"e{n}\"}}\n").as_bytes())
+        }
+    }
+
+    fn ids(units: &[EncodedEvents]) -> Vec<String> {
+        units
+            .iter()
+            .flat_map(|unit| {
+                let data = unit.as_bytes();
+                framing::lines(data)
+                    .map(|range| String::from_utf8(data[range].to_vec()).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn events_come_out_in_order_in_units_a_message_long() {
+        let queue = EventQueue::new(10_000);
+        let total = framing::MAX_EVENTS_PER_MESSAGE + 10;
+        for n in 0..total {
+            assert!(queue.push(1, event(n)).is_ok());
+        }
+        assert_eq!(queue.len(), total);
+        let taken = queue.take_all();
+        assert_eq!(taken.entries, total);
+        assert!(queue.is_empty());
+        let counts: Vec<usize> = taken.units.iter().map(EncodedEvents::count).collect();
+        assert_eq!(counts, [framing::MAX_EVENTS_PER_MESSAGE, 10]);
+        let expected: Vec<String> = (0..total)
+            .map(|n| format!("{{\"eventId\":\"e{n}\"}}"))
+            .collect();
+        assert_eq!(ids(&taken.units), expected);
+        assert!(queue.take_all().units.is_empty());
+    }
+
+    #[test]
+    fn a_full_queue_hands_the_events_back() {
+        let queue = EventQueue::new(2);
+        assert!(queue.push(1, event(0)).is_ok());
+        assert!(queue.push(1, event(1)).is_ok());
+        let refused = queue.push(1, event(2)).expect_err("full");
+        let mut spilled = Vec::new();
+        refused(&mut spilled);
+        assert_eq!(spilled, b"{\"eventId\":\"e2\"}\n");
+        assert_eq!(queue.take_all().entries, 2);
+        assert!(queue.push(1, event(3)).is_ok(), "room again once taken");
+    }
+
+    #[test]
+    fn a_closed_queue_refuses_pushes_and_returns_what_waited() {
+        let queue = EventQueue::new(10);
+        assert!(queue.push(1, event(0)).is_ok());
+        assert_eq!(queue.close().entries, 1);
+        assert!(queue.push(1, event(1)).is_err());
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn threads_write_to_shards_of_their_own_and_nothing_is_lost() {
+        let queue = std::sync::Arc::new(EventQueue::new(100_000));
+        let writers: Vec<_> = (0..4)
+            .map(|thread| {
+                let queue = queue.clone();
+                std::thread::spawn(move || {
+                    for n in 0..5_000 {
+                        assert!(queue.push(1, event(thread * 10_000 + n)).is_ok());
+                    }
+                })
+            })
+            .collect();
+        let mut seen = Vec::new();
+        while !writers.iter().all(|w| w.is_finished()) {
+            seen.extend(ids(&queue.take_all().units));
+        }
+        seen.extend(ids(&queue.take_all().units));
+        assert_eq!(seen.len(), 20_000);
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), 20_000, "every event once");
+    }
+
+    #[test]
+    fn recycled_buffers_are_filled_again() {
+        let queue = EventQueue::new(10);
+        assert!(queue.push(1, event(0)).is_ok());
+        let taken = queue.take_all();
+        let address = taken.units[0].as_bytes().as_ptr();
+        queue.recycle(taken.units);
+        assert!(queue.push(1, event(1)).is_ok());
+        let again = queue.take_all();
+        assert_eq!(again.units[0].as_bytes().as_ptr(), address);
+        assert_eq!(ids(&again.units), ["{\"eventId\":\"e1\"}"]);
+    }
+}
