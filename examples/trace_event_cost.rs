@@ -84,6 +84,7 @@ fn main() {
     }
     let build = per_request(started.elapsed(), n);
 
+    queue.recycle(queue.take_all().units);
     for _ in 0..BATCH {
         let _ = queue.push(GatewayTracer::EVENTS_PER_REQUEST, |lines| {
             tracer.write(lines, &header, "10.0.0.7", &body, &record, 200)

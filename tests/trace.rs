@@ -367,6 +367,41 @@ async fn a_broker_that_blocks_a_replay_loses_nothing_and_leaves_spool_writes_to_
     running.shutdown(Duration::from_secs(10)).await;
 }
 
+/// A spool segment that cannot be read (here a directory where the oldest segment file should
+/// be; in life a failing disk or wrong permissions) is the disk's fault, not the broker's: the
+/// publisher keeps publishing new events instead of dropping the link over it and spooling
+/// them.
+#[tokio::test]
+async fn an_unreadable_spool_segment_does_not_stop_publishing() {
+    let broker = RabbitMq::start().await;
+    let spool = tempfile::tempdir().unwrap();
+    let unreadable = spool.path().join("segment-0000000000000000.jsonl");
+    std::fs::create_dir(&unreadable).unwrap();
+    std::fs::write(unreadable.join("not-events"), [b'x'; 4096]).unwrap();
+    assert!(
+        !Spool::open(spool.path(), 1 << 30).unwrap().is_empty(),
+        "the spool must look non-empty, or replay never reads it and the test proves nothing"
+    );
+
+    let (sink, running) = start_small_queue_publisher(broker.url(), &spool);
+    let total = 300;
+    emit_paced(&sink, 0..total).await;
+    let stats = sink.stats();
+    eventually(
+        "every new event published",
+        Duration::from_secs(20),
+        || async { stats.published.load(Ordering::Relaxed) == total as u64 },
+    )
+    .await;
+    assert_eq!(
+        stats.spooled.load(Ordering::Relaxed),
+        0,
+        "events were spooled: the publisher took the disk error for a lost broker"
+    );
+    assert!(unreadable.exists(), "the segment is left for the operator");
+    running.shutdown(Duration::from_secs(10)).await;
+}
+
 /// Waits until `total` events are in the index, then checks that there are no more: none
 /// twice, no strays.
 async fn indexed_exactly(es: &EsStandIn, total: usize) {

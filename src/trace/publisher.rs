@@ -39,6 +39,8 @@ use crate::config::QueueType;
 const PUBLISH_BATCH: usize = 2048;
 /// Longest wait for one batch's confirms before the broker counts as away.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long replay pauses after a spool segment could not be read or removed.
+const SPOOL_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
@@ -567,9 +569,20 @@ impl InFlight {
 /// stops answering or blocks publishers mid-replay holds that task, not the publisher loop.
 struct Replay {
     /// The link generation the step publishes on, and the step.
-    running: Option<(u64, JoinHandle<Result<(), String>>)>,
+    running: Option<(u64, JoinHandle<Result<(), ReplayError>>)>,
     /// Signalled when a step ends, so that the next starts at once.
     progress: Arc<Notify>,
+    /// Set when the disk failed a step: no step starts before then.
+    paused_until: Option<Instant>,
+}
+
+/// Why a replay step ended before its segment was confirmed and removed.
+enum ReplayError {
+    /// The broker did not take or confirm the events: it counts as lost on that link.
+    Broker(String),
+    /// The disk failed (a segment that cannot be read or removed): the broker is fine and
+    /// new events keep going to it; replay pauses for [`SPOOL_RETRY`] and the segment stays.
+    Spool(SpoolError),
 }
 
 impl Replay {
@@ -577,6 +590,7 @@ impl Replay {
         Replay {
             running: None,
             progress,
+            paused_until: None,
         }
     }
 
@@ -601,15 +615,31 @@ impl Replay {
             Some((generation, step)) => {
                 let outcome = step
                     .await
-                    .unwrap_or_else(|join_error| Err(join_error.to_string()));
-                if let Err(error) = outcome {
-                    connection.failed_on(generation, &error);
-                    return;
+                    .unwrap_or_else(|join_error| Err(ReplayError::Broker(join_error.to_string())));
+                match outcome {
+                    Ok(()) => {}
+                    Err(ReplayError::Broker(error)) => {
+                        connection.failed_on(generation, &error);
+                        return;
+                    }
+                    Err(ReplayError::Spool(error)) => {
+                        error!(
+                            message = "Trace spool segment unreadable; replay pauses, new events are still published.",
+                            %error,
+                            retry_in = ?SPOOL_RETRY
+                        );
+                        self.paused_until = Some(Instant::now() + SPOOL_RETRY);
+                        return;
+                    }
                 }
             }
             None => {}
         }
-        if lock(spool).is_empty() {
+        if self
+            .paused_until
+            .is_some_and(|until| Instant::now() < until)
+            || lock(spool).is_empty()
+        {
             return;
         }
         let generation = connection.generation;
@@ -678,8 +708,8 @@ async fn replay_one_segment(
     compression: TraceCompression,
     spool: &Mutex<Spool>,
     stats: &PublisherStats,
-) -> Result<(), String> {
-    let oldest = lock(spool).oldest().map_err(|e| e.to_string())?;
+) -> Result<(), ReplayError> {
+    let oldest = lock(spool).oldest().map_err(ReplayError::Spool)?;
     let Some(SpooledSegment {
         path,
         events,
@@ -694,13 +724,15 @@ async fn replay_one_segment(
             .fetch_add(unreadable as u64, Ordering::Relaxed);
     }
     for chunk in events.chunks(PUBLISH_BATCH) {
-        publish_confirmed(channel, queue, compression, chunk).await?;
+        publish_confirmed(channel, queue, compression, chunk)
+            .await
+            .map_err(ReplayError::Broker)?;
         stats
             .published
             .fetch_add(event_count(chunk), Ordering::Relaxed);
     }
     let mut spool = lock(spool);
-    spool.remove(&path).map_err(|e| e.to_string())?;
+    spool.remove(&path).map_err(ReplayError::Spool)?;
     info!(
         message = "Replayed spooled trace events.",
         events = events.len(),
