@@ -278,6 +278,44 @@ async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
     held.abort();
 }
 
+/// The publisher takes its queue at each interval, or as soon as the queue is half full: a
+/// busy gateway must not wait out the interval while the queue fills (at 40,000 requests/s the
+/// default 10,000 entries last 250 ms against a 200 ms interval) and leave requests to spool
+/// their events themselves. With no broker the events go to the spool, long before the
+/// one-minute interval here.
+#[tokio::test]
+async fn a_half_full_queue_is_taken_before_the_interval_is_up() {
+    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spool = tempfile::tempdir().unwrap();
+    let url = format!("amqp://guest:guest@127.0.0.1:{closed_port}/%2f");
+    let (sink, running) = start_publisher(PublisherSettings {
+        publish_interval: Duration::from_secs(60),
+        ..small_queue_settings(url, &spool)
+    });
+    // The test's runtime has one thread: yielding lets the publisher run its first round and
+    // go to sleep until its interval, so the events below arrive while it sleeps.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    let half = 50;
+    for id in 0..half {
+        sink.emit(synthetic_event(id));
+    }
+    let stats = sink.stats();
+    eventually(
+        "the half-full queue spooled by the publisher",
+        Duration::from_secs(10),
+        || async { stats.spooled.load(Ordering::Relaxed) == half as u64 },
+    )
+    .await;
+    assert_eq!(stats.overflowed.load(Ordering::Relaxed), 0);
+    running.shutdown(Duration::from_secs(10)).await;
+}
+
 /// A broker that blocks publishers (its memory or disk alarm) stops reading from their
 /// connections, so a publish there waits until the alarm clears. The publisher must keep
 /// draining its queue into the spool meanwhile, and once the alarm clears every event must
@@ -443,7 +481,11 @@ fn start_small_queue_publisher(
     amqp_url: String,
     spool: &tempfile::TempDir,
 ) -> (TraceSink, RunningPublisher) {
-    let settings = PublisherSettings {
+    start_publisher(small_queue_settings(amqp_url, spool))
+}
+
+fn small_queue_settings(amqp_url: String, spool: &tempfile::TempDir) -> PublisherSettings {
+    PublisherSettings {
         amqp_url,
         queue: "goms.trace".into(),
         queue_type: Default::default(),
@@ -452,7 +494,10 @@ fn start_small_queue_publisher(
         compression: TraceCompression::Lz4,
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
-    };
+    }
+}
+
+fn start_publisher(settings: PublisherSettings) -> (TraceSink, RunningPublisher) {
     let (sink, publisher) = Publisher::prepare(settings).unwrap();
     (sink, RunningPublisher::spawn(publisher))
 }

@@ -30,13 +30,10 @@ use super::queue::EventQueue;
 use super::spool::{Spool, SpoolError, SpooledSegment};
 use crate::config::QueueType;
 
-/// Queue entries (a gateway request's two events, or one event) that make the publisher take
-/// the queue before its interval is up, and the most spooled events replayed as one batch.
-/// A batch goes out as messages of up to 1,024 events whose confirms are awaited together.
-/// The broker confirms persistent messages after writing them to disk, some milliseconds; a
-/// batch of 256 capped the publisher near 9,000 events/s, below what a busy gateway emits,
-/// and the rest overflowed into the spool.
-const PUBLISH_BATCH: usize = 2048;
+/// Most spooled events replayed as one batch: messages of up to 1,024 events whose confirms
+/// are awaited together. The broker confirms persistent messages after writing them to disk,
+/// some milliseconds; batches of 256 capped the publisher near 9,000 events/s.
+const REPLAY_BATCH: usize = 2048;
 /// Longest wait for one batch's confirms before the broker counts as away.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long replay pauses after a spool segment could not be read or removed.
@@ -48,13 +45,13 @@ pub struct PublisherSettings {
     pub queue: String,
     pub queue_type: QueueType,
     pub queue_capacity: usize,
-    /// How long events gather before a confirm round trip, unless a whole batch is already
-    /// waiting (`trace.publishInterval`). The broker's cost was per round trip (it writes and
+    /// How long events gather before a confirm round trip, unless the queue is already half
+    /// full (`trace.publishInterval`). The broker's cost was per round trip (it writes and
     /// syncs the messages before it confirms them): publishing as soon as anything was queued
     /// meant ~500 rounds/s and about half a core of broker CPU at 13,000 requests/s. Going
     /// from 50 to 200 ms (the default) cut RabbitMQ's CPU per traced request from 7.1 to
     /// 5.1 µs uncompressed and from 4.1 to 2.0 µs with LZ4. The publisher polls the queue:
-    /// nothing on the request path wakes its thread.
+    /// only the request that fills it halfway wakes the publisher's thread.
     pub publish_interval: Duration,
     /// How message bodies are compressed (`trace.compression`; see [`framing`]).
     pub compression: TraceCompression,
@@ -368,8 +365,9 @@ async fn run(
         // process, so then they go to the spool at each interval, as when it is away.
         let waiting_for_broker = connection.is_connecting()
             || (in_flight.is_full() && connection.publishable().is_some());
-        let hold = waiting_for_broker && queue.len() < settings.queue_capacity / 2;
-        let due = queue.len() >= PUBLISH_BATCH || Instant::now() >= next_take;
+        let half_full = queue.is_half_full();
+        let hold = waiting_for_broker && !half_full;
+        let due = half_full || Instant::now() >= next_take;
         if hold || !due {
             let look_again = if due {
                 Instant::now() + settings.publish_interval
@@ -379,6 +377,7 @@ async fn run(
             tokio::select! {
                 _ = tokio::time::sleep_until(look_again.into()) => {}
                 _ = progress.notified(), if in_flight.is_full() || replay.is_running() => {}
+                _ = queue.half_full() => {}
                 _ = stopped.changed() => break,
             }
             continue;
@@ -723,7 +722,7 @@ async fn replay_one_segment(
             .dropped
             .fetch_add(unreadable as u64, Ordering::Relaxed);
     }
-    for chunk in events.chunks(PUBLISH_BATCH) {
+    for chunk in events.chunks(REPLAY_BATCH) {
         publish_confirmed(channel, queue, compression, chunk)
             .await
             .map_err(ReplayError::Broker)?;
