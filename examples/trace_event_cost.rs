@@ -12,7 +12,7 @@ use goms::gateway::trace_events::GatewayTracer;
 use goms::trace::event::BodyCapture;
 use goms::trace::framing::{self, TraceCompression};
 use goms::trace::queue::EventQueue;
-use goms::trace::{Attempt, Redactor, RequestRecord, TraceContext};
+use goms::trace::{request_id_or_new, Attempt, Redactor, RequestRecord, TraceContext};
 use pingora::http::RequestHeader;
 
 /// A request like the benchmark's, with the headers a browser or SDK adds.
@@ -32,9 +32,10 @@ fn request() -> RequestHeader {
     header
 }
 
-fn record() -> RequestRecord {
+/// A request's record with fresh ids, as each request has.
+fn fresh_record() -> RequestRecord {
     let trace = TraceContext::continue_or_start(None);
-    let mut record = RequestRecord::new("5b1d6f0e-3c1a-4f7e-9a55-0f5b2d8f7e11".into(), trace);
+    let mut record = RequestRecord::new(request_id_or_new(None), trace);
     record.attempts.push(Attempt {
         node_id: Arc::from("127.0.0.1:9080"),
         upstream: Arc::from("127.0.0.1:9080"),
@@ -61,7 +62,7 @@ fn main() {
         redactor: Redactor::new(&[], 4096),
     };
     let header = request();
-    let record = record();
+    let record = fresh_record();
     let body = BodyCapture {
         bytes: br#"{"user":"ada","pass":"x"}"#.to_vec(),
         truncated: false,
@@ -84,10 +85,14 @@ fn main() {
     }
     let build = per_request(started.elapsed(), n);
 
+    // Each request of the batch has its own ids, as in life: LZ4 finds fewer repeats in
+    // them than in one request written again and again (here 1.4 times the time and twice
+    // the compressed bytes).
     queue.recycle(queue.take_all().units);
     for _ in 0..BATCH {
+        let fresh = fresh_record();
         let _ = queue.push(GatewayTracer::EVENTS_PER_REQUEST, |lines| {
-            tracer.write(lines, &header, "10.0.0.7", &body, &record, 200)
+            tracer.write(lines, &header, "10.0.0.7", &body, &fresh, 200)
         });
     }
     let batch = queue.take_all().units;
