@@ -4,14 +4,16 @@
 //! Each thread that emits has a shard of its own (picked once per thread) and writes its
 //! events straight into the buffer that becomes a message body: a shard holds units filled up
 //! to a message's limits ([`EncodedEvents::has_room_for`]), which [`framing::encode`] sends
-//! without copying. Emitting costs an uncontended lock and one shared counter; no allocation,
+//! without copying. Emitting costs an uncontended lock and a shared counter; no allocation,
 //! no channel, and no free on the publisher's thread. Before, each request's events were a
 //! buffer of their own, sent through a channel, copied into a message and freed on another
-//! thread (perf: allocator and copies about 1.7 µs per traced request).
+//! thread; a profile put the allocator's and the copies' share of a traced request at about
+//! 1.7 µs, though the timed runs after the change did not resolve a difference in requests/s
+//! (`docs/benchmarks.md`, ninth round).
 //!
 //! Buffers go round: the publisher hands a confirmed batch's buffers back
-//! ([`EventQueue::recycle`]) and shards fill them again. A fresh buffer of half a megabyte
-//! costs a page fault every 4 KiB as it fills; a recycled one is already in memory.
+//! ([`EventQueue::recycle`]) and shards fill them again, so their memory stays mapped instead
+//! of being faulted in again, 4 KiB at a time, for every message.
 //!
 //! The bound counts entries (one [`EventQueue::push`]: a gateway request's two events, or one
 //! event) across all shards. A push past it is refused and the caller spools the events. The
@@ -37,7 +39,7 @@ const SPARE_BUFFERS: usize = 24;
 const BUFFER_BYTES: usize = framing::MAX_MESSAGE_BYTES + 64 * 1024;
 
 pub struct EventQueue {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[CacheLine<Mutex<Shard>>]>,
     /// Entries in all shards.
     queued: AtomicUsize,
     capacity: usize,
@@ -47,6 +49,12 @@ pub struct EventQueue {
     /// Signalled by the push that brings the queue to half its capacity.
     filled_halfway: Notify,
 }
+
+/// Keeps each shard's lock on cache lines of its own: neighbouring shards belong to different
+/// threads, which would otherwise take the line from each other at every push.
+#[repr(align(128))]
+#[derive(Default)]
+struct CacheLine<T>(T);
 
 /// One thread's events, in the order emitted; only the last unit still takes more.
 #[derive(Default)]
@@ -65,7 +73,7 @@ pub struct Taken {
 impl EventQueue {
     pub fn new(capacity: usize) -> Self {
         EventQueue {
-            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            shards: (0..SHARDS).map(|_| CacheLine::default()).collect(),
             queued: AtomicUsize::new(0),
             capacity,
             closed: AtomicBool::new(false),
@@ -82,7 +90,7 @@ impl EventQueue {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(write);
         }
-        let mut shard = lock(&self.shards[shard_of_this_thread()]);
+        let mut shard = lock(&self.shards[shard_of_this_thread()].0);
         // Checked under the shard's lock, which `close` takes after setting the flag: a push
         // either lands before the final drain of its shard or sees the flag.
         if self.closed.load(Ordering::Acquire) {
@@ -135,7 +143,7 @@ impl EventQueue {
     pub fn take_all(&self) -> Taken {
         let mut taken = Taken::default();
         for shard in self.shards.iter() {
-            let mut shard = lock(shard);
+            let mut shard = lock(&shard.0);
             if shard.entries == 0 {
                 continue;
             }
