@@ -87,6 +87,16 @@ pub fn consumer_settings(config: &GomsConfig) -> consumer::ConsumerSettings {
     }
 }
 
+/// Locks a mutex of the trace pipeline, taking over a poisoned one. The request path and the
+/// publisher share the queue's shards and the spool; a panic while one of them held the lock
+/// (a bug) leaves at worst part of a line, which the consumer dead-letters, and stopping
+/// tracing for good over it would lose every later event.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Milliseconds as a float with microsecond precision, for `durationMs`.
 pub fn millis(duration: std::time::Duration) -> f64 {
     (duration.as_micros() as f64) / 1000.0

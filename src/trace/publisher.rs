@@ -26,6 +26,7 @@ use tracing::{error, info, warn};
 use super::amqp::{self, Link};
 use super::event::TraceEvent;
 use super::framing::{self, EncodedEvents, TraceCompression};
+use super::lock;
 use super::queue::EventQueue;
 use super::spool::{Spool, SpoolError, SpooledSegment};
 use crate::config::QueueType;
@@ -383,7 +384,7 @@ async fn run(
             continue;
         }
         next_take = Instant::now() + settings.publish_interval;
-        let batch = queue.take_all().units;
+        let batch = queue.take_all();
         if !batch.is_empty() {
             send_or_spool(
                 &mut in_flight,
@@ -405,7 +406,7 @@ async fn run(
     // A segment cut off mid-replay stays in the spool and is replayed by the next run.
     replay.abort();
     // From here on the request path spools what it emits.
-    let rest = queue.close().units;
+    let rest = queue.close();
     if !rest.is_empty() {
         if in_flight.is_full() {
             in_flight
@@ -662,12 +663,6 @@ impl Replay {
             step.abort();
         }
     }
-}
-
-fn lock(spool: &Mutex<Spool>) -> std::sync::MutexGuard<'_, Spool> {
-    spool
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Waits for one batch's confirms: counts it as published, or spools it.

@@ -23,11 +23,12 @@
 //! themselves whenever the publisher's thread ran late.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
 use super::framing::{self, EncodedEvents};
+use super::lock;
 
 /// More shards than emitting threads, so that threads rarely share one. The publisher locks
 /// each of them once per interval.
@@ -43,6 +44,8 @@ pub struct EventQueue {
     /// Entries in all shards.
     queued: AtomicUsize,
     capacity: usize,
+    /// Entries at which the publisher is woken: half the capacity, at least one.
+    half: usize,
     /// Set once the publisher drains for good; pushes are refused from then on.
     closed: AtomicBool,
     spare_buffers: Mutex<Vec<Vec<u8>>>,
@@ -63,19 +66,13 @@ struct Shard {
     entries: usize,
 }
 
-/// Events taken from the queue, and the entries they were pushed as.
-#[derive(Default)]
-pub struct Taken {
-    pub units: Vec<EncodedEvents>,
-    pub entries: usize,
-}
-
 impl EventQueue {
     pub fn new(capacity: usize) -> Self {
         EventQueue {
             shards: (0..SHARDS).map(|_| CacheLine::default()).collect(),
             queued: AtomicUsize::new(0),
             capacity,
+            half: (capacity / 2).max(1),
             closed: AtomicBool::new(false),
             spare_buffers: Mutex::default(),
             filled_halfway: Notify::new(),
@@ -110,7 +107,7 @@ impl EventQueue {
         open.append_with(count, write);
         shard.entries += 1;
         drop(shard);
-        if before + 1 == self.half() {
+        if before + 1 == self.half {
             self.filled_halfway.notify_one();
         }
         Ok(())
@@ -126,7 +123,7 @@ impl EventQueue {
     }
 
     pub fn is_half_full(&self) -> bool {
-        self.len() >= self.half()
+        self.len() >= self.half
     }
 
     /// Completes once a push brings the queue to half its capacity (at once if one did since
@@ -135,27 +132,23 @@ impl EventQueue {
         self.filled_halfway.notified().await
     }
 
-    fn half(&self) -> usize {
-        (self.capacity / 2).max(1)
-    }
-
     /// Takes everything waiting, shard by shard, oldest first within each.
-    pub fn take_all(&self) -> Taken {
-        let mut taken = Taken::default();
+    pub fn take_all(&self) -> Vec<EncodedEvents> {
+        let (mut units, mut entries) = (Vec::new(), 0);
         for shard in self.shards.iter() {
             let mut shard = lock(&shard.0);
             if shard.entries == 0 {
                 continue;
             }
-            taken.units.append(&mut shard.units);
-            taken.entries += std::mem::take(&mut shard.entries);
+            units.append(&mut shard.units);
+            entries += std::mem::take(&mut shard.entries);
         }
-        self.queued.fetch_sub(taken.entries, Ordering::Relaxed);
-        taken
+        self.queued.fetch_sub(entries, Ordering::Relaxed);
+        units
     }
 
     /// Refuses pushes from now on and takes what is left.
-    pub fn close(&self) -> Taken {
+    pub fn close(&self) -> Vec<EncodedEvents> {
         self.closed.store(true, Ordering::Release);
         self.take_all()
     }
@@ -190,14 +183,6 @@ fn shard_of_this_thread() -> usize {
     SHARD.with(|shard| *shard)
 }
 
-/// A panic while writing an event (a bug) can leave part of a line in the shard, which the
-/// consumer dead-letters; the other events are intact, so a poisoned lock is taken over.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -229,15 +214,14 @@ mod tests {
         }
         assert_eq!(queue.len(), total);
         let taken = queue.take_all();
-        assert_eq!(taken.entries, total);
         assert!(queue.is_empty());
-        let counts: Vec<usize> = taken.units.iter().map(EncodedEvents::count).collect();
+        let counts: Vec<usize> = taken.iter().map(EncodedEvents::count).collect();
         assert_eq!(counts, [framing::MAX_EVENTS_PER_MESSAGE, 10]);
         let expected: Vec<String> = (0..total)
             .map(|n| format!("{{\"eventId\":\"e{n}\"}}"))
             .collect();
-        assert_eq!(ids(&taken.units), expected);
-        assert!(queue.take_all().units.is_empty());
+        assert_eq!(ids(&taken), expected);
+        assert!(queue.take_all().is_empty());
     }
 
     #[test]
@@ -249,7 +233,8 @@ mod tests {
         let mut spilled = Vec::new();
         refused(&mut spilled);
         assert_eq!(spilled, b"{\"eventId\":\"e2\"}\n");
-        assert_eq!(queue.take_all().entries, 2);
+        assert_eq!(ids(&queue.take_all()).len(), 2);
+        assert!(queue.is_empty());
         assert!(queue.push(1, event(3)).is_ok(), "room again once taken");
     }
 
@@ -273,7 +258,7 @@ mod tests {
     fn a_closed_queue_refuses_pushes_and_returns_what_waited() {
         let queue = EventQueue::new(10);
         assert!(queue.push(1, event(0)).is_ok());
-        assert_eq!(queue.close().entries, 1);
+        assert_eq!(ids(&queue.close()).len(), 1);
         assert!(queue.push(1, event(1)).is_err());
         assert!(queue.is_empty());
     }
@@ -293,9 +278,9 @@ mod tests {
             .collect();
         let mut seen = Vec::new();
         while !writers.iter().all(|w| w.is_finished()) {
-            seen.extend(ids(&queue.take_all().units));
+            seen.extend(ids(&queue.take_all()));
         }
-        seen.extend(ids(&queue.take_all().units));
+        seen.extend(ids(&queue.take_all()));
         assert_eq!(seen.len(), 20_000);
         seen.sort();
         seen.dedup();
@@ -307,11 +292,11 @@ mod tests {
         let queue = EventQueue::new(10);
         assert!(queue.push(1, event(0)).is_ok());
         let taken = queue.take_all();
-        let address = taken.units[0].as_bytes().as_ptr();
-        queue.recycle(taken.units);
+        let address = taken[0].as_bytes().as_ptr();
+        queue.recycle(taken);
         assert!(queue.push(1, event(1)).is_ok());
         let again = queue.take_all();
-        assert_eq!(again.units[0].as_bytes().as_ptr(), address);
-        assert_eq!(ids(&again.units), ["{\"eventId\":\"e1\"}"]);
+        assert_eq!(again[0].as_bytes().as_ptr(), address);
+        assert_eq!(ids(&again), ["{\"eventId\":\"e1\"}"]);
     }
 }
