@@ -28,7 +28,7 @@ use super::event::TraceEvent;
 use super::framing::{self, EncodedEvents, TraceCompression};
 use super::lock;
 use super::queue::EventQueue;
-use super::spool::{Spool, SpoolError, SpooledSegment};
+use super::spool::{Spool, SpoolError, SpooledSegment, SET_ASIDE_FOR};
 use crate::config::QueueType;
 
 /// Most spooled events replayed as one batch: messages of up to 1,024 events whose confirms
@@ -37,8 +37,6 @@ use crate::config::QueueType;
 const REPLAY_BATCH: usize = 2048;
 /// Longest wait for one batch's confirms before the broker counts as away.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long replay pauses after a spool segment could not be read or removed.
-const SPOOL_RETRY: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
@@ -572,8 +570,6 @@ struct Replay {
     running: Option<(u64, JoinHandle<Result<(), ReplayError>>)>,
     /// Signalled when a step ends, so that the next starts at once.
     progress: Arc<Notify>,
-    /// Set when the disk failed a step: no step starts before then.
-    paused_until: Option<Instant>,
 }
 
 /// Why a replay step ended before its segment was confirmed and removed.
@@ -581,7 +577,8 @@ enum ReplayError {
     /// The broker did not take or confirm the events: it counts as lost on that link.
     Broker(String),
     /// The disk failed (a segment that cannot be read or removed): the broker is fine and
-    /// new events keep going to it; replay pauses for [`SPOOL_RETRY`] and the segment stays.
+    /// new events keep going to it; the spool sets the segment aside for [`SET_ASIDE_FOR`]
+    /// and replay goes on with the next one.
     Spool(SpoolError),
 }
 
@@ -590,7 +587,6 @@ impl Replay {
         Replay {
             running: None,
             progress,
-            paused_until: None,
         }
     }
 
@@ -624,22 +620,16 @@ impl Replay {
                     }
                     Err(ReplayError::Spool(error)) => {
                         error!(
-                            message = "Trace spool segment unreadable; replay pauses, new events are still published.",
+                            message = "Trace spool segment unreadable; set aside, replay goes on with the next one.",
                             %error,
-                            retry_in = ?SPOOL_RETRY
+                            retry_in = ?SET_ASIDE_FOR
                         );
-                        self.paused_until = Some(Instant::now() + SPOOL_RETRY);
-                        return;
                     }
                 }
             }
             None => {}
         }
-        if self
-            .paused_until
-            .is_some_and(|until| Instant::now() < until)
-            || lock(spool).is_empty()
-        {
+        if !lock(spool).has_replayable() {
             return;
         }
         let generation = connection.generation;

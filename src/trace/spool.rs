@@ -3,10 +3,16 @@
 //!
 //! Segments survive a restart of the process, so events spooled before a crash are sent by
 //! the next run. The size cap is the only place events are dropped; the caller counts it.
+//!
+//! A segment that cannot be read or deleted (a failing disk, permissions changed by hand) is
+//! set aside for [`SET_ASIDE_FOR`] and replay goes on with the next one, so one bad file
+//! does not hold back every event spooled after it. Nothing is deleted on a read error: a
+//! transient one gives the segment back at its next try.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use tracing::warn;
 
@@ -16,6 +22,8 @@ use super::framing::{self, EncodedEvents};
 
 /// A segment is closed and a new one started past this size, so replay works in bounded steps.
 const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
+/// How long replay leaves alone a segment that could not be read or deleted.
+pub const SET_ASIDE_FOR: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
@@ -34,6 +42,17 @@ pub struct Spool {
     total_bytes: u64,
     next_sequence: u64,
     current: Option<(PathBuf, File, u64)>,
+    /// Segments that failed a read or delete, or the directory itself when it could not be
+    /// listed: replay skips them until their time is up.
+    set_aside: Vec<SetAside>,
+}
+
+struct SetAside {
+    path: PathBuf,
+    /// Its size when last listed, so that a spool holding only set-aside segments has
+    /// nothing to replay.
+    bytes: u64,
+    retry_at: Instant,
 }
 
 /// One segment read back for replay.
@@ -68,9 +87,10 @@ impl Spool {
             total_bytes: 0,
             next_sequence: 0,
             current: None,
+            set_aside: Vec::new(),
         };
         for (sequence, path) in spool.segments().map_err(io)? {
-            spool.total_bytes += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+            spool.total_bytes += size_of(&path);
             spool.next_sequence = spool.next_sequence.max(sequence + 1);
         }
         Ok(spool)
@@ -82,6 +102,34 @@ impl Spool {
 
     pub fn bytes(&self) -> u64 {
         self.total_bytes
+    }
+
+    /// Whether a replay step would find a segment: the spool holds events outside the
+    /// segments set aside.
+    pub fn has_replayable(&mut self) -> bool {
+        let now = Instant::now();
+        self.set_aside.retain(|entry| entry.retry_at > now);
+        if self.set_aside.iter().any(|entry| entry.path == self.dir) {
+            return false;
+        }
+        let set_aside_bytes: u64 = self.set_aside.iter().map(|entry| entry.bytes).sum();
+        self.total_bytes > set_aside_bytes
+    }
+
+    fn is_set_aside(&self, path: &Path) -> bool {
+        let now = Instant::now();
+        self.set_aside
+            .iter()
+            .any(|entry| entry.path == path && entry.retry_at > now)
+    }
+
+    fn set_aside(&mut self, path: &Path) {
+        self.set_aside.retain(|entry| entry.path != path);
+        self.set_aside.push(SetAside {
+            path: path.to_path_buf(),
+            bytes: size_of(path),
+            retry_at: Instant::now() + SET_ASIDE_FOR,
+        });
     }
 
     fn segments(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
@@ -160,15 +208,26 @@ impl Spool {
     }
 
     /// The oldest segment's events, closing the segment being written if it is the oldest.
+    /// Segments set aside are skipped; one that cannot be read is set aside and reported.
     pub fn oldest(&mut self) -> Result<Option<SpooledSegment>, SpoolError> {
         let io = |path: &Path, source| SpoolError::Io {
             path: path.to_path_buf(),
             source,
         };
-        let segments = self.segments().map_err(|e| io(&self.dir, e))?;
-        let Some((_, path)) = segments.into_iter().next() else {
-            // Segments removed by hand: without this the spool would count as not empty forever.
-            self.total_bytes = 0;
+        let segments = match self.segments() {
+            Ok(segments) => segments,
+            Err(error) => {
+                let dir = self.dir.clone();
+                self.set_aside(&dir);
+                return Err(io(&dir, error));
+            }
+        };
+        self.count_what_is_on_disk(&segments);
+        let Some(path) = segments
+            .into_iter()
+            .map(|(_, path)| path)
+            .find(|path| !self.is_set_aside(path))
+        else {
             return Ok(None);
         };
         if self
@@ -178,7 +237,13 @@ impl Spool {
         {
             self.current = None;
         }
-        let data = fs::read(&path).map_err(|e| io(&path, e))?;
+        let data = match fs::read(&path) {
+            Ok(data) => data,
+            Err(error) => {
+                self.set_aside(&path);
+                return Err(io(&path, error));
+            }
+        };
         let mut events = Vec::new();
         let mut unreadable = 0;
         for range in framing::lines(&data) {
@@ -203,16 +268,42 @@ impl Spool {
         }))
     }
 
-    /// Deletes a segment whose events the broker confirmed.
+    /// Deletes a segment whose events the broker confirmed. One that cannot be deleted is
+    /// set aside and replayed again later: its events reach the broker twice, and the
+    /// consumer's create-by-eventId indexes them once.
     pub fn remove(&mut self, path: &Path) -> Result<(), SpoolError> {
-        let size = fs::metadata(path).map(|m| m.len()).unwrap_or(0);
-        fs::remove_file(path).map_err(|source| SpoolError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let size = size_of(path);
+        if let Err(source) = fs::remove_file(path) {
+            self.set_aside(path);
+            return Err(SpoolError::Io {
+                path: path.to_path_buf(),
+                source,
+            });
+        }
         self.total_bytes = self.total_bytes.saturating_sub(size);
         Ok(())
     }
+
+    /// Takes the sizes from the listing: segments removed or changed by hand would otherwise
+    /// leave counts that make replay look for events forever.
+    fn count_what_is_on_disk(&mut self, segments: &[(u64, PathBuf)]) {
+        let sizes: Vec<(&PathBuf, u64)> = segments
+            .iter()
+            .map(|(_, path)| (path, size_of(path)))
+            .collect();
+        self.total_bytes = sizes.iter().map(|(_, bytes)| bytes).sum();
+        self.set_aside.retain_mut(|entry| {
+            let listed = sizes.iter().find(|(path, _)| **path == entry.path);
+            if let Some((_, bytes)) = listed {
+                entry.bytes = *bytes;
+            }
+            listed.is_some()
+        });
+    }
+}
+
+fn size_of(path: &Path) -> u64 {
+    fs::metadata(path).map(|m| m.len()).unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -279,6 +370,35 @@ mod tests {
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let segment = spool.oldest().unwrap().unwrap();
         assert_eq!((segment.events.len(), segment.unreadable), (1, 1));
+    }
+
+    #[test]
+    fn an_unreadable_segment_is_set_aside_and_the_next_one_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let unreadable = dir.path().join(format!("segment-{:016}.jsonl", 0));
+        std::fs::create_dir(&unreadable).unwrap();
+        let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        spool
+            .append(&[EncodedEvents::from_events([&event(0), &event(1)])])
+            .unwrap();
+
+        let error = spool.oldest().unwrap_err();
+        assert!(
+            error.to_string().contains("segment-0000000000000000"),
+            "{error}"
+        );
+        assert!(spool.has_replayable(), "the segment after it must not wait");
+        let next = spool.oldest().unwrap().unwrap();
+        assert_eq!(next.events.len(), 2);
+        spool.remove(&next.path).unwrap();
+
+        assert!(
+            !spool.has_replayable(),
+            "only the set-aside segment is left: replay would look for it in a loop"
+        );
+        assert!(spool.oldest().unwrap().is_none());
+        assert!(unreadable.exists(), "a read error must not delete anything");
+        assert!(!spool.is_empty(), "its bytes still count against the cap");
     }
 
     #[test]
