@@ -402,6 +402,23 @@ mod tests {
     }
 
     #[test]
+    fn a_spool_directory_that_cannot_be_listed_pauses_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool_dir = dir.path().join("spool");
+        let mut spool = Spool::open(&spool_dir, 1 << 20).unwrap();
+        spool
+            .append(&[EncodedEvents::from_events([&event(0)])])
+            .unwrap();
+        std::fs::remove_dir_all(&spool_dir).unwrap();
+
+        assert!(spool.oldest().is_err());
+        assert!(
+            !spool.has_replayable(),
+            "replay would list the directory again in a loop"
+        );
+    }
+
+    #[test]
     fn segments_removed_by_hand_leave_an_empty_spool() {
         let dir = tempfile::tempdir().unwrap();
         let mut spool = Spool::open(dir.path(), 1 << 20).unwrap();
