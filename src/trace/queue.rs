@@ -155,16 +155,20 @@ impl EventQueue {
 
     /// Gives the buffers of events that left the process back for the shards to fill.
     pub fn recycle(&self, units: Vec<EncodedEvents>) {
+        let mut units = units.into_iter();
         let mut spare = lock(&self.spare_buffers);
-        for unit in units {
-            if spare.len() >= SPARE_BUFFERS {
-                break;
-            }
-            let buffer = unit.into_buffer();
-            if buffer.capacity() >= BUFFER_BYTES {
-                spare.push(buffer);
-            }
-        }
+        let room = SPARE_BUFFERS.saturating_sub(spare.len());
+        spare.extend(
+            units
+                .by_ref()
+                .take(room)
+                .map(EncodedEvents::into_buffer)
+                .filter(|buffer| buffer.capacity() >= BUFFER_BYTES),
+        );
+        drop(spare);
+        // The rest are freed after the lock is released: freeing half a megabyte can hand
+        // memory back to the OS, and a proxy thread that needs a fresh buffer waits on it.
+        drop(units);
     }
 
     fn spare_buffer(&self) -> Vec<u8> {
