@@ -92,9 +92,9 @@ pub struct TraceConfig {
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
     /// How long the publisher lets events gather before it sends them and waits for the
-    /// broker's confirms, unless the queue (`queueCapacity`) is already half full. Each round trip costs the
-    /// broker a write and a sync, so a longer wait costs it less CPU and delays events by up
-    /// to this much. Default `200ms`.
+    /// broker's confirms, unless the queue (`queueCapacity`) is already half full. Each round
+    /// trip costs the broker a write and a sync, so a longer wait costs it less CPU and
+    /// delays events by up to this much. Default `200ms`.
     #[serde(
         default = "default_publish_interval",
         deserialize_with = "duration_text"

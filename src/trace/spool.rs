@@ -42,9 +42,10 @@ pub struct Spool {
     total_bytes: u64,
     next_sequence: u64,
     current: Option<(PathBuf, File, u64)>,
-    /// Segments that failed a read or delete, or the directory itself when it could not be
-    /// listed: replay skips them until their time is up.
+    /// Segments that failed a read or delete: replay skips them until their time is up.
     set_aside: Vec<SetAside>,
+    /// Set when the directory could not be listed: no replay step before then.
+    unlisted_until: Option<Instant>,
 }
 
 struct SetAside {
@@ -88,6 +89,7 @@ impl Spool {
             next_sequence: 0,
             current: None,
             set_aside: Vec::new(),
+            unlisted_until: None,
         };
         for (sequence, path) in spool.segments().map_err(io)? {
             spool.total_bytes += size_of(&path);
@@ -109,7 +111,7 @@ impl Spool {
     pub fn has_replayable(&mut self) -> bool {
         let now = Instant::now();
         self.set_aside.retain(|entry| entry.retry_at > now);
-        if self.set_aside.iter().any(|entry| entry.path == self.dir) {
+        if self.unlisted_until.is_some_and(|until| until > now) {
             return false;
         }
         let set_aside_bytes: u64 = self.set_aside.iter().map(|entry| entry.bytes).sum();
@@ -217,9 +219,8 @@ impl Spool {
         let segments = match self.segments() {
             Ok(segments) => segments,
             Err(error) => {
-                let dir = self.dir.clone();
-                self.set_aside(&dir);
-                return Err(io(&dir, error));
+                self.unlisted_until = Some(Instant::now() + SET_ASIDE_FOR);
+                return Err(io(&self.dir, error));
             }
         };
         self.count_what_is_on_disk(&segments);
