@@ -751,10 +751,19 @@ async fn publish(
     if let Some(encoding) = framing::content_encoding(compression) {
         properties = properties.with_content_encoding(encoding.into());
     }
-    let messages: Vec<_> = framing::encode(events)
-        .into_iter()
-        .map(|lines| framing::compress(compression, lines))
-        .collect();
+    let mut messages = Vec::new();
+    for lines in framing::encode(events) {
+        // Between messages the publisher's thread lets a proxy thread waiting for this core
+        // run first. Compressing a round's messages in one go kept a core for up to 5 ms
+        // every interval, and a proxy thread woken on it waited that long. At 16 connections
+        // the publisher held the core for 14-33% of the time proxy threads spent in waits
+        // over 1 ms, and 4-17% with the yield (bench/sched-delays.py; docs/benchmarks.md,
+        // eleventh round). The yield returns at once when nothing else waits.
+        if !messages.is_empty() {
+            std::thread::yield_now();
+        }
+        messages.push(framing::compress(compression, lines));
+    }
     let publishes = messages.iter().map(|payload| {
         channel.basic_publish(
             "".into(),
