@@ -55,31 +55,6 @@ pub fn compress(compression: TraceCompression, lines: Cow<'_, [u8]>) -> Cow<'_, 
     }
 }
 
-/// The body [`compress`] makes, written into `scratch` when compressed. Reused from message
-/// to message, `scratch` stays mapped: a fresh buffer per message was memory the kernel had
-/// to fault in and zero, 16% of the publisher thread's time at 16 connections
-/// (`docs/benchmarks.md`, eleventh round).
-pub fn compress_reusing<'a>(
-    compression: TraceCompression,
-    lines: &'a [u8],
-    scratch: &'a mut Vec<u8>,
-) -> &'a [u8] {
-    match compression {
-        TraceCompression::None => lines,
-        TraceCompression::Lz4 => {
-            let bound = 4 + lz4_flex::block::get_maximum_output_size(lines.len());
-            if scratch.len() < bound {
-                scratch.resize(bound, 0);
-            }
-            let decoded_size = u32::try_from(lines.len()).expect("messages are far below 4 GiB");
-            scratch[..4].copy_from_slice(&decoded_size.to_le_bytes());
-            let written = lz4_flex::block::compress_into(lines, &mut scratch[4..])
-                .expect("the output holds LZ4's worst case");
-            &scratch[..4 + written]
-        }
-    }
-}
-
 /// Why a message body could not be turned back into NDJSON lines.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -357,26 +332,6 @@ mod tests {
         );
         assert_eq!(event_count(&messages[1]), 2);
         assert_eq!(ids(&messages).len(), n + 2);
-    }
-
-    #[test]
-    fn a_reused_scratch_buffer_makes_the_same_bodies_as_fresh_ones() {
-        let (many, one): (Vec<_>, _) = ((0..600).map(small).collect(), [small(7)]);
-        let (large, short) = (encode(&many).remove(0), encode(&one).remove(0));
-        let mut scratch = Vec::new();
-        for plain in [&large, &short, &large] {
-            let fresh = compress(TraceCompression::Lz4, plain.clone());
-            let reused = compress_reusing(TraceCompression::Lz4, plain, &mut scratch);
-            assert_eq!(reused, fresh.as_ref());
-            let encoding = content_encoding(TraceCompression::Lz4);
-            assert_eq!(decode(encoding, reused).unwrap().as_ref(), &plain[..]);
-        }
-        let plain_body = compress_reusing(TraceCompression::None, &short, &mut scratch);
-        assert_eq!(
-            plain_body.as_ptr(),
-            short.as_ptr(),
-            "plain bodies are not copied"
-        );
     }
 
     #[test]

@@ -751,37 +751,29 @@ async fn publish(
     if let Some(encoding) = framing::content_encoding(compression) {
         properties = properties.with_content_encoding(encoding.into());
     }
-    // Each message goes out before the next is compressed: lapin copies the body into its
-    // frames, so one scratch buffer serves them all (see framing::compress_reusing).
-    let publish_each = async {
-        let mut scratch = Vec::new();
-        let mut confirms = Vec::new();
-        for lines in framing::encode(events) {
-            // Between messages the publisher's thread lets a proxy thread waiting for this
-            // core run first. Compressing a round's messages in one go kept a core for up to
-            // 5 ms every interval, and a proxy thread woken on it waited that long. At 16
-            // connections the publisher held the core for 14-33% of the time proxy threads
-            // spent in waits over 1 ms, and 4-17% with the yield (bench/sched-delays.py;
-            // docs/benchmarks.md, eleventh round). The yield returns at once when nothing
-            // else waits.
-            if !confirms.is_empty() {
-                std::thread::yield_now();
-            }
-            let body = framing::compress_reusing(compression, &lines, &mut scratch);
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    queue.into(),
-                    BasicPublishOptions::default(),
-                    body,
-                    properties.clone(),
-                )
-                .await?;
-            confirms.push(confirm);
+    let mut messages = Vec::new();
+    for lines in framing::encode(events) {
+        // Between messages the publisher's thread lets a proxy thread waiting for this core
+        // run first. Compressing a round's messages in one go kept a core for up to 5 ms
+        // every interval, and a proxy thread woken on it waited that long. At 16 connections
+        // the publisher held the core for 14-33% of the time proxy threads spent in waits
+        // over 1 ms, and 4-17% with the yield (bench/sched-delays.py; docs/benchmarks.md,
+        // eleventh round). The yield returns at once when nothing else waits.
+        if !messages.is_empty() {
+            std::thread::yield_now();
         }
-        Ok::<_, lapin::Error>(confirms)
-    };
-    tokio::time::timeout(CONFIRM_TIMEOUT, publish_each)
+        messages.push(framing::compress(compression, lines));
+    }
+    let publishes = messages.iter().map(|payload| {
+        channel.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            payload.as_ref(),
+            properties.clone(),
+        )
+    });
+    tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(publishes))
         .await
         .map_err(|_| format!("publishing took longer than {CONFIRM_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())
