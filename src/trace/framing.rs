@@ -21,6 +21,7 @@
 
 use std::borrow::Cow;
 
+use super::buffer_pool::BufferPool;
 use super::event::TraceEvent;
 pub use crate::config::TraceCompression;
 
@@ -32,6 +33,10 @@ pub const LZ4_ENCODING: &str = "lz4";
 pub const MAX_EVENTS_PER_MESSAGE: usize = 1024;
 /// A message is closed once it reaches this size, whatever its event count.
 pub const MAX_MESSAGE_BYTES: usize = 512 * 1024;
+/// What a buffer for a message's lines is sized for: a unit is closed only once it holds
+/// [`MAX_MESSAGE_BYTES`], so a full one is a request's events larger. Buffers of exactly
+/// that size would have to grow for nearly every full message.
+pub const MESSAGE_BUFFER_BYTES: usize = MAX_MESSAGE_BYTES + 64 * 1024;
 /// Largest message body a consumer will decompress. A publisher's messages are closed at
 /// [`MAX_MESSAGE_BYTES`], but one oversized request travels whole, so the cap is generous;
 /// it exists because an LZ4 body states its own decoded size, which must not be trusted.
@@ -53,6 +58,87 @@ pub fn compress(compression: TraceCompression, lines: Cow<'_, [u8]>) -> Cow<'_, 
         TraceCompression::Lz4 => Cow::Owned(lz4_flex::block::compress_prepend_size(&lines)),
         TraceCompression::None => lines,
     }
+}
+
+/// Makes the publisher's message bodies as configured. LZ4 bodies are written into buffers
+/// kept for reuse: [`BodyEncoder::recycle`] takes them back once the bodies are sent. A
+/// round's messages are all compressed before any is sent, because the broker's CPU per
+/// event doubled when they arrived one by one (`docs/benchmarks.md`, eleventh round), so
+/// each needs a buffer of its own.
+pub struct BodyEncoder {
+    compression: TraceCompression,
+    buffers: BufferPool,
+}
+
+/// A message body from [`BodyEncoder::encode`].
+pub enum Body<'a> {
+    /// The NDJSON lines themselves (no compression).
+    Plain(Cow<'a, [u8]>),
+    /// The first `len` bytes of a pooled buffer.
+    Compressed { buffer: Vec<u8>, len: usize },
+}
+
+impl Body<'_> {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            Body::Plain(lines) => lines,
+            Body::Compressed { buffer, len } => &buffer[..*len],
+        }
+    }
+}
+
+/// Compressed bodies' buffers kept. A round at 30,000 requests/s is about a dozen messages;
+/// batches in flight hold buffers only until they are sent, not until they are confirmed.
+const SPARE_BODY_BUFFERS: usize = 24;
+
+impl BodyEncoder {
+    pub fn new(compression: TraceCompression) -> Self {
+        let largest_body = 4 + lz4_flex::block::get_maximum_output_size(MESSAGE_BUFFER_BYTES);
+        BodyEncoder {
+            compression,
+            buffers: BufferPool::new(SPARE_BODY_BUFFERS, largest_body),
+        }
+    }
+
+    /// The `content-encoding` the bodies carry, if any.
+    pub fn content_encoding(&self) -> Option<&'static str> {
+        content_encoding(self.compression)
+    }
+
+    /// The body for a message's lines: what [`compress`] makes, in a pooled buffer.
+    pub fn encode<'a>(&self, lines: Cow<'a, [u8]>) -> Body<'a> {
+        match self.compression {
+            TraceCompression::None => Body::Plain(lines),
+            TraceCompression::Lz4 => {
+                let mut buffer = self.buffers.take();
+                let len = compress_lz4_into(&lines, &mut buffer);
+                Body::Compressed { buffer, len }
+            }
+        }
+    }
+
+    /// Takes back the buffers of bodies that were sent.
+    pub fn recycle<'a>(&self, bodies: impl IntoIterator<Item = Body<'a>>) {
+        self.buffers
+            .give_back(bodies.into_iter().filter_map(|body| match body {
+                Body::Compressed { buffer, .. } => Some(buffer),
+                Body::Plain(_) => None,
+            }));
+    }
+}
+
+/// Writes `lines` to the start of `buffer` as [`compress`] does and returns the body's length.
+/// `buffer` keeps its length between uses, so only memory it never held is zeroed.
+fn compress_lz4_into(lines: &[u8], buffer: &mut Vec<u8>) -> usize {
+    let largest = 4 + lz4_flex::block::get_maximum_output_size(lines.len());
+    if buffer.len() < largest {
+        buffer.resize(largest, 0);
+    }
+    let decoded_size = u32::try_from(lines.len()).expect("messages are far below 4 GiB");
+    buffer[..4].copy_from_slice(&decoded_size.to_le_bytes());
+    let written = lz4_flex::block::compress_into(lines, &mut buffer[4..])
+        .expect("the buffer holds LZ4's worst case");
+    4 + written
 }
 
 /// Why a message body could not be turned back into NDJSON lines.
@@ -351,6 +437,38 @@ mod tests {
         for encoding in [None, Some(""), Some("identity")] {
             assert!(matches!(decode(encoding, &same).unwrap(), Cow::Borrowed(_)));
         }
+    }
+
+    #[test]
+    fn pooled_bodies_are_the_bodies_compress_makes() {
+        let (many, one): (Vec<_>, _) = ((0..600).map(small).collect(), [small(7)]);
+        let (large, short) = (encode(&many).remove(0), encode(&one).remove(0));
+        let encoder = BodyEncoder::new(TraceCompression::Lz4);
+        assert_eq!(encoder.content_encoding(), Some(LZ4_ENCODING));
+        let mut first_buffer = None;
+        // The short body follows the large one in the same buffer, whose tail still holds
+        // the large body's bytes.
+        for plain in [&large, &short, &large] {
+            let body = encoder.encode(plain.clone());
+            assert_eq!(
+                body.as_bytes(),
+                compress(TraceCompression::Lz4, plain.clone()).as_ref()
+            );
+            assert_eq!(
+                decode(Some(LZ4_ENCODING), body.as_bytes())
+                    .unwrap()
+                    .as_ref(),
+                &plain[..]
+            );
+            let address = body.as_bytes().as_ptr();
+            assert_eq!(*first_buffer.get_or_insert(address), address, "reused");
+            encoder.recycle([body]);
+        }
+
+        let plain_encoder = BodyEncoder::new(TraceCompression::None);
+        assert_eq!(plain_encoder.content_encoding(), None);
+        let body = plain_encoder.encode(Cow::Borrowed(&short[..]));
+        assert_eq!(body.as_bytes().as_ptr(), short.as_ptr(), "not copied");
     }
 
     #[test]

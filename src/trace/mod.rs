@@ -9,6 +9,7 @@
 //! - [`publisher`]: queue -> RabbitMQ (confirms), with [`spool`]
 //!   on disk while the broker is away.
 //! - [`framing`]: several events per AMQP message, one JSON document per line.
+//! - [`buffer_pool`]: large buffers the queue and the publisher reuse.
 //! - [`amqp`]: connection and queue topology shared by both ends.
 //! - [`consumer`] and [`elasticsearch`]: RabbitMQ -> `_bulk` into daily indices.
 //!
@@ -16,6 +17,7 @@
 //! [`TraceSink::emit`], which never waits.
 
 pub mod amqp;
+pub mod buffer_pool;
 pub mod consumer;
 pub mod context;
 pub mod elasticsearch;

@@ -25,7 +25,7 @@ use tracing::{error, info, warn};
 
 use super::amqp::{self, Link};
 use super::event::TraceEvent;
-use super::framing::{self, EncodedEvents, TraceCompression};
+use super::framing::{self, BodyEncoder, EncodedEvents, TraceCompression};
 use super::lock;
 use super::queue::EventQueue;
 use super::spool::{Spool, SpoolError, SpooledSegment, SET_ASIDE_FOR};
@@ -346,8 +346,9 @@ async fn run(
     let mut connection = Connection::new();
     // Woken by the tasks that publish batches and replay the spool, when one ends.
     let progress = Arc::new(Notify::new());
-    let mut in_flight = InFlight::new(progress.clone(), queue.clone());
-    let mut replay = Replay::new(progress.clone());
+    let encoder = Arc::new(BodyEncoder::new(settings.compression));
+    let mut in_flight = InFlight::new(progress.clone(), queue.clone(), encoder.clone());
+    let mut replay = Replay::new(progress.clone(), encoder);
     let mut next_take = Instant::now() + settings.publish_interval;
     loop {
         in_flight
@@ -465,6 +466,7 @@ struct InFlight {
     progress: Arc<Notify>,
     /// Takes back a confirmed batch's buffers ([`EventQueue::recycle`]).
     buffers: Arc<EventQueue>,
+    encoder: Arc<BodyEncoder>,
 }
 
 /// A batch's event count, the link it went out on, and the task sending it and awaiting its
@@ -482,11 +484,12 @@ struct Unconfirmed {
 }
 
 impl InFlight {
-    fn new(progress: Arc<Notify>, buffers: Arc<EventQueue>) -> Self {
+    fn new(progress: Arc<Notify>, buffers: Arc<EventQueue>, encoder: Arc<BodyEncoder>) -> Self {
         InFlight {
             batches: Default::default(),
             progress,
             buffers,
+            encoder,
         }
     }
 
@@ -503,13 +506,16 @@ impl InFlight {
         batch: Vec<EncodedEvents>,
     ) {
         let queue = settings.queue.clone();
-        let compression = settings.compression;
-        let (progress, buffers) = (self.progress.clone(), self.buffers.clone());
+        let (progress, buffers, encoder) = (
+            self.progress.clone(),
+            self.buffers.clone(),
+            self.encoder.clone(),
+        );
         self.batches.push_back(SentBatch {
             events: event_count(&batch),
             generation,
             confirms: tokio::spawn(async move {
-                let outcome = publish_confirmed(&channel, &queue, compression, &batch).await;
+                let outcome = publish_confirmed(&channel, &queue, &encoder, &batch).await;
                 progress.notify_one();
                 match outcome {
                     Ok(()) => {
@@ -570,6 +576,7 @@ struct Replay {
     running: Option<(u64, JoinHandle<Result<(), ReplayError>>)>,
     /// Signalled when a step ends, so that the next starts at once.
     progress: Arc<Notify>,
+    encoder: Arc<BodyEncoder>,
 }
 
 /// Why a replay step ended before its segment was confirmed and removed.
@@ -583,10 +590,11 @@ enum ReplayError {
 }
 
 impl Replay {
-    fn new(progress: Arc<Notify>) -> Self {
+    fn new(progress: Arc<Notify>, encoder: Arc<BodyEncoder>) -> Self {
         Replay {
             running: None,
             progress,
+            encoder,
         }
     }
 
@@ -638,10 +646,10 @@ impl Replay {
         };
         let channel = link.channel.clone();
         let queue = settings.queue.clone();
-        let compression = settings.compression;
-        let (spool, stats, progress) = (spool.clone(), stats.clone(), self.progress.clone());
+        let (spool, stats) = (spool.clone(), stats.clone());
+        let (progress, encoder) = (self.progress.clone(), self.encoder.clone());
         let step = tokio::spawn(async move {
-            let outcome = replay_one_segment(&channel, &queue, compression, &spool, &stats).await;
+            let outcome = replay_one_segment(&channel, &queue, &encoder, &spool, &stats).await;
             progress.notify_one();
             outcome
         });
@@ -689,7 +697,7 @@ async fn settle(
 async fn replay_one_segment(
     channel: &Channel,
     queue: &str,
-    compression: TraceCompression,
+    encoder: &BodyEncoder,
     spool: &Mutex<Spool>,
     stats: &PublisherStats,
 ) -> Result<(), ReplayError> {
@@ -708,7 +716,7 @@ async fn replay_one_segment(
             .fetch_add(unreadable as u64, Ordering::Relaxed);
     }
     for chunk in events.chunks(REPLAY_BATCH) {
-        publish_confirmed(channel, queue, compression, chunk)
+        publish_confirmed(channel, queue, encoder, chunk)
             .await
             .map_err(ReplayError::Broker)?;
         stats
@@ -730,10 +738,10 @@ async fn replay_one_segment(
 async fn publish_confirmed(
     channel: &Channel,
     queue: &str,
-    compression: TraceCompression,
+    encoder: &BodyEncoder,
     events: &[EncodedEvents],
 ) -> Result<(), String> {
-    await_confirms(publish(channel, queue, compression, events).await?).await
+    await_confirms(publish(channel, queue, encoder, events).await?).await
 }
 
 /// Sends the events as persistent messages of several events each, compressed as configured
@@ -742,16 +750,16 @@ async fn publish_confirmed(
 async fn publish(
     channel: &Channel,
     queue: &str,
-    compression: TraceCompression,
+    encoder: &BodyEncoder,
     events: &[EncodedEvents],
 ) -> Result<Vec<PublisherConfirm>, String> {
     let mut properties = BasicProperties::default()
         .with_delivery_mode(2)
         .with_content_type(framing::CONTENT_TYPE.into());
-    if let Some(encoding) = framing::content_encoding(compression) {
+    if let Some(encoding) = encoder.content_encoding() {
         properties = properties.with_content_encoding(encoding.into());
     }
-    let mut messages = Vec::new();
+    let mut bodies = Vec::new();
     for lines in framing::encode(events) {
         // Between messages the publisher's thread lets a proxy thread waiting for this core
         // run first. Compressing a round's messages in one go kept a core for up to 5 ms
@@ -759,23 +767,26 @@ async fn publish(
         // the publisher held the core for 14-33% of the time proxy threads spent in waits
         // over 1 ms, and 4-17% with the yield (bench/sched-delays.py; docs/benchmarks.md,
         // eleventh round). The yield returns at once when nothing else waits.
-        if !messages.is_empty() {
+        if !bodies.is_empty() {
             std::thread::yield_now();
         }
-        messages.push(framing::compress(compression, lines));
+        bodies.push(encoder.encode(lines));
     }
-    let publishes = messages.iter().map(|payload| {
+    // lapin copies a body into its frames before the publish resolves, so the buffers are
+    // free again once every publish has (or the wait is given up).
+    let publishes = bodies.iter().map(|body| {
         channel.basic_publish(
             "".into(),
             queue.into(),
             BasicPublishOptions::default(),
-            payload.as_ref(),
+            body.as_bytes(),
             properties.clone(),
         )
     });
-    tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(publishes))
-        .await
-        .map_err(|_| format!("publishing took longer than {CONFIRM_TIMEOUT:?}"))?
+    let sent =
+        tokio::time::timeout(CONFIRM_TIMEOUT, futures::future::try_join_all(publishes)).await;
+    encoder.recycle(bodies);
+    sent.map_err(|_| format!("publishing took longer than {CONFIRM_TIMEOUT:?}"))?
         .map_err(|e| e.to_string())
 }
 

@@ -27,6 +27,7 @@ use std::sync::Mutex;
 
 use tokio::sync::Notify;
 
+use super::buffer_pool::BufferPool;
 use super::framing::{self, EncodedEvents};
 use super::lock;
 
@@ -36,8 +37,6 @@ const SHARDS: usize = 32;
 /// Buffers kept for reuse; past this a returned buffer is freed. Enough for every shard a
 /// busy gateway fills plus the batches in flight, without holding on to a burst's worth.
 const SPARE_BUFFERS: usize = 24;
-/// A new buffer's size: a full message plus room for the request that closes it.
-const BUFFER_BYTES: usize = framing::MAX_MESSAGE_BYTES + 64 * 1024;
 
 pub struct EventQueue {
     shards: Box<[CacheLine<Mutex<Shard>>]>,
@@ -48,7 +47,7 @@ pub struct EventQueue {
     half: usize,
     /// Set once the publisher drains for good; pushes are refused from then on.
     closed: AtomicBool,
-    spare_buffers: Mutex<Vec<Vec<u8>>>,
+    spare_buffers: BufferPool,
     /// Signalled by the push that brings the queue to half its capacity.
     filled_halfway: Notify,
 }
@@ -74,7 +73,7 @@ impl EventQueue {
             capacity,
             half: (capacity / 2).max(1),
             closed: AtomicBool::new(false),
-            spare_buffers: Mutex::default(),
+            spare_buffers: BufferPool::new(SPARE_BUFFERS, framing::MESSAGE_BUFFER_BYTES),
             filled_halfway: Notify::new(),
         }
     }
@@ -100,7 +99,7 @@ impl EventQueue {
             .last()
             .is_some_and(|open| open.has_room_for(count))
         {
-            let buffer = self.spare_buffer();
+            let buffer = self.spare_buffers.take();
             shard.units.push(EncodedEvents::reusing(buffer));
         }
         let open = shard.units.last_mut().expect("a unit is open");
@@ -155,26 +154,8 @@ impl EventQueue {
 
     /// Gives the buffers of events that left the process back for the shards to fill.
     pub fn recycle(&self, units: Vec<EncodedEvents>) {
-        let mut units = units.into_iter();
-        let mut spare = lock(&self.spare_buffers);
-        let room = SPARE_BUFFERS.saturating_sub(spare.len());
-        spare.extend(
-            units
-                .by_ref()
-                .take(room)
-                .map(EncodedEvents::into_buffer)
-                .filter(|buffer| buffer.capacity() >= BUFFER_BYTES),
-        );
-        drop(spare);
-        // The rest are freed after the lock is released: freeing half a megabyte can hand
-        // memory back to the OS, and a proxy thread that needs a fresh buffer waits on it.
-        drop(units);
-    }
-
-    fn spare_buffer(&self) -> Vec<u8> {
-        lock(&self.spare_buffers)
-            .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BUFFER_BYTES))
+        self.spare_buffers
+            .give_back(units.into_iter().map(EncodedEvents::into_buffer));
     }
 }
 

@@ -1,0 +1,92 @@
+//! Large buffers kept for reuse, for memory that is filled and let go many times a second:
+//! the queue's message buffers and the publisher's compressed bodies.
+//!
+//! A fresh buffer of half a megabyte is not free even with a fast allocator: mimalloc hands
+//! such sizes out from pages the kernel has to fault in and zero as they are first written.
+//! For the compressed bodies that was 16% of the publisher thread's time
+//! (`docs/benchmarks.md`, eleventh round). A buffer that goes round stays mapped.
+
+use std::sync::Mutex;
+
+use super::lock;
+
+pub struct BufferPool {
+    spare: Mutex<Vec<Vec<u8>>>,
+    /// Most buffers kept; past this a returned buffer is freed, so that a burst's worth of
+    /// memory is not held for good.
+    keep: usize,
+    /// A new buffer's capacity; smaller ones are not kept.
+    capacity: usize,
+}
+
+impl BufferPool {
+    pub fn new(keep: usize, capacity: usize) -> Self {
+        BufferPool {
+            spare: Mutex::default(),
+            keep,
+            capacity,
+        }
+    }
+
+    /// A buffer of at least the pool's capacity. A reused one keeps its length and contents:
+    /// callers that append clear it, and callers that write into a slice find it already
+    /// initialised.
+    pub fn take(&self) -> Vec<u8> {
+        lock(&self.spare)
+            .pop()
+            .unwrap_or_else(|| Vec::with_capacity(self.capacity))
+    }
+
+    /// Keeps the buffers there is room for and frees the rest.
+    pub fn give_back(&self, buffers: impl IntoIterator<Item = Vec<u8>>) {
+        let mut buffers = buffers
+            .into_iter()
+            .filter(|buffer| buffer.capacity() >= self.capacity);
+        let mut spare = lock(&self.spare);
+        let room = self.keep.saturating_sub(spare.len());
+        spare.extend(buffers.by_ref().take(room));
+        drop(spare);
+        // The rest are freed after the lock is released: freeing half a megabyte can hand
+        // memory back to the OS, and a thread that needs a buffer meanwhile would wait on it.
+        drop(buffers);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn returned_buffers_are_handed_out_again_up_to_the_number_kept() {
+        let pool = BufferPool::new(2, 64);
+        assert!(pool.take().capacity() >= 64);
+        let buffers: Vec<Vec<u8>> = (0..3).map(|_| Vec::with_capacity(64)).collect();
+        let mut kept: Vec<_> = buffers[..2].iter().map(|buffer| buffer.as_ptr()).collect();
+        pool.give_back(buffers);
+        assert_eq!(lock(&pool.spare).len(), 2, "the third was freed");
+        let mut reused: Vec<_> = [pool.take(), pool.take()]
+            .iter()
+            .map(|buffer| buffer.as_ptr())
+            .collect();
+        reused.sort();
+        kept.sort();
+        assert_eq!(reused, kept);
+    }
+
+    #[test]
+    fn small_buffers_are_not_kept() {
+        let pool = BufferPool::new(4, 1024);
+        let small = Vec::with_capacity(16);
+        pool.give_back([small]);
+        assert!(pool.take().capacity() >= 1024);
+    }
+
+    #[test]
+    fn a_reused_buffer_keeps_its_contents() {
+        let pool = BufferPool::new(1, 8);
+        let mut buffer = pool.take();
+        buffer.extend_from_slice(b"abcdefgh");
+        pool.give_back([buffer]);
+        assert_eq!(pool.take(), b"abcdefgh");
+    }
+}
