@@ -466,6 +466,7 @@ struct InFlight {
     progress: Arc<Notify>,
     /// Takes back a confirmed batch's buffers ([`EventQueue::recycle`]).
     buffers: Arc<EventQueue>,
+    /// Makes the messages' bodies, in buffers it reuses.
     encoder: Arc<BodyEncoder>,
 }
 
@@ -576,6 +577,7 @@ struct Replay {
     running: Option<(u64, JoinHandle<Result<(), ReplayError>>)>,
     /// Signalled when a step ends, so that the next starts at once.
     progress: Arc<Notify>,
+    /// The same encoder as the batches in flight use, so replay reuses their buffers.
     encoder: Arc<BodyEncoder>,
 }
 
