@@ -5,6 +5,7 @@
 #   libprotobuf-dev  ...which imports google/protobuf/*.proto (with --no-install-recommends
 #                    protoc comes without them)
 #   debootstrap      docker/offline/build-images.sh builds the base image without a registry
+#   e2fsprogs        chattr, with which tests/trace.rs makes a spool folder refuse deletes
 #   docker.io, docker-compose  only where no Docker engine / compose is installed yet
 set -euo pipefail
 
@@ -14,6 +15,7 @@ command -v protoc >/dev/null 2>&1 || need+=(protobuf-compiler)
 [ -f /usr/include/google/protobuf/descriptor.proto ] || need+=(libprotobuf-dev)
 command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v curl >/dev/null 2>&1 || need+=(curl)
+command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
 if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
   need+=(docker-compose)

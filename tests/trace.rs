@@ -463,6 +463,97 @@ async fn an_unreadable_spool_segment_holds_back_neither_new_nor_later_spooled_ev
     running.shutdown(Duration::from_secs(10)).await;
 }
 
+/// A segment whose events the broker confirmed but which cannot be deleted (a failing disk;
+/// here its directory refuses deletes) is set aside and replayed again later. Its events
+/// count as published once, when the segment is gone, not at each replay: the counter must
+/// never run past what was spooled.
+#[tokio::test]
+async fn a_segment_replayed_twice_counts_its_events_once() {
+    let broker = RabbitMq::start().await;
+    // In the build folder, not /tmp: tmpfs (a common /tmp) has no immutable flag.
+    let spool = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let spooled = 100;
+    let events: Vec<_> = (0..spooled).map(synthetic_event).collect();
+    Spool::open(spool.path(), 1 << 30)
+        .unwrap()
+        .append(&[EncodedEvents::from_events(&events)])
+        .unwrap();
+    let (sink, publisher) = Publisher::prepare(small_queue_settings(broker.url(), &spool)).unwrap();
+    let deletes_refused = DeletesRefused::in_dir(spool.path());
+    let running = RunningPublisher::spawn(publisher);
+    let stats = sink.stats();
+
+    // A second copy of the segment's one message means the first delete was tried and
+    // failed: replay goes one segment at a time, and deletes after the broker confirmed.
+    eventually(
+        "the segment sent again after its delete failed",
+        Duration::from_secs(90),
+        || async { broker.depth("goms.trace").await >= 2 },
+    )
+    .await;
+    assert_eq!(
+        stats.published.load(Ordering::Relaxed),
+        0,
+        "counted as published while the segment is still in the spool"
+    );
+    drop(deletes_refused);
+    eventually(
+        "the segment deleted and its events counted",
+        Duration::from_secs(90),
+        || async {
+            std::fs::read_dir(spool.path()).unwrap().next().is_none()
+                && stats.published.load(Ordering::Relaxed) >= spooled as u64
+        },
+    )
+    .await;
+    assert_eq!(
+        stats.published.load(Ordering::Relaxed),
+        spooled as u64,
+        "events replayed more than once were counted more than once"
+    );
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
+    running.shutdown(Duration::from_secs(10)).await;
+}
+
+/// Makes a directory refuse deletes until dropped: the immutable flag for root, who may
+/// delete from a read-only directory, and a read-only mode for anyone else.
+struct DeletesRefused<'a> {
+    dir: &'a std::path::Path,
+    as_root: bool,
+}
+
+impl<'a> DeletesRefused<'a> {
+    fn in_dir(dir: &'a std::path::Path) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        let as_root = std::fs::metadata(dir).unwrap().uid() == 0;
+        let refusing = DeletesRefused { dir, as_root };
+        refusing.set(true);
+        refusing
+    }
+
+    fn set(&self, refuse: bool) {
+        if self.as_root {
+            let flag = if refuse { "+i" } else { "-i" };
+            let status = std::process::Command::new("chattr")
+                .arg(flag)
+                .arg(self.dir)
+                .status()
+                .expect("chattr (Debian package e2fsprogs) runs");
+            assert!(status.success(), "chattr {flag} {:?} failed", self.dir);
+        } else {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = if refuse { 0o555 } else { 0o755 };
+            std::fs::set_permissions(self.dir, std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+    }
+}
+
+impl Drop for DeletesRefused<'_> {
+    fn drop(&mut self) {
+        self.set(false);
+    }
+}
+
 /// Waits until `total` events are in the index, then checks that there are no more: none
 /// twice, no strays.
 async fn indexed_exactly(es: &EsStandIn, total: usize) {

@@ -712,21 +712,23 @@ async fn replay_one_segment(
     else {
         return Ok(());
     };
+    for chunk in events.chunks(REPLAY_BATCH) {
+        publish_confirmed(channel, queue, encoder, chunk)
+            .await
+            .map_err(ReplayError::Broker)?;
+    }
+    let mut spool = lock(spool);
+    spool.remove(&path).map_err(ReplayError::Spool)?;
+    // Counted once the segment is gone: one replayed again (the broker lost midway, or the
+    // delete failed) would otherwise count its events twice.
+    stats
+        .published
+        .fetch_add(event_count(&events), Ordering::Relaxed);
     if unreadable > 0 {
         stats
             .dropped
             .fetch_add(unreadable as u64, Ordering::Relaxed);
     }
-    for chunk in events.chunks(REPLAY_BATCH) {
-        publish_confirmed(channel, queue, encoder, chunk)
-            .await
-            .map_err(ReplayError::Broker)?;
-        stats
-            .published
-            .fetch_add(event_count(chunk), Ordering::Relaxed);
-    }
-    let mut spool = lock(spool);
-    spool.remove(&path).map_err(ReplayError::Spool)?;
     info!(
         message = "Replayed spooled trace events.",
         events = events.len(),
