@@ -382,13 +382,7 @@ async fn a_broker_that_blocks_a_replay_loses_nothing_and_leaves_spool_writes_to_
     let _consumer = consumer("consumer", &broker, &es.url(), &[]);
     let spool = tempfile::tempdir().unwrap();
     let spooled_earlier = 3000;
-    let units: Vec<EncodedEvents> = (0..spooled_earlier)
-        .map(|id| EncodedEvents::from_events([&synthetic_event(id)]))
-        .collect();
-    Spool::open(spool.path(), 1 << 30)
-        .unwrap()
-        .append(&units)
-        .unwrap();
+    spool_synthetic(spool.path(), 0..spooled_earlier);
 
     broker.block_publishers().await;
     let (sink, running) = start_small_queue_publisher(broker.url(), &spool);
@@ -417,11 +411,7 @@ async fn an_unreadable_spool_segment_holds_back_neither_new_nor_later_spooled_ev
     std::fs::create_dir(&unreadable).unwrap();
     std::fs::write(unreadable.join("not-events"), [b'x'; 4096]).unwrap();
     let spooled_after_it = 100;
-    let earlier_events: Vec<_> = (0..spooled_after_it).map(synthetic_event).collect();
-    Spool::open(spool.path(), 1 << 30)
-        .unwrap()
-        .append(&[EncodedEvents::from_events(&earlier_events)])
-        .unwrap();
+    spool_synthetic(spool.path(), 0..spooled_after_it);
 
     // A queue that holds every new event while the link is being set up: what this test
     // counts is publishing, not the spooling the publisher rightly does when the broker is
@@ -473,11 +463,7 @@ async fn a_segment_replayed_twice_counts_its_events_once() {
     // In the build folder, not /tmp: tmpfs (a common /tmp) has no immutable flag.
     let spool = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let spooled = 100;
-    let events: Vec<_> = (0..spooled).map(synthetic_event).collect();
-    Spool::open(spool.path(), 1 << 30)
-        .unwrap()
-        .append(&[EncodedEvents::from_events(&events)])
-        .unwrap();
+    spool_synthetic(spool.path(), 0..spooled);
     let (sink, publisher) = Publisher::prepare(small_queue_settings(broker.url(), &spool)).unwrap();
     let deletes_refused = DeletesRefused::in_dir(spool.path());
     let running = RunningPublisher::spawn(publisher);
@@ -513,6 +499,16 @@ async fn a_segment_replayed_twice_counts_its_events_once() {
     );
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
     running.shutdown(Duration::from_secs(10)).await;
+}
+
+/// Writes synthetic events into the spool folder `dir`, as a publisher that found the broker
+/// away would have; they outlive it, and the next publisher replays them.
+fn spool_synthetic(dir: &std::path::Path, ids: std::ops::Range<usize>) {
+    let events: Vec<_> = ids.map(synthetic_event).collect();
+    Spool::open(dir, 1 << 30)
+        .unwrap()
+        .append(&[EncodedEvents::from_events(&events)])
+        .unwrap();
 }
 
 /// Makes a directory refuse deletes until dropped: the immutable flag for root, who may
