@@ -8,11 +8,11 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use goms::gateway::record::{Attempt, RequestRecord};
 use goms::gateway::trace_events::GatewayTracer;
-use goms::trace::event::BodyCapture;
 use goms::trace::framing::{self, TraceCompression};
-use goms::trace::queue::EventQueue;
-use goms::trace::{request_id_or_new, Attempt, Redactor, RequestRecord, TraceContext};
+use goms::trace::testing::EventQueue;
+use goms::trace::{request_id_or_new, BodyCapture, Redactor, TraceContext};
 use pingora::http::RequestHeader;
 
 /// A request like the benchmark's, with the headers a browser or SDK adds.

@@ -9,9 +9,10 @@ mod es_standin;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use goms::trace::consumer::{self, ConsumerSettings, ConsumerStats};
-use goms::trace::event::{EventKind, RequestInfo, TraceTiming};
-use goms::trace::{Publisher, PublisherSettings, RunningPublisher, TraceEvent};
+use goms::indexer::{self, ConsumerSettings, ConsumerStats};
+use goms::trace::{
+    EventKind, Publisher, PublisherSettings, RequestInfo, RunningPublisher, TraceEvent, TraceTiming,
+};
 
 fn event(n: usize) -> TraceEvent {
     TraceEvent {
@@ -111,7 +112,7 @@ async fn consume(
         let stopped = stopped.clone();
         tasks.push(tokio::spawn(async move {
             let stats = ConsumerStats::default();
-            consumer::run(settings, &stats, stopped).await.unwrap();
+            indexer::run(settings, &stats, stopped).await.unwrap();
         }));
     }
     wait_until("events indexed", Duration::from_secs(300), || {

@@ -3,19 +3,29 @@
 //! across them, and guards service-to-service calls with a shared key.
 //!
 //! # Layout
-//! Modules follow the data path; imports point one way (`cli` uses everything; `gateway`
-//! and `service` use `registry`, `trace` and `config`; `registry` and `trace` use only
-//! `config`; `gateway` and `service` never import each other).
+//! Modules follow the data path, config -> registry -> gateway / service -> trace -> indexer;
+//! imports point one way:
+//! - `cli` uses everything;
+//! - `gateway` and `service` use `registry`, `trace` and `config`, and never each other
+//!   (they meet over HTTP, as a service in any language would);
+//! - `indexer` uses `trace` and `config`;
+//! - `registry` and `trace` use only `config`; `config` uses none of them.
+//!
+//! The modules:
 //! - [`config`]: `goms.yml` and `services.yml`, env overrides, validation with `file:line`.
 //! - [`registry`]: etcd registration (leases) and membership watching.
-//! - [`gateway`]: the pingora proxy, balancers, `/cluster`, `/metrics`.
-//! - [`trace`]: request ids, W3C trace context, per-request timings.
+//! - [`gateway`]: the pingora proxy, balancers, `/cluster`, `/metrics`, and the gateway's
+//!   own trace events.
 //! - [`service`]: the service SDK (axum) and the stock echo service.
+//! - [`trace`]: request ids, W3C trace context, the event document, and the publisher that
+//!   carries events to RabbitMQ.
+//! - [`indexer`]: `goms trace-consumer`, RabbitMQ -> Elasticsearch.
 //! - [`cli`]: the `goms` command line.
 
 pub mod cli;
 pub mod config;
 pub mod gateway;
+pub mod indexer;
 pub mod registry;
 pub mod service;
 pub mod trace;

@@ -8,11 +8,12 @@ use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use goms::trace::event::{EventKind, RequestInfo, TraceTiming};
 use goms::trace::framing::{self, EncodedEvents, TraceCompression};
-use goms::trace::publisher::PublisherStats;
-use goms::trace::spool::Spool;
-use goms::trace::{Publisher, PublisherSettings, RunningPublisher, TraceEvent, TraceSink};
+use goms::trace::testing::Spool;
+use goms::trace::{
+    EventKind, Publisher, PublisherSettings, PublisherStats, RequestInfo, RunningPublisher,
+    TraceEvent, TraceSink, TraceTiming,
+};
 use lapin::options::BasicPublishOptions;
 use lapin::BasicProperties;
 use support::es_standin::{EsStandIn, Faults};

@@ -8,7 +8,7 @@ use tokio::net::TcpStream;
 
 use crate::config::GomsConfig;
 use crate::gateway::cluster::cluster_document;
-use crate::registry::{EtcdEndpoints, KEY_PREFIX};
+use crate::registry::{list_members, EtcdEndpoints};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -23,27 +23,7 @@ pub async fn run(config: &GomsConfig, gateway: Option<&str>) -> anyhow::Result<(
 
 async fn from_etcd(config: &GomsConfig) -> anyhow::Result<String> {
     let etcd = EtcdEndpoints::new(config.etcd_addr.clone(), config.registry.etcd_timeout);
-    let mut client = etcd.connect().await?;
-    let response = tokio::time::timeout(
-        TIMEOUT,
-        client.get(
-            KEY_PREFIX,
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        ),
-    )
-    .await
-    .context("etcd did not answer")??;
-    let mut members = crate::registry::Members::default();
-    for kv in response.kvs() {
-        let Ok(node) = serde_json::from_slice::<crate::registry::NodeInfo>(kv.value()) else {
-            continue;
-        };
-        members
-            .services
-            .entry(node.service.clone())
-            .or_default()
-            .insert(node.id.clone(), node);
-    }
+    let members = list_members(&etcd).await?;
     Ok(serde_json::to_string_pretty(&cluster_document(
         &members, None,
     ))?)

@@ -241,15 +241,15 @@ fn run_trace_consumer(mut config: GomsConfig, args: TraceConsumerArgs) -> anyhow
         config.es_addr = es;
     }
     config.validate().map_err(anyhow::Error::msg)?;
-    let settings = crate::trace::consumer_settings(&config);
+    let settings = crate::indexer::ConsumerSettings::from_config(&config);
     runtime()?.block_on(async {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         tokio::spawn(async move {
             crate::service::termination_signal().await;
             let _ = stop.send(true);
         });
-        let stats = crate::trace::consumer::ConsumerStats::default();
-        let result = crate::trace::consumer::run(settings, &stats, stopped).await;
+        let stats = crate::indexer::ConsumerStats::default();
+        let result = crate::indexer::run(settings, &stats, stopped).await;
         tracing::info!("trace consumer stopped: {}", stats.summary());
         result.context("trace consumer")
     })

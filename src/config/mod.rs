@@ -23,7 +23,7 @@ pub use error::ConfigError;
 pub use routes::{
     load_routes_file, parse_routes, Route, RouteDefaults, RouteTable, ServiceRoutes, Transform,
 };
-pub use time::{now_rfc3339, put_digits, rfc3339, rfc3339_from_unix};
+pub use time::{now_rfc3339, rfc3339, rfc3339_from_unix};
 
 /// Prefix of environment overrides; sections are separated by `__`.
 pub const ENV_PREFIX: &str = "GOMS";

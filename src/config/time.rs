@@ -32,7 +32,7 @@ pub fn rfc3339_from_unix(secs: u64, millis: u32) -> String {
 }
 
 /// Fills `slots` with the last `slots.len()` decimal digits of `value`, zero-padded.
-pub fn put_digits(slots: &mut [u8], mut value: u64) {
+fn put_digits(slots: &mut [u8], mut value: u64) {
     for slot in slots.iter_mut().rev() {
         *slot = b'0' + (value % 10) as u8;
         value /= 10;

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::route_store::RouteStore;
 use super::upstreams::Upstreams;
-use crate::trace::publisher::PublisherStats;
+use crate::trace::PublisherStats;
 
 /// Status codes tracked one by one; anything else is counted as `other`.
 const TRACKED_STATUS: [u16; 11] = [200, 201, 204, 400, 401, 404, 405, 500, 502, 503, 504];

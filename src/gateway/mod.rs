@@ -8,14 +8,18 @@
 //! - [`cluster`]: goms's `/cluster` document.
 //! - [`metrics`]: Prometheus counters at `/metrics`.
 //! - [`respond`]: responses the gateway writes itself (goms's JSON envelope).
-//! - [`trace_events`]: the gateway's `request.start` / `request.end` trace events.
+//! - [`record`]: what the gateway learns about a request while it passes.
+//! - [`trace_events`]: the gateway's `request.start` / `request.end` trace events, written
+//!   by [`json`], the request path's JSON writer.
 //!
 //! Threads: pingora gives the proxy and the registry link each their own tokio runtime;
 //! they share only lock-free snapshots ([`arc_swap`]) and atomics.
 
 pub mod cluster;
+pub mod json;
 pub mod metrics;
 pub mod proxy;
+pub mod record;
 pub mod respond;
 pub mod route_store;
 pub mod trace_events;
@@ -49,7 +53,7 @@ pub enum GatewayError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
-    Spool(#[from] crate::trace::spool::SpoolError),
+    Spool(#[from] crate::trace::SpoolError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: String,

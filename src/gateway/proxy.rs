@@ -23,16 +23,16 @@ use tracing::debug;
 
 use super::cluster::cluster_document;
 use super::metrics::GatewayMetrics;
+use super::record::{Attempt, RequestRecord};
 use super::respond::{write_error, write_json, write_text};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
 use crate::config::{Route, Transform};
 use crate::registry::Members;
-use crate::trace::event::BodyCapture;
 use crate::trace::{
-    request_id_or_new, Attempt, RequestRecord, TraceContext, TraceSink, ATTEMPT_HEADER,
-    REQUEST_ID_HEADER, TRACEPARENT_HEADER,
+    request_id_or_new, BodyCapture, TraceContext, TraceSink, ATTEMPT_HEADER, REQUEST_ID_HEADER,
+    TRACEPARENT_HEADER,
 };
 
 /// Header carrying the shared service key.

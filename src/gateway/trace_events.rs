@@ -12,10 +12,10 @@ use std::time::{Instant, SystemTime};
 use pingora::http::RequestHeader;
 use uuid::Uuid;
 
-use crate::trace::event::{BodyCapture, BodyKind, REDACTED};
+use super::json::{self, Object};
+use super::record::RequestRecord;
 use crate::trace::framing::EncodedEvents;
-use crate::trace::json::{self, Object};
-use crate::trace::{rfc3339, Redactor, RequestRecord};
+use crate::trace::{rfc3339, BodyCapture, BodyKind, Redactor, REDACTED};
 
 /// Who emits: the gateway's node identity and project label.
 pub struct GatewayTracer {
@@ -224,8 +224,9 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
+    use crate::gateway::record::Attempt;
     use crate::trace::framing;
-    use crate::trace::{Attempt, EventKind, TraceContext, TraceEvent};
+    use crate::trace::{EventKind, TraceContext, TraceEvent};
 
     fn tracer() -> GatewayTracer {
         GatewayTracer {

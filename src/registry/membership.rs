@@ -114,6 +114,13 @@ async fn run(
     }
 }
 
+/// Every node registered now, read once (`goms cluster` without a gateway): the same
+/// listing, timeout and decoding as the watcher's.
+pub async fn list_members(etcd: &EtcdEndpoints) -> Result<Members, RegistryError> {
+    let (_, members, _) = list(etcd).await?;
+    Ok(members)
+}
+
 async fn list(etcd: &EtcdEndpoints) -> Result<(Client, Members, i64), RegistryError> {
     let mut client = etcd.connect().await?;
     let response = etcd

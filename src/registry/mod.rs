@@ -18,7 +18,7 @@ use std::time::Duration;
 use etcd_client::{Client, ConnectOptions};
 
 pub use lease::Registration;
-pub use membership::{watch_members, Members};
+pub use membership::{list_members, watch_members, Members};
 pub use node::{node_key, parse_node_key, NodeInfo, KEY_PREFIX};
 
 #[derive(Debug, thiserror::Error)]

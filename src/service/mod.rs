@@ -40,7 +40,7 @@ pub enum ServiceError {
     #[error("node id `{0}` cannot be sent as a header value")]
     NodeId(String),
     #[error(transparent)]
-    Spool(#[from] crate::trace::spool::SpoolError),
+    Spool(#[from] crate::trace::SpoolError),
     #[error("serving HTTP failed: {0}")]
     Serve(#[source] std::io::Error),
 }

@@ -7,10 +7,10 @@ use axum::extract::{Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 
-use crate::trace::event::{new_event_id, RequestInfo, Timing, TraceTiming};
 use crate::trace::{
-    millis, request_id_or_new, rfc3339, EventKind, Redactor, TraceContext, TraceEvent, TraceSink,
-    ATTEMPT_HEADER, REQUEST_ID_HEADER, TRACEPARENT_HEADER,
+    millis, new_event_id, request_id_or_new, rfc3339, EventKind, Redactor, RequestInfo, Timing,
+    TraceContext, TraceEvent, TraceSink, TraceTiming, ATTEMPT_HEADER, REQUEST_ID_HEADER,
+    TRACEPARENT_HEADER,
 };
 
 #[derive(Clone)]

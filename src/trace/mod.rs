@@ -1,44 +1,51 @@
-//! Distributed trace logs: request identity, the event document, and the pipeline that
-//! carries events from the request path to Elasticsearch.
+//! Distributed trace logs, from the request path to RabbitMQ: request identity, the event
+//! document, and the publisher that carries events to the broker without blocking a request
+//! or losing an event.
 //!
 //! # Layout
-//! - [`context`]: `X-Request-Id` and the W3C trace context.
-//! - [`record`]: what the gateway learns about a request while it passes.
-//! - [`event`]: the trace event document, header redaction and body capping.
-//! - [`queue`]: the bounded in-process queue the request path writes events into.
-//! - [`publisher`]: queue -> RabbitMQ (confirms), with [`spool`]
-//!   on disk while the broker is away.
-//! - [`framing`]: several events per AMQP message, one JSON document per line.
-//! - [`buffer_pool`]: large buffers the queue and the publisher reuse.
-//! - [`amqp`]: connection and queue topology shared by both ends.
-//! - [`consumer`] and [`elasticsearch`]: RabbitMQ -> `_bulk` into daily indices.
+//! - [`context`](TraceContext): `X-Request-Id` and the W3C trace context.
+//! - `event`: the trace event document ([`TraceEvent`]), header redaction and body capping.
+//! - `queue`: the bounded in-process queue the request path writes events into.
+//! - `publisher`: queue -> RabbitMQ (confirms), with `spool` on disk while the broker is
+//!   away; [`TraceSink`] is the request path's end of it.
+//! - [`framing`]: several events per AMQP message, one JSON document per line; the format
+//!   the publisher writes and the [`indexer`](crate::indexer) reads.
+//! - [`amqp`]: connection and queue topology shared by the publisher and the indexer.
+//! - `buffer_pool`: large buffers the queue and the publisher reuse.
 //!
 //! Tracing never blocks or fails a request: the request path only calls
-//! [`TraceSink::emit`], which never waits.
+//! [`TraceSink::emit`] or [`TraceSink::emit_with`], which never wait.
 
 pub mod amqp;
-pub mod buffer_pool;
-pub mod consumer;
-pub mod context;
-pub mod elasticsearch;
-pub mod event;
+mod buffer_pool;
+mod context;
+mod event;
 pub mod framing;
-pub mod json;
-pub mod publisher;
-pub mod queue;
-pub mod record;
-pub mod spool;
+mod publisher;
+mod queue;
+mod spool;
 
 pub use context::{request_id_or_new, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
-pub use event::{EventKind, Redactor, TraceEvent};
-pub use publisher::{Publisher, PublisherSettings, RunningPublisher, TraceSink};
-pub use record::{Attempt, RequestRecord};
+pub use event::{
+    daily_index, new_event_id, AttemptTiming, BodyCapture, BodyKind, EventKind, Redactor,
+    RequestInfo, Timing, TraceEvent, TraceTiming, ALWAYS_REDACTED, REDACTED,
+};
+pub use publisher::{Publisher, PublisherSettings, PublisherStats, RunningPublisher, TraceSink};
+pub use spool::SpoolError;
 
 pub use crate::config::rfc3339;
 use crate::config::GomsConfig;
 
 /// Header the gateway sets on each upstream attempt (1, 2, ...), read by the service SDK.
 pub const ATTEMPT_HEADER: &str = "x-goms-attempt";
+
+/// Parts of the pipeline that the crate's integration tests and benchmarks drive directly
+/// (writing a spool segment as a crashed node would leave it, timing the queue). Not API.
+#[doc(hidden)]
+pub mod testing {
+    pub use super::queue::EventQueue;
+    pub use super::spool::Spool;
+}
 
 /// Publisher settings from the process config; see [`PublisherSettings::for_node`].
 pub fn publisher_settings(config: &GomsConfig) -> PublisherSettings {
@@ -73,27 +80,11 @@ impl PublisherSettings {
     }
 }
 
-/// Consumer settings from the process config.
-pub fn consumer_settings(config: &GomsConfig) -> consumer::ConsumerSettings {
-    let consumer = &config.trace_consumer;
-    consumer::ConsumerSettings {
-        amqp_url: config.amqp_addr.clone(),
-        queue: config.trace.queue.clone(),
-        queue_type: config.trace.queue_type,
-        es_addr: config.es_addr.clone(),
-        index_prefix: consumer.index_prefix.clone(),
-        batch_size: consumer.batch_size,
-        batch_wait: consumer.batch_wait,
-        prefetch: consumer.prefetch,
-        max_backoff: consumer.max_backoff,
-    }
-}
-
 /// Locks a mutex of the trace pipeline, taking over a poisoned one. The request path and the
 /// publisher share the queue's shards and the spool; a panic while one of them held the lock
 /// (a bug) leaves at worst part of a line, which the consumer dead-letters, and stopping
 /// tracing for good over it would lose every later event.
-pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())

@@ -21,24 +21,10 @@ use lapin::types::FieldTable;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::amqp;
 use super::elasticsearch::{BulkItem, ItemOutcome, SinkError, TraceIndex};
-use super::event::daily_index;
-use super::framing::{self, DecodeError};
-use crate::config::QueueType;
-
-#[derive(Debug, Clone)]
-pub struct ConsumerSettings {
-    pub amqp_url: String,
-    pub queue: String,
-    pub queue_type: QueueType,
-    pub es_addr: String,
-    pub index_prefix: String,
-    pub batch_size: usize,
-    pub batch_wait: Duration,
-    pub prefetch: u16,
-    pub max_backoff: Duration,
-}
+use super::settings::ConsumerSettings;
+use crate::trace::framing::{self, DecodeError};
+use crate::trace::{amqp, daily_index};
 
 #[derive(Debug, Default)]
 pub struct ConsumerStats {

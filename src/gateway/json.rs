@@ -1,5 +1,5 @@
 //! A small JSON writer for the gateway's request path: writes a trace event straight from
-//! the request into one buffer, where building a [`TraceEvent`](super::TraceEvent) first
+//! the request into one buffer, where building a [`TraceEvent`](crate::trace::TraceEvent) first
 //! would copy every header into a map of `String`s and serialise it again.
 //!
 //! Owns string escaping and the compaction of a JSON body, so that every event stays one
@@ -68,7 +68,16 @@ pub fn write_uint(out: &mut Vec<u8>, value: u64) {
     let digits = value.checked_ilog10().map_or(1, |log| log as usize + 1);
     let start = out.len();
     out.resize(start + digits, b'0');
-    crate::config::put_digits(&mut out[start..], value);
+    put_digits(&mut out[start..], value);
+}
+
+/// Fills `slots` with the last `slots.len()` decimal digits of `value`, zero-padded; the
+/// float and integer formatters cost more than the rest of an event's numbers together.
+fn put_digits(slots: &mut [u8], mut value: u64) {
+    for slot in slots.iter_mut().rev() {
+        *slot = b'0' + (value % 10) as u8;
+        value /= 10;
+    }
 }
 
 /// Writes bytes as a JSON string; bytes that are not UTF-8 become U+FFFD.
@@ -173,7 +182,7 @@ impl<'a> Object<'a> {
         write_uint(out, micros / 1000);
         if micros % 1000 != 0 {
             let mut fraction = *b".000";
-            crate::config::put_digits(&mut fraction[1..], micros % 1000);
+            put_digits(&mut fraction[1..], micros % 1000);
             let end = fraction
                 .iter()
                 .rposition(|&b| b != b'0')

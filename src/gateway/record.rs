@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant, SystemTime};
 
-use super::context::TraceContext;
+use crate::trace::TraceContext;
 
 /// One try at an upstream replica.
 #[derive(Debug, Clone)]
