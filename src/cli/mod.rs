@@ -208,7 +208,14 @@ fn run_gateway(mut config: GomsConfig, args: GatewayArgs) -> anyhow::Result<()> 
         config.gateway.threads = threads;
     }
     config.validate().map_err(anyhow::Error::msg)?;
-    crate::gateway::run(config, args.node.node_id).context("gateway")?;
+    let listener = crate::gateway::bind(&config).context("gateway")?;
+    crate::gateway::run(
+        config,
+        args.node.node_id,
+        listener,
+        crate::gateway::termination_signal(),
+    )
+    .context("gateway")?;
     Ok(())
 }
 

@@ -25,13 +25,16 @@ pub mod route_store;
 pub mod trace_events;
 pub mod upstreams;
 
-use std::convert::Infallible;
-use std::sync::Arc;
+use std::future::Future;
+use std::net::TcpListener;
+use std::os::unix::io::IntoRawFd;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{Server, ShutdownWatch};
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -62,9 +65,49 @@ pub enum GatewayError {
     },
 }
 
-/// Starts the gateway and serves until SIGTERM (graceful) or SIGINT (fast). Never returns
-/// on success: pingora exits the process when it is done.
-pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, GatewayError> {
+/// How the gateway is to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Leave the registry, finish the requests in flight (up to `drainTimeout`), then return.
+    Drain,
+    /// Return at once; requests in flight are cut off.
+    Now,
+}
+
+/// SIGTERM drains, SIGINT stops at once: the signals `goms gateway` answers.
+pub async fn termination_signal() -> Stop {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("Cannot listen for SIGTERM/SIGINT; the gateway stops only when killed.");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => Stop::Drain,
+        _ = interrupt.recv() => Stop::Now,
+    }
+}
+
+/// Binds the gateway's public port (`gateway.listenHost`:`gateway.httpPort`; port 0 lets the
+/// system choose, and [`run`] serves and registers the port it got).
+pub fn bind(config: &GomsConfig) -> Result<TcpListener, GatewayError> {
+    let gateway = &config.gateway;
+    let addr = format!("{}:{}", gateway.listen_host, gateway.http_port);
+    TcpListener::bind(&addr).map_err(|source| GatewayError::Listen { addr, source })
+}
+
+/// Serves on `listener` until `shutdown` resolves, then stops as it says and returns.
+///
+/// pingora runs its own runtimes and blocks the calling thread, so this must not be called
+/// from inside a tokio runtime.
+pub fn run(
+    config: GomsConfig,
+    node_id: Option<String>,
+    listener: TcpListener,
+    shutdown: impl Future<Output = Stop> + Send + 'static,
+) -> Result<(), GatewayError> {
     let call_service_key = config.require_call_service_key()?.clone();
     let gateway = &config.gateway;
     let defaults = RouteDefaults {
@@ -75,19 +118,21 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
         route_source(&gateway.routes, config.services.as_ref()),
         defaults,
     )?);
-    let listen = format!("{}:{}", gateway.listen_host, gateway.http_port);
-    // pingora panics on a busy port; check first so the user gets a sentence instead.
-    drop(
-        std::net::TcpListener::bind(&listen).map_err(|source| GatewayError::Listen {
-            addr: listen.clone(),
+    let bound = listener
+        .local_addr()
+        .and_then(|addr| listener.set_nonblocking(true).map(|()| addr))
+        .map_err(|source| GatewayError::Listen {
+            addr: format!("{}:{}", gateway.listen_host, gateway.http_port),
             source,
-        })?,
-    );
+        })?;
+    let port = bound.port();
+    // pingora matches a listener to its service by this text.
+    let listen = bound.to_string();
 
     let upstreams = Arc::new(Upstreams::default());
     let (members_tx, members_rx) = watch::channel(Arc::new(Members::default()));
     let metrics = Arc::new(GatewayMetrics::default());
-    let advertised = format!("{}:{}", gateway.advertise_host, gateway.http_port);
+    let advertised = format!("{}:{port}", gateway.advertise_host);
     let node = NodeInfo {
         id: node_id.unwrap_or_else(|| advertised.clone()),
         service: GATEWAY_SERVICE.to_string(),
@@ -124,6 +169,7 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
         },
     );
     server.bootstrap();
+    server.add_listener_fd(listen.clone(), listener.into_raw_fd());
 
     let mut proxy = pingora::proxy::http_proxy_service(
         &server.configuration,
@@ -155,11 +201,34 @@ pub fn run(config: GomsConfig, node_id: Option<String>) -> Result<Infallible, Ga
     if let Some(publisher) = publisher {
         server.add_service(background_service(
             "trace publisher",
-            PublisherService(std::sync::Mutex::new(Some(publisher))),
+            PublisherService(Mutex::new(Some(publisher))),
         ));
     }
-    info!("[gateway] Http Listen on port: {}", gateway.http_port);
-    server.run_forever()
+    info!("[gateway] Http Listen on port: {port}");
+    server.run(RunArgs {
+        shutdown_signal: Box::new(StopSignal(Mutex::new(Some(Box::pin(shutdown))))),
+    });
+    info!("Gateway stopped.");
+    Ok(())
+}
+
+type StopFuture = Pin<Box<dyn Future<Output = Stop> + Send>>;
+
+/// Hands the caller's shutdown future to pingora, which waits for it once.
+struct StopSignal(Mutex<Option<StopFuture>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let shutdown = self.0.lock().expect("stop signal slot").take();
+        let Some(shutdown) = shutdown else {
+            return std::future::pending().await;
+        };
+        match shutdown.await {
+            Stop::Drain => ShutdownSignal::GracefulTerminate,
+            Stop::Now => ShutdownSignal::FastShutdown,
+        }
+    }
 }
 
 fn key_header(key: &crate::config::Secret) -> Result<http::HeaderValue, GatewayError> {
@@ -223,7 +292,7 @@ impl BackgroundService for RegistryLink {
 
 /// Runs the trace publisher in pingora's runtime; on shutdown it drains the queue into
 /// the broker or the spool.
-struct PublisherService(std::sync::Mutex<Option<Publisher>>);
+struct PublisherService(Mutex<Option<Publisher>>);
 
 #[async_trait]
 impl BackgroundService for PublisherService {

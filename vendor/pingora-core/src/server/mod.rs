@@ -369,6 +369,15 @@ impl Server {
         self.bootstrap.lock().set_sentry_config(Some(sentry_config));
     }
 
+    /// goms patch: serve `bind` (an address a service listens on, as given to `add_tcp`) on a
+    /// socket the caller has already bound and set listening, instead of binding it here.
+    /// A caller that binds port 0 learns the real port before it builds its services, and
+    /// a bind error reaches it as an error rather than a panic in a service's runtime.
+    #[cfg(unix)]
+    pub fn add_listener_fd(&mut self, bind: String, fd: std::os::unix::io::RawFd) {
+        self.listen_fds().lock().add(bind, fd);
+    }
+
     /// Get the configured file descriptors for listening
     #[cfg(unix)]
     fn listen_fds(&self) -> ListenFds {
