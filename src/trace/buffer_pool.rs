@@ -2,9 +2,9 @@
 //! the queue's message buffers and the publisher's compressed bodies.
 //!
 //! A fresh buffer of half a megabyte is not free even with a fast allocator: mimalloc hands
-//! such sizes out from pages the kernel has to fault in and zero as they are first written.
-//! For the compressed bodies that was 16% of the publisher thread's time
-//! (`docs/benchmarks.md`, eleventh round). A buffer that goes round stays mapped.
+//! such sizes out from pages the kernel has to fault in and zero as they are first written,
+//! a large share of the publisher thread's time (`docs/benchmarks.md`). A buffer that is
+//! reused stays mapped.
 
 use std::sync::Mutex;
 

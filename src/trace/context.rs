@@ -1,8 +1,8 @@
-//! Request identity: goms's `X-Request-Id` and the W3C trace context.
+//! Request identity: the Go original's `X-Request-Id` and the W3C trace context.
 
 use uuid::Uuid;
 
-/// Header carrying goms's request id.
+/// Header carrying the Go original's request id.
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
 /// W3C trace context header.
 pub const TRACEPARENT_HEADER: &str = "traceparent";

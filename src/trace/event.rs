@@ -1,4 +1,4 @@
-//! The trace event document: goms's fields (`requestId`, `event`, `time`, `serviceName`,
+//! The trace event document: the Go original's fields (`requestId`, `event`, `time`, `serviceName`,
 //! `serviceId`, `projectName`, `request{...}`, `trace{timing}`) plus `eventId` (the
 //! Elasticsearch `_id`), `durationMs`, `status`, `upstream`, `attempt` and the W3C ids.
 //!

@@ -8,10 +8,9 @@
 //! own `eventId`, so the consumer still indexes, retries and dead-letters event by event. A
 //! message that holds a single JSON object (one line) is a valid message too.
 //!
-//! Why 1,024: against 128 it cut RabbitMQ's CPU per traced request by about a fifth (7.3 to
-//! 5.8 µs in `bench/compare.sh --tracing`). A consumer's prefetch counts messages, so it was
-//! lowered with it (200 to 32): otherwise one consumer holds a whole backlog and the others
-//! idle.
+//! Why 1,024: larger messages cost RabbitMQ less CPU per traced request than 128-event ones
+//! (`docs/benchmarks.md`). A consumer's prefetch counts messages, so it is low (32) to match:
+//! otherwise one consumer holds a whole backlog and the others idle.
 //!
 //! A message body may be compressed, as its AMQP `content-encoding` says ([`compress`],
 //! [`decode`]). Publishers compress with LZ4 by default: past the per-message cost, the
@@ -66,8 +65,8 @@ pub fn compress(compression: TraceCompression, lines: Cow<'_, [u8]>) -> Cow<'_, 
 
 /// Makes the publisher's message bodies as configured. LZ4 bodies are written into buffers
 /// kept for reuse: [`BodyEncoder::recycle`] takes them back once the bodies are sent. A
-/// round's messages are all compressed before any is sent, because the broker's CPU per
-/// event doubled when they arrived one by one (`docs/benchmarks.md`, eleventh round), so
+/// batch's messages are all compressed before any is sent, because the broker spends about
+/// twice the CPU per event on messages that arrive one by one (`docs/benchmarks.md`), so
 /// each needs a buffer of its own.
 pub struct BodyEncoder {
     compression: TraceCompression,
@@ -91,7 +90,7 @@ impl Body<'_> {
     }
 }
 
-/// Compressed bodies' buffers kept. A round at 30,000 requests/s (12,000 events) is about a
+/// Compressed bodies' buffers kept. A batch at 30,000 requests/s (12,000 events) is about a
 /// dozen messages; batches in flight hold buffers only until they are sent, not until they are
 /// confirmed.
 const SPARE_BODY_BUFFERS: usize = 24;

@@ -5,11 +5,8 @@
 //! events straight into the buffer that becomes a message body: a shard holds units filled up
 //! to a message's limits ([`EncodedEvents::has_room_for`]), which [`framing::encode`] sends
 //! without copying. Emitting costs an uncontended lock and a shared counter; no allocation,
-//! no channel, and no free on the publisher's thread. Before, each request's events were a
-//! buffer of their own, sent through a channel, copied into a message and freed on another
-//! thread; a profile put the allocator's and the copies' share of a traced request at about
-//! 1.7 µs, though the timed runs after the change did not resolve a difference in requests/s
-//! (`docs/benchmarks.md`, ninth round).
+//! no channel, and no free on the publisher's thread: the request path's share of tracing is
+//! writing the JSON (`docs/benchmarks.md` has the profile).
 //!
 //! Buffers go round: the publisher hands a confirmed batch's buffers back
 //! ([`EventQueue::recycle`]) and shards fill them again, so their memory stays mapped instead
@@ -19,8 +16,8 @@
 //! event) across all shards. A push past it is refused and the caller spools the events. The
 //! push that fills the queue halfway wakes the publisher ([`EventQueue::half_full`]), which
 //! otherwise looks only at its interval: at 40,000 requests/s a 10,000-entry queue fills in
-//! 250 ms, barely more than the default 200 ms interval, and requests spooled events
-//! themselves whenever the publisher's thread ran late.
+//! 250 ms, barely more than the default 200 ms interval, so without the wake requests would
+//! spool events themselves whenever the publisher's thread ran late.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
