@@ -1,6 +1,7 @@
 //! The `goms` binary; everything lives in the library, see `goms::cli`.
 
-/// glibc's malloc was about 15% of the gateway's CPU under load (docs/benchmarks.md).
+/// mimalloc rather than glibc's malloc, whose share of the gateway's CPU under load was
+/// large (docs/benchmarks.md).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -44,7 +44,7 @@ pub struct Cli {
 enum Command {
     /// Run the API gateway (pingora): routes /api/{service}/{route} to replicas from etcd.
     Gateway(GatewayArgs),
-    /// Run the stock example service: echoes every request as goms's JSON body.
+    /// Run the stock example service: echoes every request as the Go original's JSON body.
     Service(ServiceArgs),
     /// Move trace events from RabbitMQ into Elasticsearch; run as many as you like.
     TraceConsumer(TraceConsumerArgs),
@@ -95,7 +95,8 @@ struct GatewayArgs {
     #[arg(long, value_name = "PORT")]
     http_port: Option<u16>,
 
-    /// Route file (goms's services.yml format), watched for live edits. Overrides gateway.routes.
+    /// Route file (services.yml, the Go original's format), watched for live edits. Overrides
+    /// gateway.routes.
     #[arg(long, value_name = "PATH")]
     routes: Option<PathBuf>,
 

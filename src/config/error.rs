@@ -37,16 +37,21 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
-    /// Turns a YAML deserialisation error into a positioned error, adding a
-    /// "did you mean" hint when serde refused an unknown key.
-    pub(crate) fn from_yaml(path: &std::path::Path, error: serde_norway::Error) -> Self {
-        let reason = with_suggestion(&strip_position(&error.to_string()));
+    /// Turns a YAML deserialisation error of the file `text` into a positioned error,
+    /// adding a "did you mean" hint when serde refused an unknown key, and saying so plainly
+    /// when the parser stopped at a tab.
+    pub(crate) fn from_yaml(
+        path: &std::path::Path,
+        text: &str,
+        error: serde_norway::Error,
+    ) -> Self {
+        let reason = with_suggestion(&unique_expected_keys(&strip_position(&error.to_string())));
         match error.location() {
             Some(location) => ConfigError::Invalid {
                 path: path.to_path_buf(),
                 line: location.line(),
                 column: location.column(),
-                reason,
+                reason: explain_tab(text, location.line(), location.column()).unwrap_or(reason),
             },
             None => ConfigError::Whole {
                 path: path.to_path_buf(),
@@ -63,6 +68,42 @@ fn strip_position(message: &str) -> String {
         Some(index) => message[..index].to_string(),
         None => message.to_string(),
     }
+}
+
+/// YAML forbids tabs in indentation, and the parser says only "found character that cannot
+/// start any token". When the character at the error's position (1-based line and column) is
+/// a tab, or the line is indented with one, says that instead.
+fn explain_tab(text: &str, line: usize, column: usize) -> Option<String> {
+    let content = text.lines().nth(line.checked_sub(1)?)?;
+    let at_error = content.chars().nth(column.saturating_sub(1)) == Some('\t');
+    let indent = &content[..content.len() - content.trim_start().len()];
+    let tab_column = if at_error {
+        column
+    } else {
+        indent.find('\t')? + 1
+    };
+    Some(format!(
+        "a tab at column {tab_column}: YAML indentation cannot use tabs; indent with spaces"
+    ))
+}
+
+/// serde lists a key and its aliases (`amqpAddr`, `amqpaddr`) as separate expected keys; a
+/// user needs each key once.
+fn unique_expected_keys(reason: &str) -> String {
+    let Some(start) = reason.find("expected one of ") else {
+        return reason.to_string();
+    };
+    let (head, list) = reason.split_at(start + "expected one of ".len());
+    let mut seen: Vec<String> = Vec::new();
+    let mut keys = Vec::new();
+    for key in list.split(", ") {
+        let lower = key.to_lowercase();
+        if !seen.contains(&lower) {
+            seen.push(lower);
+            keys.push(key);
+        }
+    }
+    format!("{head}{}", keys.join(", "))
 }
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" lists every key; a user
@@ -121,6 +162,24 @@ mod tests {
         let reason =
             "unknown field `etcAddr`, expected one of `callServiceKey`, `etcdAddr`, `esAddr`";
         assert!(with_suggestion(reason).ends_with("did you mean `etcdAddr`?"));
+    }
+
+    #[test]
+    fn a_key_and_its_alias_are_listed_once() {
+        let reason = "unknown field `x`, expected one of `esAddr`, `amqpAddr`, `amqpaddr`, `log`";
+        assert_eq!(
+            unique_expected_keys(reason),
+            "unknown field `x`, expected one of `esAddr`, `amqpAddr`, `log`"
+        );
+    }
+
+    #[test]
+    fn a_tab_in_the_indentation_is_named() {
+        let text = "services:\n\tuser:\n    login: /login\n";
+        let reason = explain_tab(text, 2, 1).expect("a tab at line 2");
+        assert!(reason.contains("column 1"), "{reason}");
+        assert!(reason.contains("cannot use tabs"), "{reason}");
+        assert_eq!(explain_tab(text, 3, 5), None);
     }
 
     #[test]

@@ -33,7 +33,7 @@ pub const DEFAULT_CONFIG_PATH: &str = "config/goms.yml";
 /// Where `--routes` points when it is not given.
 pub const DEFAULT_ROUTES_PATH: &str = "config/services.yml";
 
-/// Everything a goms process reads from `goms.yml`. goms's own top-level keys are kept,
+/// Everything a goms process reads from `goms.yml`. The Go original's own top-level keys are kept,
 /// so a goms `config.yml` loads unchanged; the sections below them are new.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -42,14 +42,15 @@ pub struct GomsConfig {
     /// No default: gateways and services refuse to start without one.
     #[serde(default)]
     pub call_service_key: Option<Secret>,
-    /// etcd endpoints, `host:port`; goms's `a|b` form is accepted too. Default `127.0.0.1:2379`.
+    /// etcd endpoints, `host:port`; the Go original's `a|b` form is accepted too. Default
+    /// `127.0.0.1:2379`.
     #[serde(default = "default_etcd_addr", deserialize_with = "etcd_endpoints")]
     pub etcd_addr: Vec<String>,
     /// Elasticsearch URL for the trace consumer. Default `http://127.0.0.1:9200`.
     #[serde(default = "default_es_addr")]
     pub es_addr: String,
     /// AMQP URL for trace events. Default `amqp://guest:guest@127.0.0.1:5672`.
-    /// goms's README spells it `amqpaddr`; both are accepted.
+    /// The Go original's README spells it `amqpaddr`; both are accepted.
     #[serde(default = "default_amqp_addr", alias = "amqpaddr")]
     pub amqp_addr: String,
     /// goms kept routes in `config.yml`; they are used when the route file is absent.
@@ -76,7 +77,7 @@ pub struct TraceConfig {
     /// Publish trace events to `amqpAddr`. Default true.
     #[serde(default = "default_true")]
     pub enabled: bool,
-    /// goms's `projectName` field. Default `goms`.
+    /// The Go original's `projectName` field. Default `goms`.
     #[serde(default = "default_project_name")]
     pub project_name: String,
     /// Durable queue events go to. Default `goms.trace` (dead letters: `<queue>.dead`).
@@ -295,6 +296,12 @@ impl fmt::Debug for Secret {
     }
 }
 
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
 fn default_etcd_addr() -> Vec<String> {
     vec!["127.0.0.1:2379".into()]
 }
@@ -474,7 +481,7 @@ impl GomsConfig {
         if text.trim().is_empty() {
             return Ok(GomsConfig::default());
         }
-        serde_norway::from_str(text).map_err(|error| ConfigError::from_yaml(path, error))
+        serde_norway::from_str(text).map_err(|error| ConfigError::from_yaml(path, text, error))
     }
 
     fn with_environment(text: &str) -> Result<Self, ConfigError> {
@@ -613,5 +620,6 @@ mod tests {
     fn secret_never_prints() {
         let secret = Secret::new("hunter2");
         assert_eq!(format!("{secret:?}"), "***");
+        assert_eq!(format!("{secret}"), "***");
     }
 }

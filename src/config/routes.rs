@@ -1,4 +1,4 @@
-//! The route file (`config/services.yml`): goms's `services -> route name -> path` map,
+//! The route file (`config/services.yml`): the Go original's `services -> route name -> path` map,
 //! plus an extended per-route form, parsed into the table the gateway matches against.
 //!
 //! Validation happens while deserialising, so every refusal carries the YAML position of
@@ -27,12 +27,13 @@ pub struct RoutesFile {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ServiceRoutes(pub BTreeMap<String, BTreeMap<String, RouteSpec>>);
 
-/// One route as written: either goms's short form (`login: "/login"`) or the extended map.
+/// One route as written: either the Go original's short form (`login: "/login"`) or the
+/// extended map.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteSpec {
     /// Path on the replica, always starting with `/`.
     pub path: String,
-    /// Allowed methods; `None` allows every method, as goms did.
+    /// Allowed methods; `None` allows every method, as the Go original did.
     pub methods: Option<Vec<String>>,
     /// Per-attempt upstream timeout; `None` takes the gateway default.
     pub timeout: Option<Duration>,
@@ -49,7 +50,7 @@ pub enum Transform {
     /// Forward the body untouched (default).
     #[default]
     None,
-    /// Re-encode `application/x-www-form-urlencoded` bodies as JSON, as goms did.
+    /// Re-encode `application/x-www-form-urlencoded` bodies as JSON, as the Go original did.
     Json,
 }
 
@@ -352,7 +353,7 @@ pub fn parse_routes(path: &Path, text: &str) -> Result<ServiceRoutes, ConfigErro
         });
     }
     let file: RoutesFile = serde_norway::from_str(text)
-        .map_err(|error| point_at_duplicate(ConfigError::from_yaml(path, error), text))?;
+        .map_err(|error| point_at_duplicate(ConfigError::from_yaml(path, text, error), text))?;
     Ok(file.services)
 }
 

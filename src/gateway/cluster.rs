@@ -1,5 +1,6 @@
-//! The `/cluster` document: goms's shape (`services.{name}.PollNext|Nodes|RequestFinish`,
-//! `status`), plus per-node detail under `NodeDetail`.
+//! The `/cluster` document: the Go original's shape
+//! (`services.{name}.PollNext|Nodes|RequestFinish`, `status`), plus per-node detail under
+//! `NodeDetail`.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;

@@ -125,8 +125,8 @@ impl<'a> Object<'a> {
     }
 
     /// Writes `"name":` and hands back the buffer for the value. `name` is written as it is:
-    /// it must need no escaping, which holds for goms's own field names and for HTTP header
-    /// names (tokens). A name from a request body goes through [`Object::escaped_key`].
+    /// it must need no escaping, which holds for the schema's own field names and for HTTP
+    /// header names (tokens). A name from a request body goes through [`Object::escaped_key`].
     pub fn key(&mut self, name: &str) -> &mut Vec<u8> {
         debug_assert_eq!(plain_prefix_len(name.as_bytes()), name.len(), "{name:?}");
         self.out.reserve(name.len() + 4);

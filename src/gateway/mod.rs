@@ -5,9 +5,9 @@
 //! - [`route_store`]: the route table in force and its live reload.
 //! - [`upstreams`]: per-service round-robin balancers fed by the etcd watcher.
 //! - [`proxy`]: the pingora filters, i.e. the request path itself.
-//! - [`cluster`]: goms's `/cluster` document.
+//! - [`cluster`]: the Go original's `/cluster` document.
 //! - [`metrics`]: Prometheus counters at `/metrics`.
-//! - [`respond`]: responses the gateway writes itself (goms's JSON envelope).
+//! - [`respond`]: responses the gateway writes itself (the Go original's JSON envelope).
 //! - [`record`]: what the gateway learns about a request while it passes.
 //! - [`trace_events`]: the gateway's `request.start` / `request.end` trace events, written
 //!   by [`json`], the request path's JSON writer.

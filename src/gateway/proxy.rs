@@ -104,10 +104,10 @@ impl RequestCtx {
 }
 
 /// Gives each proxy thread its own pool of idle upstream connections (pingora keeps connections
-/// with different `group_key`s apart). With one shared pool, a connection released by one
-/// thread was mostly picked up by the other, and each such reuse woke the other thread twice
-/// (pingora's idle watcher of the connection lives there): about two cross-thread wake-ups and
-/// one context switch per request, where nginx's workers each keep their own connections.
+/// with different `group_key`s apart), as nginx's workers each keep their own. With one
+/// shared pool, a connection released by one thread is mostly picked up by the other, and
+/// each such reuse wakes the other thread twice (pingora's idle watcher of the connection
+/// lives there).
 fn this_thread_pool_key() -> u64 {
     static NEXT_KEY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     thread_local! {

@@ -1,4 +1,5 @@
-//! Responses the gateway writes itself: goms's JSON envelope for errors, and JSON documents.
+//! Responses the gateway writes itself: the Go original's JSON envelope for errors, and JSON
+//! documents.
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
@@ -7,7 +8,7 @@ use serde::Serialize;
 
 use crate::trace::REQUEST_ID_HEADER;
 
-/// goms's error body: `{"code":N,"msg":"...","status":false,"requestId":"..."}`.
+/// The Go original's error body: `{"code":N,"msg":"...","status":false,"requestId":"..."}`.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct ErrorEnvelope<'a> {

@@ -521,7 +521,7 @@ mod same_schema_as_trace_event {
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::Bool),
-            any::<i32>().prop_map(|n| Value::from(n)),
+            any::<i32>().prop_map(Value::from),
             "[ -~\t\n\u{e9}\u{1F600}\"\\\\]{0,12}".prop_map(Value::String),
         ];
         let value = leaf.prop_recursive(3, 24, 4, |inner| {
@@ -659,7 +659,7 @@ mod same_schema_as_trace_event {
         end.duration_ms = written[1]["durationMs"].as_f64();
         end.status = Some(input.status);
         end.upstream = record.attempts.last().map(|last| last.upstream.to_string());
-        end.attempt = (!record.attempts.is_empty()).then(|| record.attempts.len() as u32);
+        end.attempt = (!record.attempts.is_empty()).then_some(record.attempts.len() as u32);
         [start, end]
     }
 

@@ -42,9 +42,9 @@ pub struct ServiceUpstream {
     balancer: LoadBalancer<RoundRobin>,
     discovered: Arc<ArcSwap<BTreeSet<Backend>>>,
     nodes: ArcSwap<HashMap<SocketAddr, Arc<NodeState>>>,
-    /// Selections made, for goms's `PollNext`.
+    /// Selections made, for the Go original's `PollNext`.
     picks: AtomicU64,
-    /// Requests answered by a replica, goms's `RequestFinish`.
+    /// Requests answered by a replica, the Go original's `RequestFinish`.
     pub finished: AtomicU64,
 }
 

@@ -3,7 +3,7 @@
 //! - [`Registration`] keeps one node's key alive (lease, keep-alive, re-grant after a loss,
 //!   revoke on shutdown).
 //! - [`membership::watch_members`] lists the prefix, watches from the next revision, and
-//!   republishes a [`Members`] snapshot on every change, logging goms's
+//!   republishes a [`Members`] snapshot on every change, logging the Go original's
 //!   `[service] node [id] join|leave` lines.
 //!
 //! Both reconnect on their own: etcd restarting, a broken stream or a compacted revision

@@ -1,4 +1,4 @@
-//! The stock `goms service`: answers every path with goms's echo body.
+//! The stock `goms service`: answers every path with the Go original's echo body.
 //!
 //! `data.body` holds the decoded request body (JSON, url-encoded form, or multipart form;
 //! anything else as text), `data.headers` the request headers in canonical case (the
