@@ -70,6 +70,11 @@ fn route_file_errors_name_file_and_line() {
             "services.yml:1:",
             "did you mean `services`",
         ),
+        (
+            "services:\n\tuser:\n    login: /login\n",
+            "services.yml:2:",
+            "YAML indentation cannot use tabs",
+        ),
     ];
     for (text, position, reason) in cases {
         let path = write(&folder, "services.yml", text);
@@ -98,6 +103,23 @@ fn config_file_errors_name_file_and_line() {
     assert!(!ok);
     assert!(output.contains("goms.yml:3:"), "{output}");
     assert!(output.contains("did you mean `httpPort`"), "{output}");
+}
+
+#[test]
+fn unknown_top_level_keys_list_each_expected_key_once() {
+    let folder = tempfile::tempdir().unwrap();
+    let path = write(
+        &folder,
+        "goms.yml",
+        "callServiceKey: k
+amqpAdr: x
+",
+    );
+    let (ok, output) = check(&["--config", &path]);
+    assert!(!ok);
+    assert!(output.contains("`amqpAddr`"), "{output}");
+    assert!(!output.contains("`amqpaddr`"), "alias listed too: {output}");
+    assert!(output.contains("did you mean `amqpAddr`"), "{output}");
 }
 
 #[test]
