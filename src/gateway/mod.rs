@@ -40,7 +40,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, GomsConfig, RouteDefaults};
-use crate::registry::{node, watch_members, EtcdEndpoints, Members, NodeInfo, Registration};
+use crate::registry::drain::Duty;
+use crate::registry::{node, watch_members, Drain, EtcdEndpoints, Members, NodeInfo, Registration};
 use crate::trace::{Publisher, Redactor, TraceSink};
 use metrics::GatewayMetrics;
 use proxy::GatewayProxy;
@@ -171,6 +172,7 @@ pub fn run(
     server.bootstrap();
     server.add_listener_fd(listen.clone(), listener.into_raw_fd());
 
+    let drain = Drain::new();
     let mut proxy = pingora::proxy::http_proxy_service(
         &server.configuration,
         GatewayProxy {
@@ -182,6 +184,7 @@ pub fn run(
             metrics,
             trace,
             tracer,
+            drain: drain.clone(),
         },
     );
     proxy.add_tcp(&listen);
@@ -196,17 +199,19 @@ pub fn run(
             upstreams,
             routes,
             members_tx,
+            leaving: Mutex::new(Some(drain.duty())),
         },
     ));
     if let Some(publisher) = publisher {
         server.add_service(background_service(
             "trace publisher",
-            PublisherService(Mutex::new(Some(publisher))),
+            PublisherService(Mutex::new(Some((publisher, drain.duty())))),
         ));
     }
     info!("[gateway] Http Listen on port: {port}");
     server.run(RunArgs {
         shutdown_signal: Box::new(StopSignal(Mutex::new(Some(Box::pin(shutdown))))),
+        drained: Some(Box::new(move || drain.is_done())),
     });
     info!("Gateway stopped.");
     Ok(())
@@ -251,6 +256,8 @@ struct RegistryLink {
     upstreams: Arc<Upstreams>,
     routes: Arc<RouteStore>,
     members_tx: watch::Sender<Arc<Members>>,
+    /// Done once the gateway has left the registry.
+    leaving: Mutex<Option<Duty>>,
 }
 
 #[async_trait]
@@ -287,18 +294,19 @@ impl BackgroundService for RegistryLink {
             warn!(message = "Could not revoke the gateway's lease; it expires by TTL.", %error);
         }
         let _ = stop.send(true);
+        drop(self.leaving.lock().expect("duty slot").take());
     }
 }
 
 /// Runs the trace publisher in pingora's runtime; on shutdown it drains the queue into
-/// the broker or the spool.
-struct PublisherService(Mutex<Option<Publisher>>);
+/// the broker or the spool, and its duty is done.
+struct PublisherService(Mutex<Option<(Publisher, Duty)>>);
 
 #[async_trait]
 impl BackgroundService for PublisherService {
     async fn start(&self, shutdown: ShutdownWatch) {
         let publisher = self.0.lock().expect("publisher slot").take();
-        if let Some(publisher) = publisher {
+        if let Some((publisher, _flushed)) = publisher {
             publisher.run(shutdown).await;
         }
     }

@@ -29,7 +29,8 @@ use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
 use crate::config::{Route, Transform};
-use crate::registry::Members;
+use crate::registry::drain::InFlight;
+use crate::registry::{Drain, Members};
 use crate::trace::{
     request_id_or_new, BodyCapture, TraceContext, TraceSink, ATTEMPT_HEADER, REQUEST_ID_HEADER,
     TRACEPARENT_HEADER,
@@ -49,11 +50,15 @@ pub struct GatewayProxy {
     pub metrics: Arc<GatewayMetrics>,
     pub trace: TraceSink,
     pub tracer: GatewayTracer,
+    /// Counts requests in flight, so that a draining gateway exits once none is left.
+    pub drain: Arc<Drain>,
 }
 
 /// Per-request state.
 #[derive(Default)]
 pub struct RequestCtx {
+    /// Held while the request is in flight.
+    _in_flight: Option<InFlight>,
     record: Option<RequestRecord>,
     route: Option<Arc<Route>>,
     upstream: Option<Arc<ServiceUpstream>>,
@@ -210,7 +215,10 @@ impl ProxyHttp for GatewayProxy {
     type CTX = RequestCtx;
 
     fn new_ctx(&self) -> RequestCtx {
-        RequestCtx::default()
+        RequestCtx {
+            _in_flight: Some(self.drain.request()),
+            ..RequestCtx::default()
+        }
     }
 
     /// No downstream modules. pingora's default adds a response-compression module, disabled,

@@ -5,10 +5,12 @@
 //! - [`membership::watch_members`] lists the prefix, watches from the next revision, and
 //!   republishes a [`Members`] snapshot on every change, logging the Go original's
 //!   `[service] node [id] join|leave` lines.
+//! - [`Drain`] tells a stopping node when it has left and finished its work.
 //!
-//! Both reconnect on their own: etcd restarting, a broken stream or a compacted revision
+//! Registration and membership reconnect on their own: etcd restarting, a broken stream or a compacted revision
 //! never needs a process restart.
 
+pub mod drain;
 pub mod lease;
 pub mod membership;
 pub mod node;
@@ -17,6 +19,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, ConnectOptions};
 
+pub use drain::Drain;
 pub use lease::Registration;
 pub use membership::{list_members, watch_members, Members};
 pub use node::{node_key, parse_node_key, NodeInfo, KEY_PREFIX};

@@ -182,6 +182,10 @@ pub struct RunArgs {
     /// Signal for initating shutdown
     #[cfg(unix)]
     pub shutdown_signal: Box<dyn ShutdownSignalWatch>,
+    /// goms patch: ends a graceful shutdown's grace period early, as soon as it returns true
+    /// (nothing left in flight, say). Without it the grace period always lasts
+    /// [ServerConf::grace_period_seconds], however idle the server is.
+    pub drained: Option<Box<dyn Fn() -> bool + Send>>,
 }
 
 impl Default for RunArgs {
@@ -189,12 +193,25 @@ impl Default for RunArgs {
     fn default() -> Self {
         Self {
             shutdown_signal: Box::new(UnixShutdownSignalWatch),
+            drained: None,
         }
     }
 
     #[cfg(windows)]
     fn default() -> Self {
-        Self {}
+        Self { drained: None }
+    }
+}
+
+/// goms patch: waits out a grace period, or until `drained` says nothing is left.
+fn wait_for_grace_period(grace: Duration, drained: Option<&(dyn Fn() -> bool + Send)>) {
+    let Some(drained) = drained else {
+        thread::sleep(grace);
+        return;
+    };
+    let deadline = Instant::now() + grace;
+    while !drained() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -648,8 +665,9 @@ impl Server {
     /// never return.
     /// Instead it will either start the daemon process and exit, or panic
     /// if daemonization fails.
-    pub fn run(mut self, run_args: RunArgs) {
+    pub fn run(mut self, mut run_args: RunArgs) {
         info!("Server starting");
+        let drained = run_args.drained.take();
 
         let conf = self.configuration.as_ref();
 
@@ -817,7 +835,7 @@ impl Server {
                 .grace_period_seconds
                 .unwrap_or(EXIT_TIMEOUT);
             info!("Graceful shutdown: grace period {}s starts", exit_timeout);
-            thread::sleep(Duration::from_secs(exit_timeout));
+            wait_for_grace_period(Duration::from_secs(exit_timeout), drained.as_deref());
             info!("Graceful shutdown: grace period ends");
         }
 

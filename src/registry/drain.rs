@@ -1,0 +1,81 @@
+//! A node's way out of the cluster. On shutdown a node leaves the registry, stops taking
+//! new connections, finishes the requests in flight and flushes what it still holds (trace
+//! events); [`Drain`] tells when all of that is over, so that the process exits then rather
+//! than after a fixed grace period. The caller bounds the wait (`drainTimeout`).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+/// Requests in flight and shutdown duties not yet done.
+#[derive(Debug, Default)]
+pub struct Drain {
+    in_flight: AtomicUsize,
+    duties: AtomicUsize,
+}
+
+impl Drain {
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// Counts a request as in flight until the returned guard is dropped.
+    pub fn request(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        InFlight(self.clone())
+    }
+
+    /// Something that must finish before the process may exit (leaving the registry,
+    /// flushing the trace queue); done when the returned guard is dropped. Take it when the
+    /// node starts, so that a shutdown never finds it not yet counted.
+    pub fn duty(self: &Arc<Self>) -> Duty {
+        self.duties.fetch_add(1, Ordering::AcqRel);
+        Duty(self.clone())
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
+    /// Whether nothing is in flight and every duty is done.
+    pub fn is_done(&self) -> bool {
+        self.duties.load(Ordering::Acquire) == 0 && self.in_flight() == 0
+    }
+}
+
+/// One request in flight; see [`Drain::request`].
+#[derive(Debug)]
+pub struct InFlight(Arc<Drain>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One shutdown duty; see [`Drain::duty`].
+#[derive(Debug)]
+pub struct Duty(Arc<Drain>);
+
+impl Drop for Duty {
+    fn drop(&mut self) {
+        self.0.duties.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn done_once_requests_and_duties_are_over() {
+        let drain = Drain::new();
+        assert!(drain.is_done());
+        let duty = drain.duty();
+        let request = drain.request();
+        assert_eq!(drain.in_flight(), 1);
+        drop(duty);
+        assert!(!drain.is_done(), "a request is still in flight");
+        drop(request);
+        assert!(drain.is_done());
+    }
+}
