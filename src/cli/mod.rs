@@ -214,7 +214,7 @@ fn run_gateway(mut config: GomsConfig, args: GatewayArgs) -> anyhow::Result<()> 
         config,
         args.node.node_id,
         listener,
-        crate::gateway::termination_signal(),
+        crate::registry::drain::termination_signal(),
     )
     .context("gateway")?;
     Ok(())

@@ -28,19 +28,18 @@ pub mod upstreams;
 use std::future::Future;
 use std::net::TcpListener;
 use std::os::unix::io::IntoRawFd;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
-use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::config::{ConfigError, GomsConfig, RouteDefaults};
-use crate::registry::drain::Duty;
+use crate::registry::drain::{self, Duty, Stop};
 use crate::registry::{node, watch_members, Drain, EtcdEndpoints, Members, NodeInfo, Registration};
 use crate::trace::{Publisher, Redactor, TraceSink};
 use metrics::GatewayMetrics;
@@ -64,31 +63,6 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
-}
-
-/// How the gateway is to stop.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Stop {
-    /// Leave the registry, finish the requests in flight (up to `drainTimeout`), then return.
-    Drain,
-    /// Return at once; requests in flight are cut off.
-    Now,
-}
-
-/// SIGTERM drains, SIGINT stops at once: the signals `goms gateway` answers.
-pub async fn termination_signal() -> Stop {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut interrupt)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        warn!("Cannot listen for SIGTERM/SIGINT; the gateway stops only when killed.");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => Stop::Drain,
-        _ = interrupt.recv() => Stop::Now,
-    }
 }
 
 /// Binds the gateway's public port (`gateway.listenHost`:`gateway.httpPort`; port 0 lets the
@@ -209,31 +183,9 @@ pub fn run(
         ));
     }
     info!("[gateway] Http Listen on port: {port}");
-    server.run(RunArgs {
-        shutdown_signal: Box::new(StopSignal(Mutex::new(Some(Box::pin(shutdown))))),
-        drained: Some(Box::new(move || drain.is_done())),
-    });
+    server.run(drain::run_args(shutdown, drain));
     info!("Gateway stopped.");
     Ok(())
-}
-
-type StopFuture = Pin<Box<dyn Future<Output = Stop> + Send>>;
-
-/// Hands the caller's shutdown future to pingora, which waits for it once.
-struct StopSignal(Mutex<Option<StopFuture>>);
-
-#[async_trait]
-impl ShutdownSignalWatch for StopSignal {
-    async fn recv(&self) -> ShutdownSignal {
-        let shutdown = self.0.lock().expect("stop signal slot").take();
-        let Some(shutdown) = shutdown else {
-            return std::future::pending().await;
-        };
-        match shutdown.await {
-            Stop::Drain => ShutdownSignal::GracefulTerminate,
-            Stop::Now => ShutdownSignal::FastShutdown,
-        }
-    }
 }
 
 fn key_header(key: &crate::config::Secret) -> Result<http::HeaderValue, GatewayError> {

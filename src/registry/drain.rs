@@ -2,9 +2,17 @@
 //! new connections, finishes the requests in flight and flushes what it still holds (trace
 //! events); [`Drain`] tells when all of that is over, so that the process exits then rather
 //! than after a fixed grace period. The caller bounds the wait (`drainTimeout`).
+//! [`run_args`] hands the shutdown signal and the drain to a pingora server (the gateway's
+//! and the sidecar's).
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use tracing::warn;
 
 /// Requests in flight and shutdown duties not yet done.
 #[derive(Debug, Default)]
@@ -59,6 +67,62 @@ pub struct Duty(Arc<Drain>);
 impl Drop for Duty {
     fn drop(&mut self) {
         self.0.duties.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// How a node is to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Leave the registry, finish the requests in flight (up to `drainTimeout`), then return.
+    Drain,
+    /// Return at once; requests in flight are cut off.
+    Now,
+}
+
+/// SIGTERM drains, SIGINT stops at once: the signals the goms processes answer.
+pub async fn termination_signal() -> Stop {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut interrupt)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        warn!("Cannot listen for SIGTERM/SIGINT; the process stops only when killed.");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => Stop::Drain,
+        _ = interrupt.recv() => Stop::Now,
+    }
+}
+
+/// pingora's run arguments for a node: stop when `shutdown` says, and end a drain's grace
+/// period as soon as `drain` is done.
+pub fn run_args(
+    shutdown: impl Future<Output = Stop> + Send + 'static,
+    drain: Arc<Drain>,
+) -> RunArgs {
+    RunArgs {
+        shutdown_signal: Box::new(StopSignal(Mutex::new(Some(Box::pin(shutdown))))),
+        drained: Some(Box::new(move || drain.is_done())),
+    }
+}
+
+type StopFuture = Pin<Box<dyn Future<Output = Stop> + Send>>;
+
+/// Hands the caller's shutdown future to pingora, which waits for it once.
+struct StopSignal(Mutex<Option<StopFuture>>);
+
+#[async_trait]
+impl ShutdownSignalWatch for StopSignal {
+    async fn recv(&self) -> ShutdownSignal {
+        let shutdown = self.0.lock().expect("stop signal slot").take();
+        let Some(shutdown) = shutdown else {
+            return std::future::pending().await;
+        };
+        match shutdown.await {
+            Stop::Drain => ShutdownSignal::GracefulTerminate,
+            Stop::Now => ShutdownSignal::FastShutdown,
+        }
     }
 }
 

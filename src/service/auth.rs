@@ -38,13 +38,7 @@ pub async fn require_key(State(guard): State<Guard>, request: Request, next: Nex
             .get(REQUEST_ID_HEADER)
             .and_then(|v| v.to_str().ok())
             .unwrap_or_default();
-        let body = serde_json::json!({
-            "code": 401,
-            "msg": "Call-Service-Key is missing or wrong",
-            "status": false,
-            "requestId": request_id,
-        });
-        (StatusCode::UNAUTHORIZED, Json(body)).into_response()
+        (StatusCode::UNAUTHORIZED, Json(refusal(request_id))).into_response()
     };
     response
         .headers_mut()
@@ -52,7 +46,18 @@ pub async fn require_key(State(guard): State<Guard>, request: Request, next: Nex
     response
 }
 
-fn keys_match(presented: &[u8], expected: &[u8]) -> bool {
+/// The 401 body, in the Go original's envelope.
+pub fn refusal(request_id: &str) -> serde_json::Value {
+    serde_json::json!({
+        "code": 401,
+        "msg": "Call-Service-Key is missing or wrong",
+        "status": false,
+        "requestId": request_id,
+    })
+}
+
+/// Whether the presented key is the expected one, in constant time.
+pub fn keys_match(presented: &[u8], expected: &[u8]) -> bool {
     // ct_eq on slices of different lengths returns false without comparing contents; the
     // length of the key is not the secret.
     !expected.is_empty() && bool::from(presented.ct_eq(expected))

@@ -98,6 +98,51 @@ impl ServiceOptions {
             }),
         })
     }
+
+    /// This node's registry entry, serving on `port` (the bound port, where 0 was asked).
+    pub fn node_info(&self, port: u16) -> NodeInfo {
+        let http = format!("{}:{port}", self.advertise_host);
+        NodeInfo {
+            id: self.node_id.clone().unwrap_or_else(|| http.clone()),
+            service: self.name.clone(),
+            http,
+            version: self.version.clone(),
+            weight: self.weight,
+            zone: self.zone.clone(),
+            started_at: node::now_rfc3339(),
+        }
+    }
+
+    /// The node's tracer and its publisher, prepared to run on whichever runtime the caller
+    /// owns; with tracing off, a tracer that emits nothing and no publisher.
+    pub fn tracer(
+        &self,
+        node: &NodeInfo,
+    ) -> Result<(tracing_layer::ServiceTracer, Option<Publisher>), ServiceError> {
+        let Some(trace) = &self.trace else {
+            let tracer = tracing_layer::ServiceTracer {
+                sink: TraceSink::disabled(),
+                redactor: Arc::new(Redactor::new(&[], 0)),
+                service: self.name.clone(),
+                node_id: node.id.clone(),
+                project_name: String::new(),
+            };
+            return Ok((tracer, None));
+        };
+        let settings = trace
+            .publisher
+            .clone()
+            .for_node(&format!("{}-{}", node.service, node.id));
+        let (sink, publisher) = Publisher::prepare(settings)?;
+        let tracer = tracing_layer::ServiceTracer {
+            sink,
+            redactor: Arc::new(Redactor::new(&trace.redact_headers, trace.body_max_bytes)),
+            service: self.name.clone(),
+            node_id: node.id.clone(),
+            project_name: trace.project_name.clone(),
+        };
+        Ok((tracer, Some(publisher)))
+    }
 }
 
 /// Serves `router` as a goms service until `shutdown` completes, then deregisters and drains.
@@ -113,22 +158,14 @@ pub async fn serve(
             source,
         })?;
     let port = listener.local_addr().map_err(ServiceError::Serve)?.port();
-    let http = format!("{}:{port}", options.advertise_host);
-    let node = NodeInfo {
-        id: options.node_id.clone().unwrap_or_else(|| http.clone()),
-        service: options.name.clone(),
-        http,
-        version: options.version.clone(),
-        weight: options.weight,
-        zone: options.zone.clone(),
-        started_at: node::now_rfc3339(),
-    };
+    let node = options.node_info(port);
     let guard = auth::Guard {
         key: options.call_service_key.clone(),
         node_id: HeaderValue::from_str(&node.id)
             .map_err(|_| ServiceError::NodeId(node.id.clone()))?,
     };
-    let (tracer, publisher) = start_tracing(&options, &node)?;
+    let (tracer, publisher) = options.tracer(&node)?;
+    let publisher = publisher.map(RunningPublisher::spawn);
     // Outermost first: the key check runs before tracing, so refused calls leave no events.
     let app = router
         .layer(axum::middleware::from_fn_with_state(
@@ -178,35 +215,6 @@ pub async fn serve(
     }
     info!("[{}] stopped", options.name);
     result
-}
-
-fn start_tracing(
-    options: &ServiceOptions,
-    node: &NodeInfo,
-) -> Result<(tracing_layer::ServiceTracer, Option<RunningPublisher>), ServiceError> {
-    let Some(trace) = &options.trace else {
-        let tracer = tracing_layer::ServiceTracer {
-            sink: TraceSink::disabled(),
-            redactor: Arc::new(Redactor::new(&[], 0)),
-            service: options.name.clone(),
-            node_id: node.id.clone(),
-            project_name: String::new(),
-        };
-        return Ok((tracer, None));
-    };
-    let settings = trace
-        .publisher
-        .clone()
-        .for_node(&format!("{}-{}", node.service, node.id));
-    let (sink, publisher) = Publisher::prepare(settings)?;
-    let tracer = tracing_layer::ServiceTracer {
-        sink,
-        redactor: Arc::new(Redactor::new(&trace.redact_headers, trace.body_max_bytes)),
-        service: options.name.clone(),
-        node_id: node.id.clone(),
-        project_name: trace.project_name.clone(),
-    };
-    Ok((tracer, Some(RunningPublisher::spawn(publisher))))
 }
 
 /// Completes on SIGTERM or SIGINT.
