@@ -6,8 +6,10 @@
 //! Modules follow the data path, config -> registry -> gateway / service -> trace -> indexer;
 //! imports point one way:
 //! - `cli` uses everything;
-//! - `gateway` and `service` use `registry`, `trace` and `config`, and never each other
-//!   (they meet over HTTP, as a service in any language would);
+//! - `gateway` and `service` use `registry`, `trace` and `config`; `sidecar` uses
+//!   `service` (it is a service node that forwards), `registry`, `trace` and `config`;
+//!   `gateway` never imports `service` or `sidecar`, nor they it (they meet over HTTP, as a
+//!   service in any language would);
 //! - `indexer` uses `trace` and `config`;
 //! - `registry` and `trace` use only `config`; `config` uses none of them.
 //!
@@ -17,6 +19,7 @@
 //! - [`gateway`]: the pingora proxy, balancers, `/cluster`, `/metrics`, and the gateway's
 //!   own trace events.
 //! - [`service`]: the service SDK (axum) and the stock echo service.
+//! - [`sidecar`]: `goms sidecar`, which makes an HTTP app in any language a goms node.
 //! - [`trace`]: request ids, W3C trace context, the event document, and the publisher that
 //!   carries events to RabbitMQ.
 //! - [`indexer`]: `goms trace-consumer`, RabbitMQ -> Elasticsearch.
@@ -28,4 +31,5 @@ pub mod gateway;
 pub mod indexer;
 pub mod registry;
 pub mod service;
+pub mod sidecar;
 pub mod trace;

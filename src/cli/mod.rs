@@ -46,6 +46,9 @@ enum Command {
     Gateway(GatewayArgs),
     /// Run the stock example service: echoes every request as the Go original's JSON body.
     Service(ServiceArgs),
+    /// Run beside an HTTP app in any language and make it a goms node: register while the app
+    /// is healthy, check and strip Call-Service-Key, forward, emit service.start/service.end.
+    Sidecar(SidecarArgs),
     /// Move trace events from RabbitMQ into Elasticsearch; run as many as you like.
     TraceConsumer(TraceConsumerArgs),
     /// Print the /cluster document of a running gateway, or straight from etcd.
@@ -123,6 +126,43 @@ struct ServiceArgs {
 }
 
 #[derive(Debug, Args)]
+struct SidecarArgs {
+    /// Service name the app registers under, the {service} in /api/{service}/{route}.
+    /// Overrides service.name.
+    #[arg(long, value_name = "NAME")]
+    name: Option<String>,
+
+    /// The app's address (host:port), reached over keep-alive connections. Overrides
+    /// sidecar.app (default 127.0.0.1:3000).
+    #[arg(long, value_name = "HOST:PORT")]
+    app: Option<String>,
+
+    /// Port the sidecar listens on for gateways, all interfaces; 0 picks a free one (the port
+    /// it got is registered). Overrides service.httpPort (default 9080).
+    #[arg(long, value_name = "PORT")]
+    http_port: Option<u16>,
+
+    /// The app's health check, a GET of this path that must answer 2xx; without it the check
+    /// is a TCP connect. Overrides sidecar.health.
+    #[arg(long, value_name = "PATH")]
+    health: Option<String>,
+
+    /// How often the app is checked, e.g. `2s`; after sidecar.healthFailures (3) failures in a
+    /// row the node leaves the registry until the app recovers. Overrides
+    /// sidecar.healthInterval.
+    #[arg(long, value_name = "DURATION", value_parser = crate::config::parse_duration)]
+    health_interval: Option<std::time::Duration>,
+
+    /// Where /healthz, /readyz and /metrics are served (host:port; port 0 picks one).
+    /// Overrides sidecar.adminAddr (default 127.0.0.1:4191).
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_addr: Option<String>,
+
+    #[command(flatten)]
+    node: NodeArgs,
+}
+
+#[derive(Debug, Args)]
 struct ClusterArgs {
     /// Ask this running gateway (host:port) instead of reading etcd; includes live counters.
     #[arg(long, value_name = "HOST:PORT")]
@@ -162,6 +202,7 @@ pub fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Gateway(args) => run_gateway(config, args),
         Command::Service(args) => run_service(config, args),
+        Command::Sidecar(args) => run_sidecar(config, args),
         Command::TraceConsumer(args) => run_trace_consumer(config, args),
         Command::Cluster(args) => {
             if !args.etcd_addr.is_empty() {
@@ -238,6 +279,43 @@ fn run_service(mut config: GomsConfig, args: ServiceArgs) -> anyhow::Result<()> 
         crate::service::echo::echo_router(),
         crate::service::termination_signal(),
     ))?;
+    Ok(())
+}
+
+fn run_sidecar(mut config: GomsConfig, args: SidecarArgs) -> anyhow::Result<()> {
+    let mut host = config.service.advertise_host.clone();
+    apply_node_args(&mut config, &args.node, &mut host);
+    config.service.advertise_host = host;
+    if let Some(name) = args.name {
+        config.service.name = name;
+    }
+    if let Some(port) = args.http_port {
+        config.service.http_port = port;
+    }
+    let sidecar = &mut config.sidecar;
+    if let Some(app) = args.app {
+        sidecar.app = app;
+    }
+    if let Some(health) = args.health {
+        sidecar.health = Some(health);
+    }
+    if let Some(interval) = args.health_interval {
+        sidecar.health_interval = interval;
+    }
+    if let Some(admin) = args.admin_addr {
+        sidecar.admin_addr = admin;
+    }
+    config.validate().map_err(anyhow::Error::msg)?;
+    let mut options = crate::sidecar::SidecarOptions::from_config(&config)?;
+    options.node.node_id = args.node.node_id;
+    let (listener, admin) = options.bind().context("sidecar")?;
+    crate::sidecar::run(
+        options,
+        listener,
+        admin,
+        crate::registry::drain::termination_signal(),
+    )
+    .context("sidecar")?;
     Ok(())
 }
 

@@ -21,7 +21,8 @@ use serde::{Deserialize, Deserializer};
 
 pub use error::ConfigError;
 pub use routes::{
-    load_routes_file, parse_routes, Route, RouteDefaults, RouteTable, ServiceRoutes, Transform,
+    load_routes_file, parse_duration, parse_routes, Route, RouteDefaults, RouteTable,
+    ServiceRoutes, Transform,
 };
 pub use time::{now_rfc3339, rfc3339, rfc3339_from_unix};
 
@@ -62,6 +63,9 @@ pub struct GomsConfig {
     pub gateway: GatewayConfig,
     #[serde(default)]
     pub service: ServiceConfig,
+    /// `goms sidecar`; the node's name, port and labels come from `service`.
+    #[serde(default)]
+    pub sidecar: SidecarConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -255,6 +259,43 @@ pub struct ServiceConfig {
     pub drain_timeout: Duration,
 }
 
+/// Settings of `goms sidecar`, which makes an HTTP app in any language a goms node. Its name,
+/// port, advertised host, labels and drain timeout are the `service` section's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SidecarConfig {
+    /// The app's address, `host:port`, reached over keep-alive connections. Default
+    /// `127.0.0.1:3000`.
+    #[serde(default = "default_sidecar_app")]
+    pub app: String,
+    /// Path of the app's health check, an HTTP GET that must answer 2xx. Without it the
+    /// check is a TCP connect. Default none.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// How often the app is checked. Default `2s`.
+    #[serde(
+        default = "default_app_health_interval",
+        deserialize_with = "duration_text"
+    )]
+    pub health_interval: Duration,
+    /// Failed checks in a row after which the node leaves the registry. Default 3.
+    #[serde(default = "default_health_failures")]
+    pub health_failures: u32,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served, apart from the app's own
+    /// paths. Default `127.0.0.1:4191`.
+    #[serde(default = "default_sidecar_admin")]
+    pub admin_addr: String,
+    /// Longest wait for a connection to the app; past it the caller gets 502. Default `1s`.
+    #[serde(
+        default = "default_app_connect_timeout",
+        deserialize_with = "duration_text"
+    )]
+    pub app_connect_timeout: Duration,
+    /// Longest wait for the app's answer; past it the caller gets 504. Default `30s`.
+    #[serde(default = "default_app_timeout", deserialize_with = "duration_text")]
+    pub app_timeout: Duration,
+}
+
 /// Log output.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -354,6 +395,24 @@ fn default_threads() -> usize {
 fn default_drain() -> Duration {
     Duration::from_secs(10)
 }
+fn default_sidecar_app() -> String {
+    "127.0.0.1:3000".into()
+}
+fn default_app_health_interval() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_health_failures() -> u32 {
+    3
+}
+fn default_sidecar_admin() -> String {
+    "127.0.0.1:4191".into()
+}
+fn default_app_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_app_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 fn default_service_name() -> String {
     "user".into()
 }
@@ -420,6 +479,7 @@ default_from_serde!(
     RegistryConfig,
     GatewayConfig,
     ServiceConfig,
+    SidecarConfig,
     LogConfig,
     TraceConfig,
     TraceConsumerConfig
@@ -508,6 +568,17 @@ impl GomsConfig {
     pub fn validate(&self) -> Result<(), String> {
         if self.registry.lease_ttl < 2 {
             return Err("registry.leaseTtl must be at least 2 seconds".into());
+        }
+        if self.sidecar.health_failures == 0 {
+            return Err("sidecar.healthFailures must be at least 1".into());
+        }
+        if self
+            .sidecar
+            .health
+            .as_deref()
+            .is_some_and(|path| !path.starts_with('/'))
+        {
+            return Err("sidecar.health must be a path starting with `/`, e.g. `/healthz`".into());
         }
         if self.gateway.threads == 0 {
             return Err("gateway.threads must be at least 1".into());

@@ -38,7 +38,7 @@ impl GatewayMetrics {
         trace: &PublisherStats,
     ) -> String {
         let mut out = String::new();
-        render_trace(&mut out, trace);
+        trace.render_prometheus(&mut out);
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         single(
             &mut out,
@@ -141,46 +141,6 @@ fn render_upstreams(out: &mut String, upstreams: &Upstreams) {
                 let _ = writeln!(out, "goms_upstream_{name}{{{labels}}} {value}");
             }
         }
-    }
-}
-
-/// `goms_trace_events_*_total`: what the trace publisher did with events.
-pub fn render_trace(out: &mut String, trace: &PublisherStats) {
-    let counters = [
-        (
-            "emitted",
-            "Trace events produced on the request path.",
-            &trace.emitted,
-        ),
-        (
-            "published",
-            "Trace events confirmed by the broker.",
-            &trace.published,
-        ),
-        (
-            "spooled",
-            "Trace events written to the disk spool.",
-            &trace.spooled,
-        ),
-        (
-            "overflowed",
-            "Of the spooled events, those the request path wrote itself because the in-process queue was full.",
-            &trace.overflowed,
-        ),
-        (
-            "dropped",
-            "Trace events lost because the spool was full or unwritable.",
-            &trace.dropped,
-        ),
-    ];
-    for (name, help, counter) in counters {
-        single(
-            out,
-            &format!("goms_trace_events_{name}_total"),
-            "counter",
-            help,
-            counter.load(Ordering::Relaxed),
-        );
     }
 }
 

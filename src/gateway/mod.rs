@@ -179,7 +179,7 @@ pub fn run(
     if let Some(publisher) = publisher {
         server.add_service(background_service(
             "trace publisher",
-            PublisherService(Mutex::new(Some((publisher, drain.duty())))),
+            drain.duty_service(|shutdown| publisher.run(shutdown)),
         ));
     }
     info!("[gateway] Http Listen on port: {port}");
@@ -247,20 +247,6 @@ impl BackgroundService for RegistryLink {
         }
         let _ = stop.send(true);
         drop(self.leaving.lock().expect("duty slot").take());
-    }
-}
-
-/// Runs the trace publisher in pingora's runtime; on shutdown it drains the queue into
-/// the broker or the spool, and its duty is done.
-struct PublisherService(Mutex<Option<(Publisher, Duty)>>);
-
-#[async_trait]
-impl BackgroundService for PublisherService {
-    async fn start(&self, shutdown: ShutdownWatch) {
-        let publisher = self.0.lock().expect("publisher slot").take();
-        if let Some((publisher, _flushed)) = publisher {
-            publisher.run(shutdown).await;
-        }
     }
 }
 

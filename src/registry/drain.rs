@@ -11,7 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch};
+use pingora::server::{RunArgs, ShutdownSignal, ShutdownSignalWatch, ShutdownWatch};
+use pingora::services::background::BackgroundService;
 use tracing::warn;
 
 /// Requests in flight and shutdown duties not yet done.
@@ -47,6 +48,39 @@ impl Drain {
     /// Whether nothing is in flight and every duty is done.
     pub fn is_done(&self) -> bool {
         self.duties.load(Ordering::Acquire) == 0 && self.in_flight() == 0
+    }
+}
+
+/// A pingora background service that runs one piece of work (the trace publisher, say) with
+/// the server's shutdown watch, and counts as a shutdown duty until the work returns.
+pub struct DutyService {
+    work: Mutex<Option<(ShutdownWork, Duty)>>,
+}
+
+type ShutdownWork =
+    Box<dyn FnOnce(ShutdownWatch) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+impl Drain {
+    /// `work` as a pingora background service whose return the drain waits for.
+    pub fn duty_service<F, Fut>(self: &Arc<Self>, work: F) -> DutyService
+    where
+        F: FnOnce(ShutdownWatch) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let work: ShutdownWork = Box::new(move |shutdown| Box::pin(work(shutdown)));
+        DutyService {
+            work: Mutex::new(Some((work, self.duty()))),
+        }
+    }
+}
+
+#[async_trait]
+impl BackgroundService for DutyService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let work = self.work.lock().expect("work slot").take();
+        if let Some((work, _done_on_return)) = work {
+            work(shutdown).await;
+        }
     }
 }
 

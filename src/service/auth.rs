@@ -48,9 +48,14 @@ pub async fn require_key(State(guard): State<Guard>, request: Request, next: Nex
 
 /// The 401 body, in the Go original's envelope.
 pub fn refusal(request_id: &str) -> serde_json::Value {
+    envelope(401, "Call-Service-Key is missing or wrong", request_id)
+}
+
+/// An error body in the Go original's envelope: `{"code","msg","status":false,"requestId"}`.
+pub fn envelope(code: u16, msg: &str, request_id: &str) -> serde_json::Value {
     serde_json::json!({
-        "code": 401,
-        "msg": "Call-Service-Key is missing or wrong",
+        "code": code,
+        "msg": msg,
         "status": false,
         "requestId": request_id,
     })

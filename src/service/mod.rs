@@ -25,7 +25,7 @@ use std::sync::Arc;
 
 /// After the lease is revoked, gateways need a moment to see the `leave`; the node keeps
 /// serving meanwhile so requests already routed to it do not hit a closed socket.
-const DEREGISTER_GRACE: Duration = Duration::from_millis(500);
+pub const DEREGISTER_GRACE: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServiceError {

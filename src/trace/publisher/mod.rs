@@ -131,6 +131,47 @@ impl RunningPublisher {
     }
 }
 
+impl PublisherStats {
+    /// Appends `goms_trace_events_*_total` in Prometheus' text format: what the publisher
+    /// did with events.
+    pub fn render_prometheus(&self, out: &mut String) {
+        use std::fmt::Write;
+        let counters = [
+            (
+                "emitted",
+                "Trace events produced on the request path.",
+                &self.emitted,
+            ),
+            (
+                "published",
+                "Trace events confirmed by the broker.",
+                &self.published,
+            ),
+            (
+                "spooled",
+                "Trace events written to the disk spool.",
+                &self.spooled,
+            ),
+            (
+                "overflowed",
+                "Of the spooled events, those the request path wrote itself because the in-process queue was full.",
+                &self.overflowed,
+            ),
+            (
+                "dropped",
+                "Trace events lost because the spool was full or unwritable.",
+                &self.dropped,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            let name = format!("goms_trace_events_{name}_total");
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
+        }
+    }
+}
+
 fn event_count(units: &[EncodedEvents]) -> u64 {
     units.iter().map(|unit| unit.count() as u64).sum()
 }
