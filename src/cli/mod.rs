@@ -107,6 +107,11 @@ struct GatewayArgs {
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
 
+    /// Admin listener for /cluster, /metrics and /healthz (host:port; port 0 picks one).
+    /// Overrides gateway.adminAddr (default 127.0.0.1:9901).
+    #[arg(long, value_name = "HOST:PORT")]
+    admin_addr: Option<String>,
+
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -249,12 +254,15 @@ fn run_gateway(mut config: GomsConfig, args: GatewayArgs) -> anyhow::Result<()> 
     if let Some(threads) = args.threads {
         config.gateway.threads = threads;
     }
+    if let Some(admin) = args.admin_addr {
+        config.gateway.admin_addr = admin;
+    }
     config.validate().map_err(anyhow::Error::msg)?;
-    let listener = crate::gateway::bind(&config).context("gateway")?;
+    let listeners = crate::gateway::bind(&config).context("gateway")?;
     crate::gateway::run(
         config,
         args.node.node_id,
-        listener,
+        listeners,
         crate::registry::drain::termination_signal(),
     )
     .context("gateway")?;

@@ -9,6 +9,7 @@
 //! `GOMS__CALL_SERVICE_KEY` sets `callServiceKey` and `GOMS__GATEWAY__HTTP_PORT` sets
 //! `gateway.httpPort` (snake case in the environment, camel case in the file).
 
+mod allow;
 mod error;
 pub mod routes;
 mod time;
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
 
+pub use allow::{AllowList, Cidr};
 pub use error::ConfigError;
 pub use routes::{
     load_routes_file, parse_duration, parse_routes, Route, RouteDefaults, RouteTable,
@@ -230,6 +232,14 @@ pub struct GatewayConfig {
     /// On SIGTERM, how long in-flight requests may take to finish. Default `10s`.
     #[serde(default = "default_drain", deserialize_with = "duration_text")]
     pub drain_timeout: Duration,
+    /// The admin listener: `/cluster`, `/metrics`, `/healthz` (and the dashboard), for
+    /// operators only. Default `127.0.0.1:9901`.
+    #[serde(default = "default_admin_addr")]
+    pub admin_addr: String,
+    /// Clients that may read `/cluster` and `/metrics` on the public port as well, as CIDR
+    /// blocks; `/cluster` lists node addresses. Default loopback (`127.0.0.0/8`, `::1`).
+    #[serde(default = "AllowList::loopback")]
+    pub admin_allow: AllowList,
 }
 
 /// Settings of `goms service` and of services built on the SDK.
@@ -394,6 +404,9 @@ fn default_threads() -> usize {
 }
 fn default_drain() -> Duration {
     Duration::from_secs(10)
+}
+fn default_admin_addr() -> String {
+    "127.0.0.1:9901".into()
 }
 fn default_sidecar_app() -> String {
     "127.0.0.1:3000".into()

@@ -11,7 +11,9 @@ use super::upstreams::Upstreams;
 use crate::trace::PublisherStats;
 
 /// Status codes tracked one by one; anything else is counted as `other`.
-const TRACKED_STATUS: [u16; 11] = [200, 201, 204, 400, 401, 404, 405, 500, 502, 503, 504];
+const TRACKED_STATUS: [u16; 16] = [
+    200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 414, 431, 500, 502, 503, 504,
+];
 
 #[derive(Default)]
 pub struct GatewayMetrics {

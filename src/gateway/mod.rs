@@ -5,6 +5,8 @@
 //! - [`route_store`]: the route table in force and its live reload.
 //! - [`upstreams`]: per-service round-robin balancers fed by the etcd watcher.
 //! - [`proxy`]: the pingora filters, i.e. the request path itself.
+//! - [`admin`]: `/cluster`, `/metrics`, `/healthz` on the admin listener, and who may read
+//!   them on the public port.
 //! - [`cluster`]: the Go original's `/cluster` document.
 //! - [`metrics`]: Prometheus counters at `/metrics`.
 //! - [`respond`]: responses the gateway writes itself (the Go original's JSON envelope).
@@ -15,6 +17,7 @@
 //! Threads: pingora gives the proxy and the registry link each their own tokio runtime;
 //! they share only lock-free snapshots ([`arc_swap`]) and atomics.
 
+pub mod admin;
 pub mod cluster;
 pub mod json;
 pub mod metrics;
@@ -35,6 +38,7 @@ use async_trait::async_trait;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use pingora::services::listening::Service;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -42,6 +46,7 @@ use crate::config::{ConfigError, GomsConfig, RouteDefaults};
 use crate::registry::drain::{self, Duty, Stop};
 use crate::registry::{node, watch_members, Drain, EtcdEndpoints, Members, NodeInfo, Registration};
 use crate::trace::{Publisher, Redactor, TraceSink};
+use admin::{AdminApp, AdminEndpoints};
 use metrics::GatewayMetrics;
 use proxy::GatewayProxy;
 use route_store::{route_source, RouteStore};
@@ -65,22 +70,47 @@ pub enum GatewayError {
     },
 }
 
-/// Binds the gateway's public port (`gateway.listenHost`:`gateway.httpPort`; port 0 lets the
-/// system choose, and [`run`] serves and registers the port it got).
-pub fn bind(config: &GomsConfig) -> Result<TcpListener, GatewayError> {
-    let gateway = &config.gateway;
-    let addr = format!("{}:{}", gateway.listen_host, gateway.http_port);
-    TcpListener::bind(&addr).map_err(|source| GatewayError::Listen { addr, source })
+/// The gateway's two sockets, bound by the caller.
+pub struct Listeners {
+    /// The public port, for clients.
+    pub public: TcpListener,
+    /// The admin listener, for operators.
+    pub admin: TcpListener,
 }
 
-/// Serves on `listener` until `shutdown` resolves, then stops as it says and returns.
+/// Binds the gateway's public port (`gateway.listenHost`:`gateway.httpPort`) and its admin
+/// listener (`gateway.adminAddr`). Port 0 lets the system choose; [`run`] serves, logs and
+/// registers the ports it got.
+pub fn bind(config: &GomsConfig) -> Result<Listeners, GatewayError> {
+    let gateway = &config.gateway;
+    let bind = |addr: String| {
+        TcpListener::bind(&addr).map_err(|source| GatewayError::Listen { addr, source })
+    };
+    Ok(Listeners {
+        public: bind(format!("{}:{}", gateway.listen_host, gateway.http_port))?,
+        admin: bind(gateway.admin_addr.clone())?,
+    })
+}
+
+/// The address a bound listener serves, set non-blocking for pingora.
+fn serving_addr(listener: &TcpListener) -> Result<std::net::SocketAddr, GatewayError> {
+    listener
+        .local_addr()
+        .and_then(|addr| listener.set_nonblocking(true).map(|()| addr))
+        .map_err(|source| GatewayError::Listen {
+            addr: "bound socket".into(),
+            source,
+        })
+}
+
+/// Serves on `listeners` until `shutdown` resolves, then stops as it says and returns.
 ///
 /// pingora runs its own runtimes and blocks the calling thread, so this must not be called
 /// from inside a tokio runtime.
 pub fn run(
     config: GomsConfig,
     node_id: Option<String>,
-    listener: TcpListener,
+    listeners: Listeners,
     shutdown: impl Future<Output = Stop> + Send + 'static,
 ) -> Result<(), GatewayError> {
     let call_service_key = config.require_call_service_key()?.clone();
@@ -93,16 +123,11 @@ pub fn run(
         route_source(&gateway.routes, config.services.as_ref()),
         defaults,
     )?);
-    let bound = listener
-        .local_addr()
-        .and_then(|addr| listener.set_nonblocking(true).map(|()| addr))
-        .map_err(|source| GatewayError::Listen {
-            addr: format!("{}:{}", gateway.listen_host, gateway.http_port),
-            source,
-        })?;
+    let bound = serving_addr(&listeners.public)?;
+    let admin_bound = serving_addr(&listeners.admin)?;
     let port = bound.port();
     // pingora matches a listener to its service by this text.
-    let listen = bound.to_string();
+    let (listen, admin_listen) = (bound.to_string(), admin_bound.to_string());
 
     let upstreams = Arc::new(Upstreams::default());
     let (members_tx, members_rx) = watch::channel(Arc::new(Members::default()));
@@ -144,7 +169,16 @@ pub fn run(
         },
     );
     server.bootstrap();
-    server.add_listener_fd(listen.clone(), listener.into_raw_fd());
+    server.add_listener_fd(listen.clone(), listeners.public.into_raw_fd());
+    server.add_listener_fd(admin_listen.clone(), listeners.admin.into_raw_fd());
+    let admin = Arc::new(AdminEndpoints {
+        members: members_rx,
+        upstreams: upstreams.clone(),
+        routes: routes.clone(),
+        metrics: metrics.clone(),
+        trace: trace.clone(),
+        allow: gateway.admin_allow.clone(),
+    });
 
     let drain = Drain::new();
     let mut proxy = pingora::proxy::http_proxy_service(
@@ -152,7 +186,7 @@ pub fn run(
         GatewayProxy {
             routes: routes.clone(),
             upstreams: upstreams.clone(),
-            members: members_rx,
+            admin: admin.clone(),
             call_service_key: key_header(&call_service_key)?,
             connect_timeout: gateway.connect_timeout,
             metrics,
@@ -163,6 +197,9 @@ pub fn run(
     );
     proxy.add_tcp(&listen);
     server.add_service(proxy);
+    let mut admin_service = Service::new("admin".to_string(), AdminApp(admin));
+    admin_service.add_tcp(&admin_listen);
+    server.add_service(admin_service);
     server.add_service(background_service(
         "registry link",
         RegistryLink {
@@ -183,6 +220,7 @@ pub fn run(
         ));
     }
     info!("[gateway] Http Listen on port: {port}");
+    info!("[gateway] admin (/cluster, /metrics) on {admin_listen}");
     server.run(drain::run_args(shutdown, drain));
     info!("Gateway stopped.");
     Ok(())

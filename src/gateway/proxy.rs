@@ -18,19 +18,18 @@ use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::{Error, ErrorSource, ErrorType};
-use tokio::sync::watch;
 use tracing::debug;
 
-use super::cluster::cluster_document;
+use super::admin::AdminEndpoints;
 use super::metrics::GatewayMetrics;
 use super::record::{Attempt, RequestRecord};
-use super::respond::{write_error, write_json, write_text};
+use super::respond::{write_body, write_error};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
 use crate::config::{Route, Transform};
 use crate::registry::drain::InFlight;
-use crate::registry::{Drain, Members};
+use crate::registry::Drain;
 use crate::trace::{
     request_id_or_new, BodyCapture, TraceContext, TraceSink, ATTEMPT_HEADER, REQUEST_ID_HEADER,
     TRACEPARENT_HEADER,
@@ -43,7 +42,8 @@ pub const CALL_SERVICE_KEY_HEADER: &str = "call-service-key";
 pub struct GatewayProxy {
     pub routes: Arc<RouteStore>,
     pub upstreams: Arc<Upstreams>,
-    pub members: watch::Receiver<Arc<Members>>,
+    /// `/cluster`, `/metrics` and `/healthz`, as the public port serves them.
+    pub admin: Arc<AdminEndpoints>,
     /// The shared key, parsed once; marked sensitive so HTTP/2 never indexes it.
     pub call_service_key: http::HeaderValue,
     pub connect_timeout: Duration,
@@ -184,29 +184,31 @@ fn gateway_error(status: u16, why: &'static str) -> Box<Error> {
 }
 
 impl GatewayProxy {
+    /// Answers the gateway's own endpoints on the public port; see [`AdminEndpoints`].
     async fn serve_own_endpoint(&self, session: &mut Session, path: &str) -> pingora::Result<bool> {
-        match path {
-            "/cluster" => {
-                let members = self.members.borrow().clone();
-                let document = cluster_document(&members, Some(&self.upstreams));
-                let body =
-                    serde_json::to_vec_pretty(&document).expect("cluster document serialises");
-                write_json(session, 200, body, None).await?;
-                Ok(true)
-            }
-            "/healthz" => {
-                write_json(session, 200, br#"{"status":true}"#.to_vec(), None).await?;
-                Ok(true)
-            }
-            "/metrics" => {
-                let text = self
-                    .metrics
-                    .render(&self.upstreams, &self.routes, self.trace.stats());
-                write_text(session, "text/plain; version=0.0.4", text).await?;
-                Ok(true)
-            }
-            _ => Ok(false),
+        let Some(answer) = self.admin.answer(path) else {
+            return Ok(false);
+        };
+        let client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        if !self.admin.public_may_read(path, client) {
+            self.metrics.count_status(403);
+            let message = "this endpoint answers only gateway.adminAllow clients on the public \
+                           port; use the admin listener (gateway.adminAddr)";
+            write_error(session, 403, message, "").await?;
+            return Ok(true);
         }
+        write_body(
+            session,
+            answer.status,
+            answer.content_type,
+            answer.body,
+            None,
+        )
+        .await?;
+        Ok(true)
     }
 }
 

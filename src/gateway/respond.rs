@@ -45,16 +45,8 @@ pub async fn write_json(
     write_body(session, status, "application/json", body, request_id).await
 }
 
-/// Writes a complete plain-text response (Prometheus exposition format).
-pub async fn write_text(
-    session: &mut Session,
-    content_type: &str,
-    body: String,
-) -> pingora::Result<()> {
-    write_body(session, 200, content_type, body.into_bytes(), None).await
-}
-
-async fn write_body(
+/// Writes a complete response.
+pub async fn write_body(
     session: &mut Session,
     status: u16,
     content_type: &str,

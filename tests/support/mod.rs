@@ -163,6 +163,8 @@ impl Goms {
             .env("GOMS__CALL_SERVICE_KEY", KEY)
             .env("GOMS__GATEWAY__DRAIN_TIMEOUT", "1s")
             .env("GOMS__GATEWAY__HEALTH_CHECK_INTERVAL", "500ms")
+            // Every gateway of a test run gets an admin listener of its own.
+            .env("GOMS__GATEWAY__ADMIN_ADDR", "127.0.0.1:0")
             // No broker unless a test names one: nothing reaches a developer's local RabbitMQ.
             .env("GOMS__AMQP_ADDR", "amqp://guest:guest@127.0.0.1:1/%2f")
             .env("GOMS__TRACE__SPOOL_DIR", spool.path())

@@ -1,0 +1,106 @@
+//! The gateway's own endpoints: `/cluster`, `/metrics` and `/healthz`. The admin listener
+//! (`gateway.adminAddr`, loopback by default) serves them to whoever reaches it; on the public
+//! port `/healthz` answers everyone, for load balancers, while `/cluster` (node addresses) and
+//! `/metrics` answer only clients in `gateway.adminAllow`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use pingora::apps::http_app::ServeHttp;
+use pingora::protocols::http::ServerSession;
+use tokio::sync::watch;
+
+use super::cluster::cluster_document;
+use super::metrics::GatewayMetrics;
+use super::respond::ErrorEnvelope;
+use super::route_store::RouteStore;
+use super::upstreams::Upstreams;
+use crate::config::AllowList;
+use crate::registry::Members;
+use crate::trace::TraceSink;
+
+/// What the admin endpoints read; shared by the proxy and the admin listener.
+pub struct AdminEndpoints {
+    pub members: watch::Receiver<Arc<Members>>,
+    pub upstreams: Arc<Upstreams>,
+    pub routes: Arc<RouteStore>,
+    pub metrics: Arc<GatewayMetrics>,
+    /// For the trace publisher's counters.
+    pub trace: TraceSink,
+    pub allow: AllowList,
+}
+
+/// A complete answer of an admin endpoint.
+pub struct Answer {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: Vec<u8>,
+}
+
+impl AdminEndpoints {
+    /// The answer for `path`, or `None` when it is no admin endpoint.
+    pub fn answer(&self, path: &str) -> Option<Answer> {
+        let json = |body| Answer {
+            status: 200,
+            content_type: "application/json",
+            body,
+        };
+        match path {
+            "/healthz" => Some(json(br#"{"status":true}"#.to_vec())),
+            "/cluster" => {
+                let members = self.members.borrow().clone();
+                let document = cluster_document(&members, Some(&self.upstreams));
+                Some(json(
+                    serde_json::to_vec_pretty(&document).expect("cluster document serialises"),
+                ))
+            }
+            "/metrics" => {
+                let text = self
+                    .metrics
+                    .render(&self.upstreams, &self.routes, self.trace.stats());
+                Some(Answer {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4",
+                    body: text.into_bytes(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether a client on the public port may read `path`: `/healthz` is for everyone,
+    /// the rest only for `gateway.adminAllow`.
+    pub fn public_may_read(&self, path: &str, client: Option<IpAddr>) -> bool {
+        path == "/healthz" || client.is_some_and(|ip| self.allow.allows(ip))
+    }
+}
+
+/// The admin listener's HTTP app.
+pub struct AdminApp(pub Arc<AdminEndpoints>);
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
+        let path = session.req_header().uri.path().to_string();
+        let answer = self.0.answer(&path).unwrap_or_else(|| {
+            let envelope = ErrorEnvelope {
+                code: 404,
+                msg: "the admin listener serves /cluster, /metrics and /healthz",
+                status: false,
+                request_id: "",
+            };
+            Answer {
+                status: 404,
+                content_type: "application/json",
+                body: serde_json::to_vec(&envelope).expect("envelope serialises"),
+            }
+        });
+        http::Response::builder()
+            .status(answer.status)
+            .header(http::header::CONTENT_TYPE, answer.content_type)
+            .header(http::header::CONTENT_LENGTH, answer.body.len())
+            .body(answer.body)
+            .expect("a valid response")
+    }
+}
