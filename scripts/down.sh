@@ -7,16 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export COMPOSE_PROJECT_NAME=${COMPOSE_PROJECT_NAME:-goms}
 
-if docker compose version >/dev/null 2>&1; then
-  COMPOSE=(docker compose)
-elif command -v docker-compose >/dev/null 2>&1; then
-  COMPOSE=(docker-compose)
-else
-  echo "[down] Docker Compose is missing" >&2
-  exit 1
-fi
-
-# The main file names every service (the offline override only hides Elasticsearch and
-# Kibana), so it serves for both modes; --remove-orphans takes containers of services that
-# no longer exist in it.
-"${COMPOSE[@]}" -f compose/docker-compose.yml down --remove-orphans "$@"
+# scripts/compose.sh passes the files of the mode scripts/up.sh chose; --remove-orphans
+# takes containers of services that no longer exist in them.
+exec scripts/compose.sh down --remove-orphans "$@"

@@ -12,7 +12,9 @@
 #   6. asserts: no failed request, the new replicas served traffic, the removed replicas got
 #      none after their removal, the added route answers, the invalid edit is refused with
 #      file:line in the gateway log and changed nothing,
-#   7. tears everything down (`down -v --remove-orphans`), also on failure or Ctrl-C.
+#   7. scales `order` (a Python app behind `goms sidecar`) 1 -> 3 under a second steady client:
+#      no failed request, all three replicas answer, and the sidecars published trace events,
+#   8. tears everything down (`down -v --remove-orphans`), also on failure or Ctrl-C.
 #
 # Environment:
 #   GOMS_BUILD_PROFILE=debug|release  binary to package (default debug: the test run built it)
@@ -69,6 +71,7 @@ cleanup() {
   local rc=$?
   trap - EXIT INT TERM
   exec 1>&3 2>&4
+  [ -n "${ORDER_STOP:-}" ] && touch "$ORDER_STOP"
   if [ -n "$CLIENT_PID" ]; then
     touch "$STOP_FILE"
     kill "$CLIENT_PID" 2>/dev/null || true
@@ -124,7 +127,7 @@ cp -r config "$CONFIG_DIR"
 chmod -R a+rX "$WORK"   # the containers run as the non-root user goms
 export GOMS_CONFIG_DIR=$CONFIG_DIR
 export GOMS_LOG_FORMAT=text   # the checks below read the gateway's text log
-export GOMS_GATEWAY_PORT=127.0.0.1: GOMS_ETCD_PORT=127.0.0.1: GOMS_AMQP_PORT=127.0.0.1: GOMS_RABBITMQ_UI_PORT=127.0.0.1:
+export GOMS_GATEWAY_PORT=127.0.0.1: GOMS_GATEWAY_ADMIN_PORT=127.0.0.1: GOMS_ETCD_PORT=127.0.0.1: GOMS_AMQP_PORT=127.0.0.1: GOMS_RABBITMQ_UI_PORT=127.0.0.1:
 log "starting project $PROJECT (config dir $CONFIG_DIR)"
 STACK_UP=1
 c up -d >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; fail "'up -d' failed"; }
@@ -132,10 +135,14 @@ GW="$(c port gateway 8080 | tail -n 1)"
 GW=${GW/0.0.0.0/127.0.0.1}
 [ -n "$GW" ] || fail "gateway port not published"
 BASE=http://$GW
-log "gateway at $BASE"
+ADMIN="$(c port gateway 9901 | tail -n 1)"
+ADMIN=http://${ADMIN/0.0.0.0/127.0.0.1}
+log "gateway at $BASE (admin $ADMIN)"
 
-user_nodes() { curl -fsS --max-time 3 "$BASE/cluster" | nodes_of user | sort; }
+nodes() { curl -fsS --max-time 3 "$ADMIN/cluster" | nodes_of "$1" | sort; }
+user_nodes() { nodes user; }
 user_count_is() { [ "$(user_nodes | grep -c .)" = "$1" ]; }
+order_count_is() { [ "$(nodes order | grep -c .)" = "$1" ]; }
 status_of() { curl -s -o /dev/null --max-time 5 -w '%{http_code}' "$@" || true; }
 answers() { [ "$(status_of "$BASE$1")" = "$2" ]; }
 
@@ -159,7 +166,7 @@ client_loop() {
     status=000 served=-
     t0=$EPOCHREALTIME
     rc=0
-    headers="$(curl -sS -o /dev/null -D - --max-time 10 "$BASE/api/user/login?n=$n" 2>&1)" || rc=$?
+    headers="$(curl -sS -o /dev/null -D - --max-time 10 "$BASE$CLIENT_PATH$n" 2>&1)" || rc=$?
     while IFS= read -r line; do
       line=${line%$'\r'}
       case "${line,,}" in
@@ -172,7 +179,7 @@ client_loop() {
   done
 }
 : >"$CLIENT_LOG"
-client_loop &
+CLIENT_PATH="/api/user/login?n=" client_loop &
 CLIENT_PID=$!
 now() { echo "$EPOCHREALTIME"; }
 # Requests served by node $1 after time $2.
@@ -273,8 +280,44 @@ sleep 3   # let the 2 s poll see the file again: it must still be refused
 answers /api/user/login 200 || fail "/api/user/login stopped answering after the invalid edit"
 answers /api/user/profile 200 || fail "/api/user/profile stopped answering after the invalid edit"
 answers /api/user/broken 404 || fail "the refused route /api/user/broken answers"
-answers /api/order/submit 503 || fail "/api/order/submit should still be routed (503: no order replica)"
-log "previous routes keep serving (login 200, profile 200, broken 404, order/submit 503)"
+answers /api/order/submit 200 || fail "/api/order/submit stopped answering after the invalid edit"
+log "previous routes keep serving (login 200, profile 200, broken 404, order/submit 200)"
+
+# --- 8. a service in another language: order (Python behind goms sidecar), 1 -> 3 -----------
+ORDER_LOG=$WORK/order-client.log
+ORDER_STOP=$WORK/stop-order-client
+wait_for 60 "/cluster listing 1 order node" order_count_is 1
+: >"$ORDER_LOG"
+(STOP_FILE=$ORDER_STOP CLIENT_LOG=$ORDER_LOG CLIENT_PATH="/api/order/submit?item=" client_loop) &
+ORDER_PID=$!
+t_order=$(now)
+log "scale order 1 -> 3"
+c up -d --no-deps --no-recreate --scale order=3 order >"$WORK/scale-order.log" 2>&1 \
+  || { cat "$WORK/scale-order.log" >&2; fail "scale order to 3 failed"; }
+wait_for 60 "/cluster listing 3 order nodes" order_count_is 3
+order_nodes="$(nodes order)"
+order_served_all() {
+  local node
+  for node in $order_nodes; do
+    awk -v node="$node" -v t="$t_order" '$5 == node && $1 > t {n++} END {exit !n}' "$ORDER_LOG" || return 1
+  done
+}
+wait_for 30 "traffic on all 3 order replicas ($(echo $order_nodes))" order_served_all
+touch "$ORDER_STOP"
+wait "$ORDER_PID" || true
+order_total="$(grep -c . "$ORDER_LOG" || true)"
+order_failed="$(awk '$3 != 0 || $4 != 200 || $5 == "-"' "$ORDER_LOG" | wc -l)"
+[ "$order_failed" = 0 ] || { head -n 20 "$ORDER_LOG" >&2; fail "$order_failed of $order_total order requests failed"; }
+# sed reads the whole list: head would close the pipe early, and pipefail would see SIGPIPE.
+order_container="$(c ps -q order | sed -n 1p)"
+published_events() {
+  docker exec "$order_container" python3 -c \
+    "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:4191/metrics').read().decode())" \
+    | awk '$1 == "goms_trace_events_published_total" {print $2}'
+}
+order_published() { [ "$(published_events)" -gt 0 ]; }
+wait_for 20 "an order sidecar's trace events confirmed by RabbitMQ" order_published
+log "order: $order_total requests, 0 failed, served by $(echo $order_nodes); a sidecar published $(published_events) trace events"
 
 # The trace consumer runs without Elasticsearch (offline), waiting; it must not crash-loop.
 consumer="$(c ps -q trace-consumer | head -n 1)"
@@ -282,9 +325,9 @@ consumer="$(c ps -q trace-consumer | head -n 1)"
 [ "$(docker inspect -f '{{.State.Running}} {{.RestartCount}}' "$consumer")" = "true 0" ] \
   || fail "trace-consumer is not running steadily: $(docker inspect -f '{{.State.Status}}, restarts {{.RestartCount}}' "$consumer")"
 queued="$(c exec -T rabbitmq rabbitmqctl -q list_queues name messages 2>/dev/null | awk '$1 == "goms.trace" {print $2}' || true)"
-log "trace-consumer running; trace messages queued in goms.trace (no Elasticsearch offline; a message carries up to 128 events): ${queued:-unknown}"
+log "trace-consumer running; trace messages queued in goms.trace (no Elasticsearch offline; a message carries up to 1,024 events): ${queued:-unknown}"
 
-# --- 8. verdict ----------------------------------------------------------------------------
+# --- 9. verdict ----------------------------------------------------------------------------
 sleep 2
 touch "$STOP_FILE"
 wait "$CLIENT_PID" || true
@@ -303,7 +346,8 @@ awk '$5 != "-" {n[$5]++} END {for (k in n) print "    " k, n[k]}' "$CLIENT_LOG" 
 echo "  new replicas:     $(echo $nodes_new)"
 echo "  removed replicas: $(echo $nodes_removed) (0 requests after removal)"
 echo "  routes: valid edit applied; invalid edit refused (${refusal##*error=})"
-echo "  traces: ${queued:-?} messages (up to 128 events each) queued in RabbitMQ goms.trace (Elasticsearch left out offline)"
+echo "  order (Python behind goms sidecar): $order_total requests, 0 failed, scaled 1 -> 3: $(echo $order_nodes)"
+echo "  traces: ${queued:-?} messages (up to 1,024 events each) queued in RabbitMQ goms.trace (Elasticsearch left out offline)"
 echo
 if [ "$failed" != 0 ]; then
   log "failed requests (first 20):"

@@ -9,6 +9,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$HOME/.cargo/bin:$PATH"
 
+# The build needs cmake and protoc, the images debootstrap: installed when missing.
+scripts/install-deps.sh
+
 OFFICIAL_ETCD=quay.io/coreos/etcd:v3.5.17
 OFFICIAL_RABBITMQ=rabbitmq:3.13-management
 

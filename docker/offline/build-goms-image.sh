@@ -52,6 +52,9 @@ else
 fi
 cp "$ROOT/docker/entrypoint.sh" "$ctx/entrypoint.sh"
 cp "$ROOT/docker/healthcheck.sh" "$ctx/healthcheck.sh"
+cp "$ROOT/docker/order.sh" "$ctx/order.sh"
+mkdir -p "$ctx/examples/order"
+cp "$ROOT/examples/order/app.py" "$ctx/examples/order/app.py"
 cp -r "$ROOT/config" "$ctx/config"
 cp "$HERE/goms/Dockerfile" "$ctx/Dockerfile"
 
