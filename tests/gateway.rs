@@ -22,8 +22,8 @@ async fn stack(replicas: usize) -> Stack {
         .map(|_| Goms::service(&etcd, free_port(), &["--lease-ttl", "3"]))
         .collect();
     let (folder, routes_path) = route_file(ROUTES);
-    let gateway_port = free_port();
-    let gateway = Goms::gateway(&etcd, gateway_port, &routes_path, &["--lease-ttl", "3"]);
+    let gateway = Goms::gateway(&etcd, &routes_path, &["--lease-ttl", "3"]).await;
+    let gateway_port = gateway.port();
     wait_for_nodes(gateway_port, "user", replicas).await;
     Stack {
         etcd,
@@ -228,14 +228,14 @@ async fn services_refuse_a_missing_or_wrong_key() {
 
     // A gateway configured with another key is refused by the service.
     let (_folder, routes) = route_file(ROUTES);
-    let gateway_port = free_port();
-    let _gateway = Goms::gateway_with(
+    let gateway = Goms::gateway_with(
         &etcd.endpoint(),
-        gateway_port,
         &routes,
         &[],
         &[("GOMS__CALL_SERVICE_KEY", "not-the-shared-key")],
-    );
+    )
+    .await;
+    let gateway_port = gateway.port();
     wait_for_nodes(gateway_port, "user", 1).await;
     let response = client
         .get(format!("http://127.0.0.1:{gateway_port}/api/user/login"))
@@ -357,8 +357,7 @@ async fn sigterm_revokes_the_lease_before_draining() {
 #[tokio::test]
 async fn cluster_document_lists_every_service_with_goms_keys() {
     let stack = stack(2).await;
-    let second_gateway_port = free_port();
-    let _second = Goms::gateway(&stack.etcd, second_gateway_port, &stack.routes_path, &[]);
+    let _second = Goms::gateway(&stack.etcd, &stack.routes_path, &[]).await;
     let client = http();
     client
         .get(stack.url("/api/user/login"))
@@ -467,8 +466,8 @@ async fn transform_json_reencodes_form_bodies() {
     let (_folder, routes) = route_file(
         "services:\n  user:\n    login:\n      path: /login\n      transform: json\n    raw: /raw\n",
     );
-    let port = free_port();
-    let _gateway = Goms::gateway(&etcd, port, &routes, &[]);
+    let gateway = Goms::gateway(&etcd, &routes, &[]).await;
+    let port = gateway.port();
     wait_for_nodes(port, "user", 1).await;
     let client = http();
     for (route, expected_type) in [

@@ -23,8 +23,8 @@ fn logged_addr(process: &Goms, marker: &str) -> String {
 
 async fn gateway(etcd: &Etcd, env: &[(&str, &str)]) -> (Goms, u16, String, tempfile::TempDir) {
     let (folder, routes) = route_file(ROUTES);
-    let port = free_port();
-    let gateway = Goms::gateway_with(&etcd.endpoint(), port, &routes, &[], env);
+    let gateway = Goms::gateway_with(&etcd.endpoint(), &routes, &[], env).await;
+    let port = gateway.port();
     let marker = "admin (/cluster, /metrics) on ";
     gateway.wait_for_line(marker, Duration::from_secs(20)).await;
     let admin = logged_addr(&gateway, marker);

@@ -16,8 +16,8 @@ async fn etcd_restart_keeps_routing_and_the_watch_resumes() {
     let etcd = Etcd::start().await;
     let _first = Goms::service(&etcd, free_port(), &["--lease-ttl", "5"]);
     let (_folder, routes) = route_file(ROUTES);
-    let port = free_port();
-    let gateway = Goms::gateway(&etcd, port, &routes, &["--lease-ttl", "5"]);
+    let gateway = Goms::gateway(&etcd, &routes, &["--lease-ttl", "5"]).await;
+    let port = gateway.port();
     wait_for_nodes(port, "user", 1).await;
     let url = format!("http://127.0.0.1:{port}/api/user/login");
 
@@ -49,8 +49,8 @@ async fn an_empty_etcd_gets_every_node_registered_again() {
     let service_port = free_port();
     let service = Goms::service(&etcd, service_port, &["--lease-ttl", "3"]);
     let (_folder, routes) = route_file(ROUTES);
-    let port = free_port();
-    let gateway = Goms::gateway(&etcd, port, &routes, &["--lease-ttl", "3"]);
+    let gateway = Goms::gateway(&etcd, &routes, &["--lease-ttl", "3"]).await;
+    let port = gateway.port();
     wait_for_nodes(port, "user", 1).await;
 
     // Same address, no data: all leases and keys are gone, as after losing etcd's disk.
@@ -123,14 +123,8 @@ async fn a_watcher_cut_off_across_a_compaction_lists_again_and_misses_nothing() 
     let proxy = support::TcpCut::start(etcd.port).await;
     // The gateway reaches etcd only through the cuttable proxy.
     let (_folder, routes) = route_file(ROUTES);
-    let port = free_port();
-    let gateway = Goms::gateway_with(
-        &format!("127.0.0.1:{}", proxy.port),
-        port,
-        &routes,
-        &[],
-        &[],
-    );
+    let gateway = Goms::gateway_with(&format!("127.0.0.1:{}", proxy.port), &routes, &[], &[]).await;
+    let port = gateway.port();
     let first = Goms::service(&etcd, free_port(), &["--lease-ttl", "3"]);
     wait_for_nodes(port, "user", 1).await;
 

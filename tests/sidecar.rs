@@ -122,8 +122,8 @@ fn logged_port(output: &str) -> u16 {
 
 async fn gateway(etcd: &Etcd, env: &[(&str, &str)]) -> (Goms, u16, tempfile::TempDir) {
     let (folder, routes) = route_file(ROUTES);
-    let port = free_port();
-    let gateway = Goms::gateway_with(&etcd.endpoint(), port, &routes, &[], env);
+    let gateway = Goms::gateway_with(&etcd.endpoint(), &routes, &[], env).await;
+    let port = gateway.port();
     (gateway, port, folder)
 }
 

@@ -52,17 +52,17 @@ async fn traced_stack(etcd: &Etcd, broker: &RabbitMq) -> (Goms, Goms, u16, tempf
         ],
     );
     let (folder, routes) = route_file(ROUTES);
-    let port = free_port();
     let gateway = Goms::gateway_with(
         &etcd.endpoint(),
-        port,
         &routes,
         &[],
         &[
             ("GOMS__AMQP_ADDR", &amqp),
             ("GOMS__TRACE__REDACT_HEADERS", "x-api-token"),
         ],
-    );
+    )
+    .await;
+    let port = gateway.port();
     wait_for_nodes(port, "user", 1).await;
     (gateway, service, port, folder)
 }

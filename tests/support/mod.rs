@@ -148,6 +148,8 @@ pub struct Goms {
     pub name: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The port it bound, for processes started on port 0.
+    port: Option<u16>,
     /// Each process spools trace events into its own folder, removed with it.
     _spool: tempfile::TempDir,
 }
@@ -196,6 +198,7 @@ impl Goms {
             name: name.to_string(),
             child,
             lines,
+            port: None,
             _spool: spool,
         }
     }
@@ -216,31 +219,48 @@ impl Goms {
         Goms::spawn(&format!("user:{port}"), &args, &[])
     }
 
-    pub fn gateway(etcd: &Etcd, port: u16, routes: &std::path::Path, extra: &[&str]) -> Goms {
-        Goms::gateway_with(&etcd.endpoint(), port, routes, extra, &[])
+    /// A gateway on a port the system picks; [`Goms::port`] is the port it bound.
+    pub async fn gateway(etcd: &Etcd, routes: &std::path::Path, extra: &[&str]) -> Goms {
+        Goms::gateway_with(&etcd.endpoint(), routes, extra, &[]).await
     }
 
-    /// A gateway on any etcd endpoint (a proxy in front of etcd, say) with extra env.
-    pub fn gateway_with(
+    /// A gateway on any etcd endpoint (a proxy in front of etcd, say) with extra env. It
+    /// binds port 0 and the test reads the port from its log, so no two tests race for one.
+    pub async fn gateway_with(
         etcd_endpoint: &str,
-        port: u16,
         routes: &std::path::Path,
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Goms {
-        let port_text = port.to_string();
         let routes = routes.display().to_string();
         let mut args = vec![
             "gateway",
             "--http-port",
-            &port_text,
+            "0",
             "--etcd-addr",
             etcd_endpoint,
             "--routes",
             &routes,
         ];
         args.extend_from_slice(extra);
-        Goms::spawn(&format!("gateway:{port}"), &args, env)
+        let mut gateway = Goms::spawn("gateway", &args, env);
+        let marker = "Http Listen on port: ";
+        gateway.wait_for_line(marker, Duration::from_secs(30)).await;
+        let output = gateway.output();
+        let port = output
+            .lines()
+            .find_map(|line| line.split(marker).nth(1))
+            .and_then(|rest| rest.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no port after {marker:?} in:\n{output}"));
+        gateway.name = format!("gateway:{port}");
+        gateway.port = Some(port);
+        gateway
+    }
+
+    /// The port a gateway bound.
+    pub fn port(&self) -> u16 {
+        self.port
+            .unwrap_or_else(|| panic!("{} logged no port of its own", self.name))
     }
 
     pub fn output(&self) -> String {
