@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use support::{free_port, http, route_file, wait_for_nodes, Etcd, Goms};
 
-const ROUTES: &str = "services:\n  order:\n    slow: /slow\n";
+const ROUTES: &str = "services:\n  order:\n    slow: /slow\n    submit: /order/submit\n";
 
 /// The address a process logged after `marker`, e.g. `admin (/cluster, /metrics) on `.
 fn logged_addr(process: &Goms, marker: &str) -> String {
@@ -130,10 +130,26 @@ async fn an_idle_gateway_exits_promptly_on_sigterm() {
     );
 }
 
-/// A slow app behind a sidecar: something that takes seconds to answer.
+/// The order app behind a sidecar: it can take seconds to answer (`/slow`), and it counts
+/// the requests it received (`/_seen`).
 struct SlowReplica {
     _app: KillOnDrop,
     _sidecar: Goms,
+    app_port: u16,
+}
+
+impl SlowReplica {
+    async fn requests_seen(&self) -> u64 {
+        let seen: serde_json::Value = http()
+            .get(format!("http://127.0.0.1:{}/_seen", self.app_port))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        seen["requests"].as_u64().unwrap()
+    }
 }
 
 struct KillOnDrop(Child);
@@ -175,6 +191,7 @@ fn slow_replica(etcd: &Etcd) -> SlowReplica {
     SlowReplica {
         _app: KillOnDrop(app),
         _sidecar: sidecar,
+        app_port,
     }
 }
 
@@ -224,4 +241,170 @@ async fn a_draining_gateway_finishes_the_request_in_flight_then_exits() {
     let took = started.elapsed();
     eprintln!("gateway with a 2 s request in flight exited after {took:?}");
     assert!(took >= Duration::from_secs(2), "it waited for the request");
+}
+
+/// Sends `bytes` on a fresh connection and reads until the gateway closes it: the status
+/// codes it answered, and whether it closed (rather than waiting for more).
+async fn exchange(port: u16, bytes: &[u8]) -> (Vec<u16>, bool) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    // A refusal may come before the whole request is written; the answer is what counts.
+    let _ = stream.write_all(bytes).await;
+    let mut answer = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut answer))
+        .await
+        .is_ok();
+    let text = String::from_utf8_lossy(&answer);
+    let statuses = text
+        .split("\r\n")
+        .filter(|line| line.starts_with("HTTP/1."))
+        .filter_map(|line| line.split(' ').nth(1)?.parse().ok())
+        .collect();
+    (statuses, closed)
+}
+
+#[tokio::test]
+async fn smuggling_and_oversized_requests_are_refused_and_nothing_reaches_the_replica() {
+    let etcd = Etcd::start().await;
+    let replica = slow_replica(&etcd);
+    let (_gateway, port, admin, _routes) = gateway(
+        &etcd,
+        &[
+            ("GOMS__GATEWAY__LIMITS__BODY_BYTES", "100000"),
+            ("GOMS__GATEWAY__LIMITS__HEADER_COUNT", "100"),
+        ],
+    )
+    .await;
+    wait_for_nodes(port, "order", 1).await;
+    let smuggled = "GET /api/order/submit HTTP/1.1\r\nHost: x\r\n\r\n";
+    let post = "POST /api/order/submit HTTP/1.1\r\nHost: x\r\n";
+    let many_headers: String = (0..150).map(|n| format!("X-H{n}: v\r\n")).collect();
+    // (case, request, the gateway's answer, requests the replica may see)
+    let cases: Vec<(&str, String, u16, u64)> = vec![
+        (
+            "two different Content-Length values",
+            format!("{post}Content-Length: 3\r\nContent-Length: 40\r\n\r\na=1{smuggled}"),
+            400,
+            0,
+        ),
+        (
+            "Transfer-Encoding: chunked, identity",
+            format!("{post}Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n{smuggled}"),
+            400,
+            0,
+        ),
+        (
+            "an unknown transfer coding",
+            format!("{post}Transfer-Encoding: gzip\r\n\r\n{smuggled}"),
+            400,
+            0,
+        ),
+        (
+            "obs-fold",
+            "GET /api/order/submit HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n  folded\r\n\r\n".into(),
+            400,
+            0,
+        ),
+        (
+            "a space before the colon",
+            format!("{post}Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n{smuggled}"),
+            400,
+            0,
+        ),
+        (
+            "an absolute URI to a foreign host",
+            "GET http://evil.example/api/order/submit HTTP/1.1\r\nHost: x\r\n\r\n".into(),
+            400,
+            0,
+        ),
+        (
+            "70 KB of header fields",
+            format!(
+                "GET /api/order/submit HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+                "a".repeat(70_000)
+            ),
+            431,
+            0,
+        ),
+        (
+            "150 header fields",
+            format!("GET /api/order/submit HTTP/1.1\r\nHost: x\r\n{many_headers}\r\n"),
+            431,
+            0,
+        ),
+        (
+            "a 9 KB request target",
+            format!(
+                "GET /api/order/submit?{} HTTP/1.1\r\nHost: x\r\n\r\n",
+                "q".repeat(9_000)
+            ),
+            414,
+            0,
+        ),
+        (
+            "a declared body over maxBodyBytes",
+            format!("{post}Content-Length: 200000\r\n\r\n"),
+            413,
+            0,
+        ),
+    ];
+    for (case, request, status, reaching) in cases {
+        let before = replica.requests_seen().await;
+        let (statuses, closed) = exchange(port, request.as_bytes()).await;
+        assert_eq!(statuses, vec![status], "{case}");
+        assert!(closed, "{case}: the gateway closes the connection");
+        let seen = replica.requests_seen().await - before;
+        assert!(seen <= reaching, "{case}: the replica saw {seen} requests");
+    }
+
+    // Both Content-Length and Transfer-Encoding: pingora lets chunked framing win and closes
+    // the connection after the answer (RFC 9112 section 6.3), so the smuggled request that
+    // follows the chunked body never reaches the replica.
+    let before = replica.requests_seen().await;
+    let both =
+        format!("{post}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}");
+    let (statuses, closed) = exchange(port, both.as_bytes()).await;
+    assert_eq!(statuses.len(), 1, "one answer, not two: {statuses:?}");
+    assert!(closed);
+    assert_eq!(
+        replica.requests_seen().await - before,
+        1,
+        "the smuggled GET never arrived"
+    );
+
+    // An invalid chunk size: the header was fine, so the request may have reached the replica
+    // before the gateway found the bad chunk; it answers 400 and closes. Last, as the
+    // replica's count may still move after the answer.
+    let bad_chunk = format!("{post}Transfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n");
+    let (statuses, closed) = exchange(port, bad_chunk.as_bytes()).await;
+    assert_eq!(statuses, vec![400], "an invalid chunk size");
+    assert!(closed);
+
+    // A chunked body that grows past the limit is cut off with 413.
+    let mut chunked = format!("{post}Transfer-Encoding: chunked\r\n\r\n").into_bytes();
+    for _ in 0..4 {
+        chunked.extend_from_slice(format!("{:x}\r\n{}\r\n", 40_000, "b".repeat(40_000)).as_bytes());
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    let (statuses, _) = exchange(port, &chunked).await;
+    assert_eq!(statuses, vec![413], "a streamed body over maxBodyBytes");
+
+    let metrics = http()
+        .get(format!("http://{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for reason in ["header_bytes", "header_count", "uri_bytes", "body_bytes"] {
+        assert!(
+            metrics.lines().any(|l| l.starts_with(&format!(
+                "goms_gateway_refused_total{{reason=\"{reason}\"}}"
+            )) && !l.ends_with(" 0")),
+            "refusals counted by reason {reason}:\n{metrics}"
+        );
+    }
 }

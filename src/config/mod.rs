@@ -240,6 +240,30 @@ pub struct GatewayConfig {
     /// blocks; `/cluster` lists node addresses. Default loopback (`127.0.0.0/8`, `::1`).
     #[serde(default = "AllowList::loopback")]
     pub admin_allow: AllowList,
+    /// Limits on what a client may send, in the class of Envoy's and nginx's defaults.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+}
+
+/// Request limits of the gateway (`gateway.limits`). A refusal is answered in the envelope,
+/// closes the connection and is counted in `/metrics` by reason.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct LimitsConfig {
+    /// Total bytes of the request's header fields (names and values). Default 61440
+    /// (60 KiB); past it, 431.
+    #[serde(default = "default_header_bytes")]
+    pub header_bytes: usize,
+    /// Header fields in a request. Default 100; past it, 431.
+    #[serde(default = "default_header_count")]
+    pub header_count: usize,
+    /// Bytes of the request target (path and query). Default 8192; past it, 414.
+    #[serde(default = "default_uri_bytes")]
+    pub uri_bytes: usize,
+    /// Request body bytes, for routes that set no `maxBodyBytes`. Default 10485760 (10 MiB);
+    /// past it, 413, before the body is read when `Content-Length` says so.
+    #[serde(default = "default_body_bytes")]
+    pub body_bytes: u64,
 }
 
 /// Settings of `goms service` and of services built on the SDK.
@@ -405,6 +429,18 @@ fn default_threads() -> usize {
 fn default_drain() -> Duration {
     Duration::from_secs(10)
 }
+fn default_header_bytes() -> usize {
+    60 * 1024
+}
+fn default_header_count() -> usize {
+    100
+}
+fn default_uri_bytes() -> usize {
+    8 * 1024
+}
+fn default_body_bytes() -> u64 {
+    10 * 1024 * 1024
+}
 fn default_admin_addr() -> String {
     "127.0.0.1:9901".into()
 }
@@ -493,6 +529,7 @@ default_from_serde!(
     GatewayConfig,
     ServiceConfig,
     SidecarConfig,
+    LimitsConfig,
     LogConfig,
     TraceConfig,
     TraceConsumerConfig

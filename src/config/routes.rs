@@ -39,6 +39,8 @@ pub struct RouteSpec {
     pub timeout: Option<Duration>,
     /// Extra attempts after the first; `None` takes the gateway default (2).
     pub retries: Option<u32>,
+    /// Largest request body, in bytes; `None` takes `gateway.limits.bodyBytes` (10 MiB).
+    pub max_body_bytes: Option<u64>,
     /// Body rewrite before forwarding.
     pub transform: Transform,
 }
@@ -71,6 +73,8 @@ struct ExtendedRoute {
     timeout: Option<DurationText>,
     #[serde(default)]
     retries: Option<u32>,
+    #[serde(default, rename = "maxBodyBytes")]
+    max_body_bytes: Option<u64>,
     #[serde(default)]
     transform: Transform,
 }
@@ -168,6 +172,7 @@ impl<'de> Visitor<'de> for RouteSpecVisitor {
             methods: None,
             timeout: None,
             retries: None,
+            max_body_bytes: None,
             transform: Transform::None,
         })
     }
@@ -190,6 +195,7 @@ impl<'de> Visitor<'de> for RouteSpecVisitor {
             methods,
             timeout: route.timeout.map(|t| t.0),
             retries: route.retries,
+            max_body_bytes: route.max_body_bytes,
             transform: route.transform,
         })
     }
@@ -424,6 +430,8 @@ pub struct Route {
     pub methods: Option<Vec<http::Method>>,
     pub timeout: Duration,
     pub retries: u32,
+    /// Largest request body, in bytes (413 past it).
+    pub max_body_bytes: u64,
     pub transform: Transform,
 }
 
@@ -440,6 +448,7 @@ impl Route {
 pub struct RouteDefaults {
     pub timeout: Duration,
     pub retries: u32,
+    pub max_body_bytes: u64,
 }
 
 /// The table the gateway matches `/api/{service}/{route}` against.
@@ -471,6 +480,7 @@ impl RouteTable {
                             }),
                             timeout: route.timeout.unwrap_or(defaults.timeout),
                             retries: route.retries.unwrap_or(defaults.retries),
+                            max_body_bytes: route.max_body_bytes.unwrap_or(defaults.max_body_bytes),
                             transform: route.transform,
                         };
                         (name.clone(), Arc::new(resolved))
@@ -584,6 +594,7 @@ mod tests {
         let table = RouteTable::build(
             &routes,
             RouteDefaults {
+                max_body_bytes: 1 << 20,
                 timeout: Duration::from_secs(5),
                 retries: 2,
             },

@@ -6,6 +6,7 @@
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use super::limits::RefusalCounts;
 use super::route_store::RouteStore;
 use super::upstreams::Upstreams;
 use crate::trace::PublisherStats;
@@ -23,6 +24,8 @@ pub struct GatewayMetrics {
     pub client_aborts: AtomicU64,
     by_status: [AtomicU64; TRACKED_STATUS.len()],
     other_status: AtomicU64,
+    /// Requests refused by `gateway.limits` or the framing rules, by reason.
+    pub refused: RefusalCounts,
 }
 
 impl GatewayMetrics {
@@ -81,6 +84,18 @@ impl GatewayMetrics {
             "goms_gateway_responses_total{{code=\"other\"}} {}",
             load(&self.other_status)
         );
+        family(
+            &mut out,
+            "goms_gateway_refused_total",
+            "counter",
+            "Requests refused before routing (gateway.limits, ambiguous framing), by reason.",
+        );
+        for (reason, count) in self.refused.all() {
+            let _ = writeln!(
+                out,
+                "goms_gateway_refused_total{{reason=\"{reason}\"}} {count}"
+            );
+        }
         single(
             &mut out,
             "goms_gateway_routes",
@@ -162,6 +177,7 @@ mod tests {
         let routes = RouteStore::load(
             RouteSource::Inline(ServiceRoutes::default()),
             RouteDefaults {
+                max_body_bytes: 1 << 20,
                 timeout: Duration::from_secs(1),
                 retries: 0,
             },

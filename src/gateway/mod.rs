@@ -8,6 +8,7 @@
 //! - [`admin`]: `/cluster`, `/metrics`, `/healthz` on the admin listener, and who may read
 //!   them on the public port.
 //! - [`cluster`]: the Go original's `/cluster` document.
+//! - [`limits`]: what a client may send (header size and count, target, body, framing).
 //! - [`metrics`]: Prometheus counters at `/metrics`.
 //! - [`respond`]: responses the gateway writes itself (the Go original's JSON envelope).
 //! - [`record`]: what the gateway learns about a request while it passes.
@@ -20,6 +21,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod json;
+pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod record;
@@ -116,6 +118,7 @@ pub fn run(
     let call_service_key = config.require_call_service_key()?.clone();
     let gateway = &config.gateway;
     let defaults = RouteDefaults {
+        max_body_bytes: gateway.limits.body_bytes,
         timeout: gateway.upstream_timeout,
         retries: gateway.retries,
     };
@@ -189,6 +192,7 @@ pub fn run(
             admin: admin.clone(),
             call_service_key: key_header(&call_service_key)?,
             connect_timeout: gateway.connect_timeout,
+            limits: gateway.limits.clone(),
             metrics,
             trace,
             tracer,

@@ -21,13 +21,14 @@ use pingora::{Error, ErrorSource, ErrorType};
 use tracing::debug;
 
 use super::admin::AdminEndpoints;
+use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
 use super::record::{Attempt, RequestRecord};
 use super::respond::{write_body, write_error};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
-use crate::config::{Route, Transform};
+use crate::config::{LimitsConfig, Route, Transform};
 use crate::registry::drain::InFlight;
 use crate::registry::Drain;
 use crate::trace::{
@@ -47,6 +48,8 @@ pub struct GatewayProxy {
     /// The shared key, parsed once; marked sensitive so HTTP/2 never indexes it.
     pub call_service_key: http::HeaderValue,
     pub connect_timeout: Duration,
+    /// What a client may send (`gateway.limits`).
+    pub limits: LimitsConfig,
     pub metrics: Arc<GatewayMetrics>,
     pub trace: TraceSink,
     pub tracer: GatewayTracer,
@@ -70,6 +73,8 @@ pub struct RequestCtx {
     form_to_json: Option<Vec<u8>>,
     /// The first bytes of the request body, for the trace event.
     body: BodyCapture,
+    /// Request body bytes received so far, against the route's `maxBodyBytes`.
+    body_bytes: u64,
 }
 
 impl RequestCtx {
@@ -119,6 +124,13 @@ fn this_thread_pool_key() -> u64 {
         static KEY: u64 = NEXT_KEY.fetch_add(1, Ordering::Relaxed);
     }
     KEY.with(|key| *key)
+}
+
+/// A request the client sent malformed, found while reading it (pingora parses the body as
+/// it streams, after the filters that see the header).
+fn is_malformed_by_client(error: &Error) -> bool {
+    error.esource() == &ErrorSource::Downstream
+        && matches!(error.etype().as_str(), "InvalidChunk" | "InvalidHTTPHeader")
 }
 
 fn is_idempotent(method: &http::Method) -> bool {
@@ -184,6 +196,20 @@ fn gateway_error(status: u16, why: &'static str) -> Box<Error> {
 }
 
 impl GatewayProxy {
+    /// Answers a refused request in the envelope and closes the connection: what follows the
+    /// header on it cannot be trusted to be the next request.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        refusal: Refusal,
+        request_id: &str,
+    ) -> pingora::Result<()> {
+        self.metrics.refused.count(refusal);
+        self.metrics.count_status(refusal.status());
+        session.set_keepalive(None);
+        write_error(session, refusal.status(), refusal.message(), request_id).await
+    }
+
     /// Answers the gateway's own endpoints on the public port; see [`AdminEndpoints`].
     async fn serve_own_endpoint(&self, session: &mut Session, path: &str) -> pingora::Result<bool> {
         let Some(answer) = self.admin.answer(path) else {
@@ -233,6 +259,10 @@ impl ProxyHttp for GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        if let Err(refusal) = limits::check_header(&self.limits, session.req_header()) {
+            self.refuse(session, refusal, "").await?;
+            return Ok(true);
+        }
         if !session.req_header().uri.path().starts_with("/api/") {
             let path = session.req_header().uri.path().to_string();
             if self.serve_own_endpoint(session, &path).await? {
@@ -258,6 +288,12 @@ impl ProxyHttp for GatewayProxy {
             write_error(session, 404, "no route matches this path", ctx.request_id()).await?;
             return Ok(true);
         };
+        if limits::declared_body(session.req_header()).is_some_and(|n| n > route.max_body_bytes) {
+            let request_id = ctx.request_id().to_string();
+            self.refuse(session, Refusal::BodyBytes, &request_id)
+                .await?;
+            return Ok(true);
+        }
         if !route.allows(&session.req_header().method) {
             self.metrics.count_status(405);
             write_error(
@@ -368,6 +404,20 @@ impl ProxyHttp for GatewayProxy {
         end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        // Counted on the first attempt only: a retry replays the same bytes. The bound also
+        // holds the body `transform: json` buffers.
+        let first_attempt = ctx.tried.len() <= 1;
+        if let (Some(chunk), Some(route), true) = (body.as_ref(), ctx.route.as_ref(), first_attempt)
+        {
+            ctx.body_bytes += chunk.len() as u64;
+            if ctx.body_bytes > route.max_body_bytes {
+                self.metrics.refused.count(Refusal::BodyBytes);
+                return Err(Error::explain(
+                    ErrorType::HTTPStatus(413),
+                    Refusal::BodyBytes.message(),
+                ));
+            }
+        }
         // Only the first attempt's body is captured: a retry replays the same bytes.
         if self.trace.is_enabled() && ctx.tried.len() <= 1 {
             if let Some(chunk) = body.as_ref() {
@@ -469,6 +519,8 @@ impl ProxyHttp for GatewayProxy {
         let code = match error.etype() {
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
+            // A body the client framed wrongly (a bad chunk size) is its fault, and it hears so.
+            _ if is_malformed_by_client(error) => 400,
             _ if error.esource() == &ErrorSource::Downstream => 0,
             _ => 502,
         };
@@ -476,6 +528,8 @@ impl ProxyHttp for GatewayProxy {
             self.metrics.count_status(code);
             let message = match code {
                 503 => "no healthy replica could take the request",
+                413 => Refusal::BodyBytes.message(),
+                400 => "the request body is malformed",
                 504 => "the replica did not answer in time",
                 _ => "the replica failed to answer",
             };

@@ -1,0 +1,183 @@
+//! What a client may send: header size and count, target length, body size, and message
+//! framing that a strict proxy refuses. Checked before a request is routed, so a refused
+//! request never reaches a replica.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use pingora::http::RequestHeader;
+
+use crate::config::LimitsConfig;
+
+/// Why a request was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    HeaderBytes,
+    HeaderCount,
+    UriBytes,
+    BodyBytes,
+    /// `Content-Length` and `Transfer-Encoding` together: the framing that request smuggling
+    /// exploits, which RFC 9112 section 6.1 lets a proxy refuse.
+    AmbiguousFraming,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::HeaderBytes,
+        Refusal::HeaderCount,
+        Refusal::UriBytes,
+        Refusal::BodyBytes,
+        Refusal::AmbiguousFraming,
+    ];
+
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::HeaderBytes | Refusal::HeaderCount => 431,
+            Refusal::UriBytes => 414,
+            Refusal::BodyBytes => 413,
+            Refusal::AmbiguousFraming => 400,
+        }
+    }
+
+    /// The `reason` label of `goms_gateway_refused_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Refusal::HeaderBytes => "header_bytes",
+            Refusal::HeaderCount => "header_count",
+            Refusal::UriBytes => "uri_bytes",
+            Refusal::BodyBytes => "body_bytes",
+            Refusal::AmbiguousFraming => "ambiguous_framing",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::HeaderBytes => "request header fields too large (gateway.limits.headerBytes)",
+            Refusal::HeaderCount => "too many request header fields (gateway.limits.headerCount)",
+            Refusal::UriBytes => "request target too long (gateway.limits.uriBytes)",
+            Refusal::BodyBytes => "request body too large (the route's maxBodyBytes)",
+            Refusal::AmbiguousFraming => {
+                "Content-Length and Transfer-Encoding together are refused"
+            }
+        }
+    }
+}
+
+/// Refusals counted by reason, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct RefusalCounts([AtomicU64; Refusal::ALL.len()]);
+
+impl RefusalCounts {
+    pub fn count(&self, refusal: Refusal) {
+        let index = Refusal::ALL
+            .iter()
+            .position(|r| *r == refusal)
+            .expect("listed");
+        self.0[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(label, count)` for every reason.
+    pub fn all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Refusal::ALL
+            .iter()
+            .zip(&self.0)
+            .map(|(refusal, count)| (refusal.label(), count.load(Ordering::Relaxed)))
+    }
+}
+
+/// Checks a request header against the limits and the framing rules.
+pub fn check_header(limits: &LimitsConfig, header: &RequestHeader) -> Result<(), Refusal> {
+    if header.raw_path().len() > limits.uri_bytes {
+        return Err(Refusal::UriBytes);
+    }
+    if header.headers.len() > limits.header_count {
+        return Err(Refusal::HeaderCount);
+    }
+    // As on the wire: `name: value` and CRLF.
+    let bytes: usize = header
+        .headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if bytes > limits.header_bytes {
+        return Err(Refusal::HeaderBytes);
+    }
+    let has = |name| header.headers.contains_key(name);
+    if has(http::header::CONTENT_LENGTH) && has(http::header::TRANSFER_ENCODING) {
+        return Err(Refusal::AmbiguousFraming);
+    }
+    Ok(())
+}
+
+/// The body size `Content-Length` declares, if it declares one.
+pub fn declared_body(header: &RequestHeader) -> Option<u64> {
+    header
+        .headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> LimitsConfig {
+        LimitsConfig {
+            header_bytes: 200,
+            header_count: 4,
+            uri_bytes: 32,
+            body_bytes: 10,
+        }
+    }
+
+    fn request(uri: &str, headers: &[(&str, &str)]) -> RequestHeader {
+        let mut header = RequestHeader::build("POST", uri.as_bytes(), None).unwrap();
+        for (name, value) in headers {
+            header.append_header(name.to_string(), *value).unwrap();
+        }
+        header
+    }
+
+    #[test]
+    fn each_limit_refuses_with_its_status() {
+        let limits = limits();
+        assert_eq!(
+            check_header(&limits, &request("/api/a/b", &[("host", "x")])),
+            Ok(())
+        );
+        let long = format!("/api/a/b?{}", "q".repeat(40));
+        assert_eq!(
+            check_header(&limits, &request(&long, &[])).map_err(Refusal::status),
+            Err(414)
+        );
+        let many = [("a", "1"), ("b", "1"), ("c", "1"), ("d", "1"), ("e", "1")];
+        assert_eq!(
+            check_header(&limits, &request("/", &many)),
+            Err(Refusal::HeaderCount)
+        );
+        let big = "v".repeat(300);
+        assert_eq!(
+            check_header(&limits, &request("/", &[("x-big", &big)])).map_err(Refusal::status),
+            Err(431)
+        );
+    }
+
+    #[test]
+    fn content_length_with_transfer_encoding_is_refused() {
+        let both = request(
+            "/",
+            &[("content-length", "4"), ("transfer-encoding", "chunked")],
+        );
+        assert_eq!(
+            check_header(&limits(), &both),
+            Err(Refusal::AmbiguousFraming)
+        );
+        assert_eq!(
+            declared_body(&request("/", &[("content-length", " 12 ")])),
+            Some(12)
+        );
+    }
+}
