@@ -408,3 +408,67 @@ async fn smuggling_and_oversized_requests_are_refused_and_nothing_reaches_the_re
         );
     }
 }
+
+#[tokio::test]
+async fn a_gateway_that_cannot_reach_etcd_says_so() {
+    let (_folder, routes) = route_file(ROUTES);
+    let gateway = Goms::gateway_with("127.0.0.1:1", &routes, &[], &[]).await;
+    let port = gateway.port();
+    let client = http();
+    let get = |path: &str| client.get(format!("http://127.0.0.1:{port}{path}")).send();
+
+    assert_eq!(
+        get("/healthz").await.unwrap().status(),
+        200,
+        "the process runs"
+    );
+    let ready = get("/readyz").await.unwrap();
+    assert_eq!(ready.status(), 503);
+    let ready: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(ready["ready"], false);
+    assert!(
+        ready["reason"]
+            .as_str()
+            .unwrap()
+            .contains("etcd at 127.0.0.1:1"),
+        "{ready}"
+    );
+
+    let routed = get("/api/order/submit").await.unwrap();
+    assert_eq!(routed.status(), 503);
+    let body: serde_json::Value = routed.json().await.unwrap();
+    let message = body["msg"].as_str().unwrap();
+    assert!(
+        message.contains("has not read the registry") && message.contains("127.0.0.1:1"),
+        "the 503 blames etcd, not a missing replica: {message}"
+    );
+    gateway
+        .wait_for_line(
+            "etcd at 127.0.0.1:1: Connection refused",
+            Duration::from_secs(10),
+        )
+        .await;
+    assert!(
+        !gateway.output().contains("tonic::transport"),
+        "errors read as one line with their root cause:\n{}",
+        gateway.output()
+    );
+}
+
+#[tokio::test]
+async fn a_gateway_is_ready_once_it_has_read_the_registry() {
+    let etcd = Etcd::start().await;
+    let (_gateway, port, _admin, _routes) = gateway(&etcd, &[]).await;
+    support::eventually(
+        "/readyz answers 200",
+        Duration::from_secs(10),
+        || async move {
+            http()
+                .get(format!("http://127.0.0.1:{port}/readyz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
+}

@@ -4,6 +4,7 @@
 //! `/metrics` answer only clients in `gateway.adminAllow`.
 
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
@@ -29,6 +30,11 @@ pub struct AdminEndpoints {
     /// For the trace publisher's counters.
     pub trace: TraceSink,
     pub allow: AllowList,
+    /// Set once the gateway has listed the registry: until then it knows no replica, and
+    /// a 503 says why.
+    pub registry_loaded: Arc<AtomicBool>,
+    /// etcd's endpoints, for the messages that blame it.
+    pub etcd: String,
 }
 
 /// A complete answer of an admin endpoint.
@@ -48,6 +54,7 @@ impl AdminEndpoints {
         };
         match path {
             "/healthz" => Some(json(br#"{"status":true}"#.to_vec())),
+            "/readyz" => Some(self.readiness()),
             "/cluster" => {
                 let members = self.members.borrow().clone();
                 let document = cluster_document(&members, Some(&self.upstreams));
@@ -69,10 +76,38 @@ impl AdminEndpoints {
         }
     }
 
-    /// Whether a client on the public port may read `path`: `/healthz` is for everyone,
-    /// the rest only for `gateway.adminAllow`.
+    /// Whether a client on the public port may read `path`: `/healthz` and `/readyz` are for
+    /// everyone (load balancers), the rest only for `gateway.adminAllow`.
     pub fn public_may_read(&self, path: &str, client: Option<IpAddr>) -> bool {
-        path == "/healthz" || client.is_some_and(|ip| self.allow.allows(ip))
+        matches!(path, "/healthz" | "/readyz") || client.is_some_and(|ip| self.allow.allows(ip))
+    }
+
+    pub fn registry_loaded(&self) -> bool {
+        self.registry_loaded.load(Ordering::Acquire)
+    }
+
+    /// Why the gateway cannot route yet, or `None` once it can.
+    pub fn not_ready_because(&self) -> Option<String> {
+        (!self.registry_loaded()).then(|| {
+            format!(
+                "the gateway has not read the registry yet: etcd at {} has not answered",
+                self.etcd
+            )
+        })
+    }
+
+    /// `/readyz`: 200 once the gateway has a view of the registry, 503 with the reason
+    /// before; `/healthz` only says that the process runs.
+    fn readiness(&self) -> Answer {
+        let (status, document) = match self.not_ready_because() {
+            None => (200, serde_json::json!({"ready": true})),
+            Some(reason) => (503, serde_json::json!({"ready": false, "reason": reason})),
+        };
+        Answer {
+            status,
+            content_type: "application/json",
+            body: serde_json::to_vec(&document).expect("readiness serialises"),
+        }
     }
 }
 
@@ -86,7 +121,7 @@ impl ServeHttp for AdminApp {
         let answer = self.0.answer(&path).unwrap_or_else(|| {
             let envelope = ErrorEnvelope {
                 code: 404,
-                msg: "the admin listener serves /cluster, /metrics and /healthz",
+                msg: "the admin listener serves /cluster, /metrics, /healthz and /readyz",
                 status: false,
                 request_id: "",
             };

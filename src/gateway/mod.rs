@@ -133,6 +133,7 @@ pub fn run(
     let (listen, admin_listen) = (bound.to_string(), admin_bound.to_string());
 
     let upstreams = Arc::new(Upstreams::default());
+    let registry_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let (members_tx, members_rx) = watch::channel(Arc::new(Members::default()));
     let metrics = Arc::new(GatewayMetrics::default());
     let advertised = format!("{}:{port}", gateway.advertise_host);
@@ -181,6 +182,8 @@ pub fn run(
         metrics: metrics.clone(),
         trace: trace.clone(),
         allow: gateway.admin_allow.clone(),
+        registry_loaded: registry_loaded.clone(),
+        etcd: config.etcd_addr.join(","),
     });
 
     let drain = Drain::new();
@@ -215,6 +218,7 @@ pub fn run(
             routes,
             members_tx,
             leaving: Mutex::new(Some(drain.duty())),
+            registry_loaded,
         },
     ));
     if let Some(publisher) = publisher {
@@ -252,6 +256,8 @@ struct RegistryLink {
     members_tx: watch::Sender<Arc<Members>>,
     /// Done once the gateway has left the registry.
     leaving: Mutex<Option<Duty>>,
+    /// Set at the first membership listing.
+    registry_loaded: Arc<std::sync::atomic::AtomicBool>,
 }
 
 #[async_trait]
@@ -279,6 +285,7 @@ impl BackgroundService for RegistryLink {
                     let snapshot = members.borrow_and_update().clone();
                     self.upstreams.sync(&snapshot).await;
                     self.members_tx.send_replace(snapshot);
+                    self.registry_loaded.store(true, std::sync::atomic::Ordering::Release);
                 }
                 _ = shutdown.changed() => break,
             }

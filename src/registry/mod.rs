@@ -26,7 +26,9 @@ pub use node::{node_key, parse_node_key, NodeInfo, KEY_PREFIX};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    #[error("etcd at {endpoints}: {source}")]
+    /// Shows only the root cause: the client's own message nests a gRPC status, a transport
+    /// error and a connect error around one `Connection refused`.
+    #[error("etcd at {endpoints}: {}", etcd_root_cause(source))]
     Etcd {
         endpoints: String,
         #[source]
@@ -37,6 +39,23 @@ pub enum RegistryError {
         endpoints: String,
         timeout: Duration,
     },
+}
+
+/// The innermost cause of an etcd client error; a gRPC status keeps its cause one level in.
+fn etcd_root_cause(error: &etcd_client::Error) -> String {
+    match error {
+        etcd_client::Error::GRpcStatus(status) => root_cause(status),
+        other => root_cause(other),
+    }
+}
+
+/// The innermost error of a chain, in one line.
+pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut current = error;
+    while let Some(next) = current.source() {
+        current = next;
+    }
+    current.to_string()
 }
 
 /// HTTP/2 ping interval towards etcd; etcd refuses pings more frequent than 5 s.
