@@ -34,3 +34,9 @@ echo "[test] GOMS_ETCD_IMAGE=$GOMS_ETCD_IMAGE GOMS_RABBITMQ_IMAGE=$GOMS_RABBITMQ
 
 # Two cores: three tests at a time keep the containers and processes from starving.
 cargo test --locked "$@" -- --test-threads "${GOMS_TEST_THREADS:-3}"
+
+# The real-Elasticsearch test is ignored unless an image exists here to run it against.
+if [ -n "${GOMS_ES_IMAGE:-}" ] && docker image inspect "$GOMS_ES_IMAGE" >/dev/null 2>&1; then
+  echo "[test] GOMS_ES_IMAGE=$GOMS_ES_IMAGE: running real_elasticsearch_end_to_end" >&2
+  cargo test --locked --test trace real_elasticsearch_end_to_end -- --include-ignored
+fi

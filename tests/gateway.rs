@@ -5,7 +5,9 @@ mod support;
 use std::collections::HashMap;
 use std::time::Duration;
 
-use support::{eventually, free_port, http, route_file, wait_for_nodes, Etcd, Goms, KEY, ROUTES};
+use support::{
+    eventually, free_port, http, json_of, route_file, wait_for_nodes, Etcd, Goms, KEY, ROUTES,
+};
 
 struct Stack {
     etcd: Etcd,
@@ -131,15 +133,12 @@ async fn forwards_method_query_body_and_headers_as_goms_echo() {
 #[tokio::test]
 async fn json_and_multipart_bodies_are_decoded() {
     let stack = stack(1).await;
-    let body: serde_json::Value = http()
-        .post(stack.url("/api/user/register"))
-        .json(&serde_json::json!({"username": "ann", "age": 3}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json_of(
+        http()
+            .post(stack.url("/api/user/register"))
+            .json(&serde_json::json!({"username": "ann", "age": 3})),
+    )
+    .await;
     assert_eq!(
         body["data"]["body"],
         serde_json::json!({"username": "ann", "age": 3})
@@ -151,15 +150,7 @@ async fn json_and_multipart_bodies_are_decoded() {
             "avatar",
             reqwest::multipart::Part::bytes(vec![1u8; 10]).file_name("a.png"),
         );
-    let body: serde_json::Value = http()
-        .post(stack.url("/api/user/register"))
-        .multipart(form)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let body = json_of(http().post(stack.url("/api/user/register")).multipart(form)).await;
     assert_eq!(body["data"]["body"]["username"], "bob");
     assert_eq!(body["data"]["body"]["avatar"]["size"], 10);
 }
@@ -369,8 +360,7 @@ async fn cluster_document_lists_every_service_with_goms_keys() {
         let client = client.clone();
         let url = url.clone();
         async move {
-            let document: serde_json::Value =
-                client.get(&url).send().await.unwrap().json().await.unwrap();
+            let document: serde_json::Value = json_of(client.get(&url)).await;
             document["services"]["gateway"]["Nodes"]
                 .as_array()
                 .map(Vec::len)
@@ -378,7 +368,7 @@ async fn cluster_document_lists_every_service_with_goms_keys() {
         }
     })
     .await;
-    let document: serde_json::Value = client.get(&url).send().await.unwrap().json().await.unwrap();
+    let document: serde_json::Value = json_of(client.get(&url)).await;
     assert_eq!(document["status"], true);
     let user = &document["services"]["user"];
     assert_eq!(user["Nodes"].as_array().unwrap().len(), 2);
@@ -474,15 +464,12 @@ async fn transform_json_reencodes_form_bodies() {
         ("login", "application/json"),
         ("raw", "application/x-www-form-urlencoded"),
     ] {
-        let body: serde_json::Value = client
-            .post(format!("http://127.0.0.1:{port}/api/user/{route}"))
-            .form(&[("username", "test"), ("password", "p&w=")])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let body = json_of(
+            client
+                .post(format!("http://127.0.0.1:{port}/api/user/{route}"))
+                .form(&[("username", "test"), ("password", "p&w=")]),
+        )
+        .await;
         assert_eq!(
             body["data"]["headers"]["Content-Type"], expected_type,
             "{body}"

@@ -46,7 +46,8 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn split_image(reference: &str) -> (String, String) {
+/// `name:tag` as testcontainers wants it; a registry port is not a tag.
+pub fn split_image(reference: &str) -> (String, String) {
     match reference.rsplit_once(':') {
         Some((name, tag)) if !tag.contains('/') => (name.to_string(), tag.to_string()),
         _ => (reference.to_string(), "latest".to_string()),
@@ -336,6 +337,12 @@ pub fn http() -> reqwest::Client {
         .expect("build HTTP client")
 }
 
+/// Sends a request that must be answered and returns its JSON body.
+pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
+    let response = request.send().await.expect("an answer");
+    response.json().await.expect("a JSON body")
+}
+
 /// Waits until the gateway's `/cluster` lists `count` nodes of `service`.
 pub async fn wait_for_nodes(gateway_port: u16, service: &str, count: usize) {
     let client = http();
@@ -527,8 +534,9 @@ impl RabbitMq {
         (connection, channel)
     }
 
-    /// Messages waiting in `queue` (declared by goms with its dead-letter arguments).
-    pub async fn depth(&self, queue: &str) -> u32 {
+    /// Messages waiting in `queue` (declared by goms with its dead-letter arguments); `None`
+    /// when the queue does not exist, so that "drained" never passes without a queue.
+    pub async fn depth(&self, queue: &str) -> Option<u32> {
         let (_connection, channel) = self.channel().await;
         let options = lapin::options::QueueDeclareOptions {
             passive: true,
@@ -537,7 +545,7 @@ impl RabbitMq {
         channel
             .queue_declare(queue.into(), options, lapin::types::FieldTable::default())
             .await
+            .ok()
             .map(|q| q.message_count())
-            .unwrap_or(0)
     }
 }
