@@ -146,6 +146,25 @@ impl ServiceOptions {
 }
 
 /// Serves `router` as a goms service until `shutdown` completes, then deregisters and drains.
+///
+/// The router holds only the service's own work; the key check, `X-Served-By`, registration
+/// and the trace events are added here. `examples/sdk_service.rs` is a whole service.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use axum::{routing::get, Router};
+///
+/// let config = goms::config::GomsConfig::load(std::path::Path::new("config/goms.yml"))?;
+/// let mut options = goms::service::ServiceOptions::from_config(&config)?;
+/// options.name = "hello".into();
+/// let router = Router::new().route("/greet", get(|| async { "hello" }));
+/// goms::service::serve(options, router, async {
+///     let _ = tokio::signal::ctrl_c().await;
+/// })
+/// .await?;
+/// # Ok(())
+/// # }
+/// ```
 pub async fn serve(
     options: ServiceOptions,
     router: Router,
