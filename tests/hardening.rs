@@ -6,7 +6,7 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{free_port, http, route_file, wait_for_nodes, Etcd, Goms};
+use support::{free_port, http, json_of, route_file, text_of, wait_for_nodes, Etcd, Goms};
 
 const ROUTES: &str = "services:\n  order:\n    slow: /slow\n    submit: /order/submit\n";
 
@@ -60,23 +60,9 @@ async fn cluster_and_metrics_are_private_to_the_admin_listener_and_allowed_clien
             .unwrap();
         assert_eq!(served.status(), 200, "{path} on the admin listener");
     }
-    let cluster: serde_json::Value = client
-        .get(format!("http://{admin}/cluster"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cluster = json_of(client.get(format!("http://{admin}/cluster"))).await;
     assert_eq!(cluster["status"], true);
-    let metrics = client
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text_of(client.get(format!("http://{admin}/metrics"))).await;
     assert!(
         metrics.contains("goms_gateway_responses_total{code=\"403\"} 2"),
         "{metrics}"
@@ -140,14 +126,7 @@ struct SlowReplica {
 
 impl SlowReplica {
     async fn requests_seen(&self) -> u64 {
-        let seen: serde_json::Value = http()
-            .get(format!("http://127.0.0.1:{}/_seen", self.app_port))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let seen = json_of(http().get(format!("http://127.0.0.1:{}/_seen", self.app_port))).await;
         seen["requests"].as_u64().unwrap()
     }
 }
@@ -216,14 +195,7 @@ async fn a_draining_gateway_finishes_the_request_in_flight_then_exits() {
         "the slow request is in flight",
         Duration::from_secs(5),
         || async move {
-            let metrics = http()
-                .get(format!("http://127.0.0.1:{port}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let metrics = text_of(http().get(format!("http://127.0.0.1:{port}/metrics"))).await;
             metrics.lines().any(|line| {
                 line.starts_with("goms_upstream_in_flight{service=\"order\"")
                     && line.ends_with(" 1")
@@ -391,14 +363,7 @@ async fn smuggling_and_oversized_requests_are_refused_and_nothing_reaches_the_re
     let (statuses, _) = exchange(port, &chunked).await;
     assert_eq!(statuses, vec![413], "a streamed body over maxBodyBytes");
 
-    let metrics = http()
-        .get(format!("http://{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = text_of(http().get(format!("http://{admin}/metrics"))).await;
     for reason in ["header_bytes", "header_count", "uri_bytes", "body_bytes"] {
         assert!(
             metrics.lines().any(|l| l.starts_with(&format!(

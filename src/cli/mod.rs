@@ -269,16 +269,26 @@ fn run_gateway(mut config: GomsConfig, args: GatewayArgs) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn run_service(mut config: GomsConfig, args: ServiceArgs) -> anyhow::Result<()> {
+/// The flags a service node shares with a sidecar, which is one: the node's, its name, port.
+fn apply_service_args(
+    config: &mut GomsConfig,
+    node: &NodeArgs,
+    name: Option<String>,
+    http_port: Option<u16>,
+) {
     let mut host = config.service.advertise_host.clone();
-    apply_node_args(&mut config, &args.node, &mut host);
+    apply_node_args(config, node, &mut host);
     config.service.advertise_host = host;
-    if let Some(name) = args.name {
+    if let Some(name) = name {
         config.service.name = name;
     }
-    if let Some(port) = args.http_port {
+    if let Some(port) = http_port {
         config.service.http_port = port;
     }
+}
+
+fn run_service(mut config: GomsConfig, args: ServiceArgs) -> anyhow::Result<()> {
+    apply_service_args(&mut config, &args.node, args.name, args.http_port);
     config.validate().map_err(anyhow::Error::msg)?;
     let mut options = crate::service::ServiceOptions::from_config(&config)?;
     options.node_id = args.node.node_id;
@@ -291,15 +301,7 @@ fn run_service(mut config: GomsConfig, args: ServiceArgs) -> anyhow::Result<()> 
 }
 
 fn run_sidecar(mut config: GomsConfig, args: SidecarArgs) -> anyhow::Result<()> {
-    let mut host = config.service.advertise_host.clone();
-    apply_node_args(&mut config, &args.node, &mut host);
-    config.service.advertise_host = host;
-    if let Some(name) = args.name {
-        config.service.name = name;
-    }
-    if let Some(port) = args.http_port {
-        config.service.http_port = port;
-    }
+    apply_service_args(&mut config, &args.node, args.name, args.http_port);
     let sidecar = &mut config.sidecar;
     if let Some(app) = args.app {
         sidecar.app = app;

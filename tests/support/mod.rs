@@ -343,6 +343,12 @@ pub async fn json_of(request: reqwest::RequestBuilder) -> serde_json::Value {
     response.json().await.expect("a JSON body")
 }
 
+/// Sends a request that must be answered and returns its body as text.
+pub async fn text_of(request: reqwest::RequestBuilder) -> String {
+    let response = request.send().await.expect("an answer");
+    response.text().await.expect("a text body")
+}
+
 /// Waits until the gateway's `/cluster` lists `count` nodes of `service`.
 pub async fn wait_for_nodes(gateway_port: u16, service: &str, count: usize) {
     let client = http();
