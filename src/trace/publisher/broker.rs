@@ -54,7 +54,7 @@ pub(super) async fn publish_confirmed(
 }
 
 /// Sends the events as persistent messages of several events each, compressed as configured
-/// ([`framing`]), and returns the broker's confirms, to be awaited together: one round trip
+/// ([`framing`]), and returns the broker's confirms, to be awaited together: one confirm exchange
 /// per batch, not per message.
 async fn publish(
     channel: &Channel,
