@@ -51,8 +51,8 @@ pub struct PublisherSettings {
     pub queue: String,
     pub queue_type: QueueType,
     pub queue_capacity: usize,
-    /// How long events gather before they are sent and confirmed, unless the queue is already half
-    /// full (`trace.publishInterval`). The broker's cost is per confirmed batch (it writes and
+    /// How long events gather before they are sent and confirmed, unless the queue is
+    /// already half full (`trace.publishInterval`). The broker's cost is per confirmed batch (it writes and
     /// syncs the messages before it confirms them), so fewer, larger batches cost it less CPU
     /// per event (docs/benchmarks.md has the figures). The publisher polls the queue: only
     /// the request that fills it halfway wakes the publisher's thread.

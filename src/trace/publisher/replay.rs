@@ -17,7 +17,7 @@ use crate::trace::spool::{SpoolError, SpooledSegment};
 
 /// Most spooled events replayed as one batch: messages of up to 1,024 events whose confirms
 /// are awaited together. The broker confirms persistent messages only after writing them to
-/// disk, so small batches cap replay at the broker's disk round trips.
+/// disk, so small batches cap replay at the rate of the broker's disk writes.
 const REPLAY_BATCH: usize = 2048;
 
 /// The spool's replay, one segment at a time, each step a task of its own: a broker that
