@@ -106,10 +106,18 @@ async fn an_idle_gateway_exits_promptly_on_sigterm() {
     let (mut gateway, port, _admin, _routes) =
         gateway(&etcd, &[("GOMS__GATEWAY__DRAIN_TIMEOUT", "10s")]).await;
     wait_for_nodes(port, "gateway", 1).await;
+    let spool_root = gateway.spool_root().to_path_buf();
+    let spool_folders = || std::fs::read_dir(&spool_root).unwrap().count();
+    assert_eq!(spool_folders(), 1, "the gateway's own spool folder");
     let started = Instant::now();
     let status = gateway.terminate(Duration::from_secs(5)).await;
     eprintln!("idle gateway exited {:?} after SIGTERM", started.elapsed());
     assert!(status.success(), "{status:?}");
+    assert_eq!(
+        spool_folders(),
+        0,
+        "a clean exit removes the empty spool folder"
+    );
     assert!(
         started.elapsed() < Duration::from_secs(5),
         "an idle gateway does not wait out its 10 s drain timeout"

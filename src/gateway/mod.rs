@@ -155,6 +155,7 @@ pub fn run(
     } else {
         (TraceSink::disabled(), None)
     };
+    let spool_dir = publisher.as_ref().map(Publisher::spool_dir);
     let tracer = GatewayTracer {
         node_id: node.id.clone(),
         project_name: config.trace.project_name.clone(),
@@ -230,6 +231,10 @@ pub fn run(
     info!("[gateway] Http Listen on port: {port}");
     info!("[gateway] admin (/cluster, /metrics) on {admin_listen}");
     server.run(drain::run_args(shutdown, drain));
+    // Every runtime has stopped: nothing emits any more.
+    if let Some(dir) = spool_dir {
+        crate::trace::remove_spool_if_empty(&dir);
+    }
     info!("Gateway stopped.");
     Ok(())
 }

@@ -127,6 +127,7 @@ pub fn run(
     let admin_bound = local_addr(&admin)?;
     let node = options.node.node_info(bound.port());
     let (tracer, publisher) = options.node.tracer(&node)?;
+    let spool_dir = publisher.as_ref().map(crate::trace::Publisher::spool_dir);
     let node_id =
         http::HeaderValue::from_str(&node.id).map_err(|_| ServiceError::NodeId(node.id.clone()))?;
     let drain = Drain::new();
@@ -215,6 +216,10 @@ pub fn run(
         bound.port()
     );
     server.run(drain::run_args(leave_first, drain));
+    // Every runtime has stopped: nothing emits any more.
+    if let Some(dir) = spool_dir {
+        crate::trace::remove_spool_if_empty(&dir);
+    }
     info!("[{service}] sidecar stopped");
     Ok(())
 }

@@ -30,7 +30,10 @@ pub use event::{
     daily_index, new_event_id, AttemptTiming, BodyCapture, BodyKind, EventKind, Redactor,
     RequestInfo, Timing, TraceEvent, TraceTiming, ALWAYS_REDACTED, REDACTED,
 };
-pub use publisher::{Publisher, PublisherSettings, PublisherStats, RunningPublisher, TraceSink};
+pub use publisher::{
+    remove_spool_if_empty, Publisher, PublisherSettings, PublisherStats, RunningPublisher,
+    TraceSink,
+};
 pub use spool::SpoolError;
 
 pub use crate::config::rfc3339;

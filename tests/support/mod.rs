@@ -258,6 +258,11 @@ impl Goms {
         gateway
     }
 
+    /// The folder the process's spool subfolders go in.
+    pub fn spool_root(&self) -> &std::path::Path {
+        self._spool.path()
+    }
+
     /// The port a gateway bound.
     pub fn port(&self) -> u16 {
         self.port

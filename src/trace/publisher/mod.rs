@@ -99,6 +99,11 @@ impl Publisher {
         Ok((sink, publisher))
     }
 
+    /// The node's spool folder; see [`remove_spool_if_empty`].
+    pub fn spool_dir(&self) -> PathBuf {
+        self.settings.spool_dir.clone()
+    }
+
     /// Publishes until `stopped` flips, then publishes or spools whatever is still queued.
     pub async fn run(self, stopped: watch::Receiver<bool>) {
         PublisherLoop::new(self).run(stopped).await;
@@ -110,16 +115,23 @@ impl Publisher {
 pub struct RunningPublisher {
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    spool_dir: PathBuf,
 }
 
 impl RunningPublisher {
     pub fn spawn(publisher: Publisher) -> Self {
         let (stop, stopped) = watch::channel(false);
+        let spool_dir = publisher.spool_dir();
         let task = tokio::spawn(publisher.run(stopped));
-        RunningPublisher { stop, task }
+        RunningPublisher {
+            stop,
+            task,
+            spool_dir,
+        }
     }
 
-    /// Stops and waits (at most `timeout`) until queued events are published or spooled.
+    /// Stops and waits (at most `timeout`) until queued events are published or spooled;
+    /// call it once nothing emits any more, as it removes an empty spool folder.
     pub async fn shutdown(self, timeout: Duration) {
         let _ = self.stop.send(true);
         if tokio::time::timeout(timeout, self.task).await.is_err() {
@@ -128,6 +140,18 @@ impl RunningPublisher {
                 ?timeout
             );
         }
+        remove_spool_if_empty(&self.spool_dir);
+    }
+}
+
+/// Removes a node's spool folder on a clean exit when it holds nothing to replay, so that
+/// folders of nodes that come and go (every container's address is a new name) do not pile
+/// up. Call it only once nothing can emit any more: a later emit that overflows would find
+/// no folder. A folder that still holds segments stays for the next run to replay.
+pub fn remove_spool_if_empty(dir: &std::path::Path) {
+    // remove_dir refuses a folder that is not empty, which is the check itself.
+    if std::fs::remove_dir(dir).is_ok() {
+        info!(message = "Removed the empty trace spool folder.", dir = %dir.display());
     }
 }
 
