@@ -24,9 +24,12 @@
 //!   carries events to RabbitMQ.
 //! - [`indexer`]: `goms trace-consumer`, RabbitMQ -> Elasticsearch.
 //! - [`cli`]: the `goms` command line.
+//! - [`diagnostics`]: failures in one line with their root cause, and repeats rate-limited;
+//!   used by every module, it uses none.
 
 pub mod cli;
 pub mod config;
+pub mod diagnostics;
 pub mod gateway;
 pub mod indexer;
 pub mod registry;

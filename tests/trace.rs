@@ -10,28 +10,14 @@ use std::time::{Duration, Instant};
 
 use goms::trace::framing::{self, EncodedEvents, TraceCompression};
 use goms::trace::testing::Spool;
-use goms::trace::{
-    EventKind, Publisher, PublisherSettings, PublisherStats, RequestInfo, RunningPublisher,
-    TraceEvent, TraceSink, TraceTiming,
-};
-use lapin::options::BasicPublishOptions;
-use lapin::BasicProperties;
+use goms::trace::{Publisher, PublisherSettings, PublisherStats, RunningPublisher, TraceSink};
 use support::es_standin::{EsStandIn, Faults};
+use support::trace_fixtures::{
+    consumer, indexed_exactly, publish, publish_encoded, synthetic_event,
+};
 use support::{
     eventually, free_port, http, route_file, wait_for_nodes, Etcd, Goms, RabbitMq, ROUTES,
 };
-
-fn consumer(name: &str, broker: &RabbitMq, es_url: &str, extra_env: &[(&str, &str)]) -> Goms {
-    let amqp = broker.url();
-    let mut env = vec![
-        ("GOMS__AMQP_ADDR", amqp.as_str()),
-        ("GOMS__ES_ADDR", es_url),
-        ("GOMS__TRACE_CONSUMER__BATCH_WAIT", "50ms"),
-        ("GOMS__TRACE_CONSUMER__MAX_BACKOFF", "500ms"),
-    ];
-    env.extend_from_slice(extra_env);
-    Goms::spawn(name, &["trace-consumer"], &env)
-}
 
 /// A gateway and one `user` replica that publish trace events to `broker`.
 async fn traced_stack(etcd: &Etcd, broker: &RabbitMq) -> (Goms, Goms, u16, tempfile::TempDir) {
@@ -556,25 +542,6 @@ impl Drop for DeletesRefused<'_> {
     }
 }
 
-/// Waits until `total` events are in the index, then checks that there are no more: none
-/// twice, no strays.
-async fn indexed_exactly(es: &EsStandIn, total: usize) {
-    eventually(
-        &format!("{total} events indexed"),
-        Duration::from_secs(60),
-        || {
-            let es = es.clone();
-            async move { es.document_count() >= total }
-        },
-    )
-    .await;
-    assert_eq!(
-        es.document_count(),
-        total,
-        "duplicates or strays in the index"
-    );
-}
-
 /// Waits until `total` events are in the index, then checks that none is there twice, that
 /// the publisher (not a request) wrote whatever was spooled, and that nothing was dropped.
 async fn every_event_indexed_once_none_spooled_by_a_request(
@@ -637,64 +604,6 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
 }
 
-fn synthetic_event(id: usize) -> TraceEvent {
-    TraceEvent {
-        event_id: format!("synthetic-{id:05}"),
-        request_id: format!("request-{}", id / 4),
-        event: EventKind::RequestEnd,
-        time: goms::config::now_rfc3339(),
-        service_name: "gateway".into(),
-        service_id: "test".into(),
-        project_name: "goms".into(),
-        request: RequestInfo::default().into(),
-        trace: TraceTiming::default(),
-        duration_ms: Some(1.5),
-        status: Some(200),
-        upstream: None,
-        attempt: Some(1),
-        trace_id: "0".repeat(32),
-        span_id: "1".repeat(16),
-        parent_span_id: None,
-    }
-}
-
-/// Publishes raw payloads with goms's topology (persistent, confirmed), with the given
-/// `content-encoding` if any.
-async fn publish_encoded(
-    broker: &RabbitMq,
-    encoding: Option<&str>,
-    payloads: impl IntoIterator<Item = Vec<u8>>,
-) {
-    let link = goms::trace::amqp::connect(&broker.url(), "goms.trace", Default::default())
-        .await
-        .unwrap();
-    link.channel
-        .confirm_select(Default::default())
-        .await
-        .unwrap();
-    let mut properties = BasicProperties::default().with_delivery_mode(2);
-    if let Some(encoding) = encoding {
-        properties = properties.with_content_encoding(encoding.into());
-    }
-    for payload in payloads {
-        link.channel
-            .basic_publish(
-                "".into(),
-                "goms.trace".into(),
-                BasicPublishOptions::default(),
-                &payload,
-                properties.clone(),
-            )
-            .await
-            .unwrap();
-    }
-    assert!(link.channel.wait_for_confirms().await.unwrap().is_empty());
-}
-
-async fn publish(broker: &RabbitMq, payloads: impl IntoIterator<Item = Vec<u8>>) {
-    publish_encoded(broker, None, payloads).await;
-}
-
 /// One event per message, as any JSON publisher would send them.
 async fn publish_synthetic(broker: &RabbitMq, count: usize) {
     publish(
@@ -753,6 +662,7 @@ async fn a_failing_sink_gets_every_event_exactly_once_and_garbage_is_dead_letter
         flaky_requests: 4,
         item_429_every: 7,
         apply_then_fail: 1,
+        ..Faults::default()
     });
     let mut consumer = consumer(
         "consumer",

@@ -6,7 +6,18 @@
 //! earlier delivery). Events that failed are retried with backoff while their messages stay
 //! unacknowledged, so an Elasticsearch outage parks events in RabbitMQ instead of losing
 //! them. A line that is not a trace event, or that Elasticsearch refuses, goes to the
-//! dead-letter queue, and so does a message whose body cannot be decompressed.
+//! dead-letter queue with the reason in its `x-goms-reason` header, and so does a message
+//! whose body cannot be decompressed.
+//!
+//! How each answer of Elasticsearch is taken:
+//! - an item refused (400 `document_parsing_exception`, a bad index name): that event is
+//!   dead-lettered, the rest of its message acked;
+//! - the whole request refused for what it holds (400, 413): the events are sent again in
+//!   halves, down to single events, and an event refused alone is dead-lettered, so no
+//!   body is ever retried unchanged;
+//! - busy or away (429, 5xx, no answer): the same events again after a backoff;
+//! - the index template refused: logged, installed again in the background with backoff,
+//!   while events keep flowing.
 
 use std::borrow::Cow;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,15 +25,14 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::elasticsearch::{BulkItem, ItemOutcome, SinkError, TraceIndex};
 use super::settings::ConsumerSettings;
+use crate::diagnostics::Repeats;
 use crate::trace::framing::{self, DecodeError};
 use crate::trace::{amqp, daily_index};
 
@@ -32,16 +42,19 @@ pub struct ConsumerStats {
     pub already_indexed: AtomicU64,
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Bulk requests refused whole and sent again in halves.
+    pub split: AtomicU64,
 }
 
 impl ConsumerStats {
     pub fn summary(&self) -> String {
         format!(
-            "indexed={} already_indexed={} retried={} dead_lettered={}",
+            "indexed={} already_indexed={} retried={} dead_lettered={} split={}",
             self.indexed.load(Ordering::Relaxed),
             self.already_indexed.load(Ordering::Relaxed),
             self.retried.load(Ordering::Relaxed),
-            self.dead_lettered.load(Ordering::Relaxed)
+            self.dead_lettered.load(Ordering::Relaxed),
+            self.split.load(Ordering::Relaxed)
         )
     }
 }
@@ -100,7 +113,13 @@ struct Message {
     /// Events it carried, for telling "all refused" from "some refused".
     events: usize,
     /// Lines that are not trace events or that Elasticsearch refused.
-    dead: Vec<std::ops::Range<usize>>,
+    dead: Vec<DeadLine>,
+}
+
+/// A line that will never be indexed, and why.
+struct DeadLine {
+    line: std::ops::Range<usize>,
+    reason: String,
 }
 
 /// One event waiting for Elasticsearch: a line of `messages[message]`.
@@ -122,16 +141,11 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
     let index = TraceIndex::new(&settings.es_addr, &settings.index_prefix)?;
-    let mut attempt = 0;
-    while let Err(error) = index.ensure_template().await {
-        attempt += 1;
-        warn!(message = "Cannot install the trace index template yet; retrying.", %error, attempts = attempt);
-        if sleep_or_stop(backoff(attempt, settings.max_backoff), &mut shutdown).await {
-            return Ok(());
-        }
+    if !install_template(&index, &settings, &mut shutdown).await {
+        return Ok(());
     }
-    info!(message = "Index template installed.", template = %settings.index_prefix);
     let mut failures = 0;
+    let mut broker_away = Repeats::default();
     loop {
         let link = match amqp::connect(&settings.amqp_url, &settings.queue, settings.queue_type)
             .await
@@ -139,8 +153,8 @@ pub async fn run(
             Ok(link) => link,
             Err(error) => {
                 failures += 1;
-                if failures == 1 || failures % 30 == 0 {
-                    warn!(message = "Trace broker unavailable; retrying.", %error, attempts = failures);
+                if let Some(repeats) = broker_away.occurred() {
+                    warn!(message = "Trace broker unavailable; retrying.", %error, attempts = failures, repeats);
                 }
                 if sleep_or_stop(backoff(failures, Duration::from_secs(3)), &mut shutdown).await {
                     return Ok(());
@@ -149,6 +163,7 @@ pub async fn run(
             }
         };
         failures = 0;
+        broker_away.reset();
         match consume(&link, &index, &settings, stats, &mut shutdown).await {
             SessionEnd::Stopped => {
                 let _ = link.connection.close(200, "shutting down".into()).await;
@@ -156,6 +171,70 @@ pub async fn run(
             }
             SessionEnd::BrokerLost(reason) => {
                 warn!(message = "Trace broker connection lost; reconnecting.", %reason);
+            }
+        }
+    }
+}
+
+/// Installs the index template before the first event is indexed, so that the day's index
+/// gets its mappings. While Elasticsearch cannot be reached it waits, retrying. If
+/// Elasticsearch refuses the template, waiting would stop the trace pipeline for a mapping:
+/// the refusal is logged, retried in the background with backoff, and consuming goes on.
+/// `false` when shutdown came first.
+async fn install_template(
+    index: &TraceIndex,
+    settings: &ConsumerSettings,
+    shutdown: &mut watch::Receiver<bool>,
+) -> bool {
+    let mut attempt = 0;
+    let mut away = Repeats::default();
+    loop {
+        let error = match index.ensure_template().await {
+            Ok(()) => {
+                info!(message = "Index template installed.", template = %index.template_name());
+                return true;
+            }
+            Err(error) => error,
+        };
+        attempt += 1;
+        if error.is_refusal() {
+            error!(message = "Elasticsearch refused the trace index template; events are indexed without it meanwhile, and it is installed again with backoff.", template = %index.template_name(), %error);
+            tokio::spawn(retry_template(
+                index.clone(),
+                settings.max_backoff,
+                shutdown.clone(),
+            ));
+            return true;
+        }
+        if let Some(repeats) = away.occurred() {
+            warn!(message = "Cannot install the trace index template yet; retrying.", %error, attempts = attempt, repeats);
+        }
+        if sleep_or_stop(backoff(attempt, settings.max_backoff), shutdown).await {
+            return false;
+        }
+    }
+}
+
+async fn retry_template(
+    index: TraceIndex,
+    max_backoff: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut refused = Repeats::default();
+    refused.occurred();
+    for attempt in 1.. {
+        if sleep_or_stop(backoff(attempt, max_backoff), &mut shutdown).await {
+            return;
+        }
+        match index.ensure_template().await {
+            Ok(()) => {
+                info!(message = "Index template installed after being refused.", template = %index.template_name(), attempts = attempt);
+                return;
+            }
+            Err(error) => {
+                if let Some(repeats) = refused.occurred() {
+                    error!(message = "Elasticsearch still refuses the trace index template.", template = %index.template_name(), %error, attempts = attempt, repeats);
+                }
             }
         }
     }
@@ -253,33 +332,16 @@ async fn index_batch(
     let broker = |e: lapin::Error| SessionEnd::BrokerLost(e.to_string());
     let (mut messages, mut pending) = split_events(batch, &settings.index_prefix, stats);
     let mut attempt = 0;
+    let mut away = Repeats::default();
     loop {
-        if !pending.is_empty() {
-            let items: Vec<BulkItem> = pending
-                .iter()
-                .map(|p| BulkItem {
-                    index: &p.index,
-                    id: &p.event_id,
-                    source: &messages[p.message]
-                        .as_ref()
-                        .expect("unsettled")
-                        .received
-                        .lines()[p.line.clone()],
-                })
-                .collect();
-            match index.bulk(&items).await {
-                Ok(outcomes) => pending = record_outcomes(pending, outcomes, &mut messages, stats),
-                Err(error) => {
-                    if attempt == 0 || attempt % 10 == 0 {
-                        warn!(message = "Elasticsearch unavailable; events stay unacknowledged in the queue.", %error, events = pending.len());
-                    }
-                }
-            }
-        }
+        pending = send(pending, index, &mut messages, stats, &mut away).await;
         finish_settled(&mut messages, link, &settings.queue)
             .await
             .map_err(SessionEnd::BrokerLost)?;
         if pending.is_empty() {
+            if away.active() {
+                info!(message = "Elasticsearch indexes again; the held events are in.");
+            }
             return Ok(());
         }
         attempt += 1;
@@ -304,6 +366,83 @@ async fn index_batch(
     }
 }
 
+/// Sends `events` in one `_bulk`. A request refused whole for what it holds is sent again in
+/// halves, down to single events; an event refused alone is dead-lettered. Returns the
+/// events to send again after a backoff (Elasticsearch busy or away).
+async fn send(
+    events: Vec<Pending>,
+    index: &TraceIndex,
+    messages: &mut [Option<Message>],
+    stats: &ConsumerStats,
+    away: &mut Repeats,
+) -> Vec<Pending> {
+    let mut chunks = vec![events];
+    let mut retry = Vec::new();
+    while let Some(mut chunk) = chunks.pop() {
+        if chunk.is_empty() {
+            continue;
+        }
+        let answer = {
+            let items = bulk_items(&chunk, messages);
+            index.bulk(&items).await
+        };
+        match answer {
+            Ok(outcomes) => retry.extend(record_outcomes(chunk, outcomes, messages, stats)),
+            Err(error) if error.refuses_whole_request() && chunk.len() > 1 => {
+                stats.split.fetch_add(1, Ordering::Relaxed);
+                let second = chunk.split_off(chunk.len() / 2);
+                chunks.push(second);
+                chunks.push(chunk);
+            }
+            Err(error) if error.refuses_whole_request() => {
+                let event = chunk.pop().expect("one event");
+                let reason = error.to_string();
+                dead_letter_event(event, reason, messages, stats);
+            }
+            Err(error) => {
+                let held = chunk.len() + chunks.iter().map(Vec::len).sum::<usize>();
+                if let Some(repeats) = away.occurred() {
+                    warn!(message = "Elasticsearch unavailable; events stay unacknowledged in the queue.", %error, events = held, repeats);
+                }
+                retry.extend(chunk);
+                retry.extend(chunks.drain(..).flatten());
+            }
+        }
+    }
+    retry
+}
+
+fn bulk_items<'a>(events: &'a [Pending], messages: &'a [Option<Message>]) -> Vec<BulkItem<'a>> {
+    events
+        .iter()
+        .map(|p| BulkItem {
+            index: &p.index,
+            id: &p.event_id,
+            source: &messages[p.message]
+                .as_ref()
+                .expect("unsettled")
+                .received
+                .lines()[p.line.clone()],
+        })
+        .collect()
+}
+
+fn dead_letter_event(
+    event: Pending,
+    reason: String,
+    messages: &mut [Option<Message>],
+    stats: &ConsumerStats,
+) {
+    warn!(message = "Elasticsearch refused a trace event; dead-lettered.", event_id = %event.event_id, %reason);
+    stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
+    let message = messages[event.message].as_mut().expect("unsettled");
+    message.unsettled -= 1;
+    message.dead.push(DeadLine {
+        line: event.line,
+        reason,
+    });
+}
+
 /// Splits every message into its events; lines that are not trace events are marked dead.
 fn split_events(
     batch: Vec<Received>,
@@ -316,7 +455,7 @@ fn split_events(
         let number = messages.len();
         let lines = match &received.body {
             Body::Undecodable(reason) => {
-                warn!(message = "Trace message cannot be decoded; dead-lettered.", %reason, bytes = received.delivery.data.len());
+                warn!(message = "Trace message cannot be decoded; dead-lettered as it came.", %reason, bytes = received.delivery.data.len());
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
                 Lines::default()
             }
@@ -343,7 +482,7 @@ fn split_events(
 #[derive(Default)]
 struct Lines {
     events: usize,
-    dead: Vec<std::ops::Range<usize>>,
+    dead: Vec<DeadLine>,
 }
 
 /// Queues the trace events of message `number` in `pending`; returns how many lines it had
@@ -368,7 +507,10 @@ fn split_lines(
             Err(reason) => {
                 warn!(message = "Not a trace event; dead-lettered.", %reason, bytes = line.len());
                 stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                lines.dead.push(line);
+                lines.dead.push(DeadLine {
+                    line,
+                    reason: format!("not a trace event: {reason}"),
+                });
             }
         }
     }
@@ -384,67 +526,95 @@ fn record_outcomes(
 ) -> Vec<Pending> {
     let mut retry = Vec::new();
     for (item, outcome) in pending.into_iter().zip(outcomes) {
-        let message = messages[item.message].as_mut().expect("unsettled");
-        match outcome {
-            ItemOutcome::Created => {
-                stats.indexed.fetch_add(1, Ordering::Relaxed);
-                message.unsettled -= 1;
+        let settled = match outcome {
+            ItemOutcome::Created => &stats.indexed,
+            ItemOutcome::AlreadyIndexed => &stats.already_indexed,
+            ItemOutcome::Retry(_) => {
+                retry.push(item);
+                continue;
             }
-            ItemOutcome::AlreadyIndexed => {
-                stats.already_indexed.fetch_add(1, Ordering::Relaxed);
-                message.unsettled -= 1;
-            }
-            ItemOutcome::Retry(_) => retry.push(item),
             ItemOutcome::Rejected(reason) => {
-                warn!(message = "Elasticsearch refused a trace event; dead-lettered.", event_id = %item.event_id, %reason);
-                stats.dead_lettered.fetch_add(1, Ordering::Relaxed);
-                message.unsettled -= 1;
-                message.dead.push(item.line);
+                let reason = format!("Elasticsearch refused it: {reason}");
+                dead_letter_event(item, reason, messages, stats);
+                continue;
             }
-        }
+        };
+        settled.fetch_add(1, Ordering::Relaxed);
+        messages[item.message]
+            .as_mut()
+            .expect("unsettled")
+            .unsettled -= 1;
     }
     retry
 }
 
-/// Acks every message whose events are all settled. A message whose every event is dead is
-/// rejected whole, so the dead-letter queue keeps it as it came; otherwise its dead lines
-/// are published there (confirmed) before the message is acked.
+/// Acks every message whose events are all settled, after its dead lines are on the
+/// dead-letter queue (confirmed), one message per reason. A message of which nothing could
+/// be indexed goes there whole, as it came (compressed bodies stay compressed).
 async fn finish_settled(
     messages: &mut [Option<Message>],
     link: &amqp::Link,
     queue: &str,
 ) -> Result<(), String> {
-    let text = |e: lapin::Error| e.to_string();
     for slot in messages.iter_mut() {
         if slot.as_ref().is_none_or(|m| m.unsettled > 0) {
             continue;
         }
         let message = slot.take().expect("checked above");
         if message.dead.len() == message.events {
-            message
-                .received
-                .delivery
-                .reject(BasicRejectOptions { requeue: false })
-                .await
-                .map_err(text)?;
-            continue;
-        }
-        if !message.dead.is_empty() {
-            let mut lines = Vec::new();
-            for line in &message.dead {
-                lines.extend_from_slice(&message.received.lines()[line.clone()]);
-                lines.push(b'\n');
+            let delivery = &message.received.delivery;
+            let encoding = delivery.properties.content_encoding().as_ref();
+            let letter = amqp::DeadLetter {
+                payload: &delivery.data,
+                reason: &message.whole_reason(),
+                content_encoding: encoding.map(|e| e.as_str()),
+            };
+            amqp::dead_letter(link, queue, letter).await?;
+        } else {
+            for (reason, lines) in message.dead_by_reason() {
+                let letter = amqp::DeadLetter {
+                    payload: &lines,
+                    reason,
+                    content_encoding: None,
+                };
+                amqp::dead_letter(link, queue, letter).await?;
             }
-            amqp::dead_letter(link, queue, &lines).await?;
         }
         message
             .received
             .delivery
             .ack(BasicAckOptions::default())
             .await
-            .map_err(text)?;
+            .map_err(|e| e.to_string())?;
     }
     Ok(())
+}
+
+impl Message {
+    /// Why nothing of this message could be indexed.
+    fn whole_reason(&self) -> String {
+        if let Body::Undecodable(error) = &self.received.body {
+            return format!("cannot decode the message: {error}");
+        }
+        if self.events == 0 {
+            return "empty message".into();
+        }
+        let mut reasons: Vec<&str> = self.dead.iter().map(|d| d.reason.as_str()).collect();
+        reasons.sort_unstable();
+        reasons.dedup();
+        reasons.join("; ")
+    }
+
+    /// The dead lines as NDJSON, grouped by reason.
+    fn dead_by_reason(&self) -> std::collections::BTreeMap<&str, Vec<u8>> {
+        let mut groups = std::collections::BTreeMap::<&str, Vec<u8>>::new();
+        for dead in &self.dead {
+            let lines = groups.entry(dead.reason.as_str()).or_default();
+            lines.extend_from_slice(&self.received.lines()[dead.line.clone()]);
+            lines.push(b'\n');
+        }
+        groups
+    }
 }
 
 /// The `eventId` and daily index of a message, or why it is not a trace event.
@@ -456,10 +626,22 @@ fn identify(data: &[u8], prefix: &str) -> Result<(String, String), String> {
         .filter(|id| !id.is_empty())
         .ok_or("no eventId")?;
     let time = value["time"].as_str().ok_or("no time")?;
-    if time.len() < 10 {
-        return Err(format!("time `{time}` is not a date"));
+    if !starts_with_a_date(time) {
+        // The day names the index; Elasticsearch refuses a name made of anything else.
+        return Err(format!(
+            "time `{time}` does not start with a YYYY-MM-DD date"
+        ));
     }
     Ok((event_id.to_string(), daily_index(prefix, time)))
+}
+
+fn starts_with_a_date(time: &str) -> bool {
+    let bytes = time.as_bytes();
+    bytes.len() >= 10
+        && bytes[..10].iter().enumerate().all(|(at, byte)| match at {
+            4 | 7 => *byte == b'-',
+            _ => byte.is_ascii_digit(),
+        })
 }
 
 async fn sleep_or_stop(delay: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
@@ -489,5 +671,9 @@ mod tests {
         );
         assert!(identify(b"garbage", "trace_logs").is_err());
         assert!(identify(br#"{"time":"2026-11-27T01:02:03.000Z"}"#, "trace_logs").is_err());
+        let bad_day = br#"{"eventId":"e1","time":"Tuesday, 27 Nov"}"#;
+        assert!(identify(bad_day, "trace_logs")
+            .unwrap_err()
+            .contains("YYYY-MM-DD"));
     }
 }

@@ -43,19 +43,11 @@ pub enum RegistryError {
 
 /// The innermost cause of an etcd client error; a gRPC status keeps its cause one level in.
 fn etcd_root_cause(error: &etcd_client::Error) -> String {
+    use crate::diagnostics::root_cause;
     match error {
         etcd_client::Error::GRpcStatus(status) => root_cause(status),
         other => root_cause(other),
     }
-}
-
-/// The innermost error of a chain, in one line.
-pub fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut current = error;
-    while let Some(next) = current.source() {
-        current = next;
-    }
-    current.to_string()
 }
 
 /// HTTP/2 ping interval towards etcd; etcd refuses pings more frequent than 5 s.

@@ -75,25 +75,46 @@ pub async fn connect(url: &str, queue: &str, queue_type: QueueType) -> Result<Li
         })?
 }
 
-/// Puts `payload` on the dead-letter queue of `queue` and waits for the broker's confirm.
-/// Used for the bad lines of a message whose other events were indexed; rare, so it opens
-/// a confirm channel for each call instead of keeping one.
-pub async fn dead_letter(link: &Link, queue: &str, payload: &[u8]) -> Result<(), String> {
+/// What goes to the dead-letter queue: the lines (or a whole message as it came), and why.
+pub struct DeadLetter<'a> {
+    pub payload: &'a [u8],
+    /// One line, in the `x-goms-reason` header.
+    pub reason: &'a str,
+    /// The original message's encoding when it goes there as it came.
+    pub content_encoding: Option<&'a str>,
+}
+
+/// Header of a dead-lettered message that says why it could not be indexed.
+pub const REASON_HEADER: &str = "x-goms-reason";
+
+/// Puts a letter on the dead-letter queue of `queue` and waits for the broker's confirm.
+/// Rare, so it opens a confirm channel for each call instead of keeping one.
+pub async fn dead_letter(link: &Link, queue: &str, letter: DeadLetter<'_>) -> Result<(), String> {
     let text = |e: lapin::Error| e.to_string();
     let channel = link.connection.create_channel().await.map_err(text)?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .map_err(text)?;
+    let mut headers = FieldTable::default();
+    headers.insert(
+        REASON_HEADER.into(),
+        AMQPValue::LongString(letter.reason.into()),
+    );
+    let mut properties = BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_content_type(super::framing::CONTENT_TYPE.into())
+        .with_headers(headers);
+    if let Some(encoding) = letter.content_encoding {
+        properties = properties.with_content_encoding(encoding.into());
+    }
     let confirmation = channel
         .basic_publish(
             "".into(),
             dead_letter_queue(queue).as_str().into(),
             BasicPublishOptions::default(),
-            payload,
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type(super::framing::CONTENT_TYPE.into()),
+            letter.payload,
+            properties,
         )
         .await
         .map_err(text)?

@@ -4,8 +4,15 @@
 //! records every request. No Elasticsearch image exists on this machine; the same tests run
 //! against a real one in `tests/trace.rs::real_elasticsearch_*` where an image exists.
 //!
+//! It refuses what Elasticsearch 8 refuses, as Elasticsearch answers it: a document whose
+//! `status` is not a number (item 400 `document_parsing_exception`, as the template maps
+//! it `integer`) and an index name Elasticsearch does not allow (item 400
+//! `invalid_index_name_exception`).
+//!
 //! Failures can be injected: whole bulk requests answered 503 or 429, items answered 429,
-//! or a bulk that is applied but answered 500 (so the consumer retries and meets 409s).
+//! a bulk that is applied but answered 500 (so the consumer retries and meets 409s), bulks
+//! over a size answered 413, a body holding a marker refused whole with 400, the index
+//! template refused, and an outage in which every request is answered 503.
 
 #![allow(dead_code)]
 
@@ -31,6 +38,15 @@ pub struct Faults {
     pub item_429_every: usize,
     /// The next N bulk requests are applied, then answered 500 (the client cannot tell).
     pub apply_then_fail: usize,
+    /// Bulks of more than N documents are answered 413 with no body, as Elasticsearch's
+    /// HTTP layer answers a body over `http.max_content_length`.
+    pub largest_bulk: Option<usize>,
+    /// A bulk whose body holds this text is refused whole: 400 `x_content_parse_exception`.
+    pub poison: Option<String>,
+    /// The next N template installs are refused: 400 `illegal_argument_exception`.
+    pub refuse_template: usize,
+    /// Every request is answered 503 `cluster_block_exception`, as a recovering cluster does.
+    pub outage: bool,
 }
 
 #[derive(Default)]
@@ -45,6 +61,10 @@ pub struct Store {
     pub faults: Faults,
     pub bulk_requests: usize,
     pub conflicts: usize,
+    /// Bodies of bulk requests refused whole (400, 413), to check none is sent twice.
+    pub refused_bodies: Vec<Bytes>,
+    /// Requests answered 503 during an injected outage.
+    pub outage_answers: usize,
 }
 
 #[derive(Clone)]
@@ -76,6 +96,11 @@ impl EsStandIn {
         self.store.lock().unwrap().faults = faults;
     }
 
+    /// Changes some faults and keeps the others.
+    pub fn change(&self, change: impl FnOnce(&mut Faults)) {
+        change(&mut self.store.lock().unwrap().faults);
+    }
+
     pub fn document_count(&self) -> usize {
         self.store.lock().unwrap().documents.len()
     }
@@ -102,6 +127,20 @@ fn elastic(status: StatusCode, body: Value) -> Response {
     response
 }
 
+/// The answer of a cluster that is not serving, while an outage is injected.
+fn outage(store: &mut Store) -> Option<Response> {
+    if !store.faults.outage {
+        return None;
+    }
+    store.outage_answers += 1;
+    Some(elastic(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": {"type": "cluster_block_exception",
+            "reason": "blocked by: [SERVICE_UNAVAILABLE/1/state not recovered / initialized];"},
+            "status": 503}),
+    ))
+}
+
 async fn root(State(store): State<Arc<Mutex<Store>>>) -> Response {
     store.lock().unwrap().requests.push("GET /".into());
     elastic(
@@ -117,6 +156,18 @@ async fn put_template(
 ) -> Response {
     let mut store = store.lock().unwrap();
     store.requests.push(format!("PUT /_index_template/{name}"));
+    if let Some(answer) = outage(&mut store) {
+        return answer;
+    }
+    if store.faults.refuse_template > 0 {
+        store.faults.refuse_template -= 1;
+        return elastic(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"type": "illegal_argument_exception",
+                "reason": "index template [trace_logs] has index patterns [trace_logs-*] matching patterns from existing older templates with patterns (older [legacy])"},
+                "status": 400}),
+        );
+    }
     match serde_json::from_slice::<Value>(&body) {
         Ok(template) => {
             store.templates.insert(name, template);
@@ -135,6 +186,12 @@ async fn bulk(
         let mut store = store.lock().unwrap();
         store.requests.push("POST /_bulk".into());
         store.bulk_requests += 1;
+        if let Some(answer) = outage(&mut store) {
+            return answer;
+        }
+        if let Some(refusal) = refuse_whole(&mut store, &body) {
+            return refusal;
+        }
         if store.faults.reject_requests > 0 {
             store.faults.reject_requests -= 1;
             let status = StatusCode::from_u16(store.faults.reject_status)
@@ -188,6 +245,38 @@ async fn bulk(
     )
 }
 
+/// A bulk refused as a whole: too many documents (413, no body) or a body holding the
+/// poison marker (400).
+fn refuse_whole(store: &mut Store, body: &Bytes) -> Option<Response> {
+    let documents = body
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .count()
+        / 2;
+    let too_large = store
+        .faults
+        .largest_bulk
+        .is_some_and(|most| documents > most);
+    let poisoned = store.faults.poison.as_ref().is_some_and(|marker| {
+        body.windows(marker.len())
+            .any(|window| window == marker.as_bytes())
+    });
+    let answer = if too_large {
+        (StatusCode::PAYLOAD_TOO_LARGE, String::new()).into_response()
+    } else if poisoned {
+        elastic(
+            StatusCode::BAD_REQUEST,
+            json!({"error": {"type": "x_content_parse_exception",
+                "reason": "[1:27] Unexpected character: was expecting comma to separate Object entries"},
+                "status": 400}),
+        )
+    } else {
+        return None;
+    };
+    store.refused_bodies.push(body.clone());
+    Some(answer)
+}
+
 /// One `create` of a bulk request: where, which `_id`, and the document if it parsed.
 struct BulkCreate {
     index: String,
@@ -224,10 +313,24 @@ fn apply(store: &mut Store, create: BulkCreate, rejected: bool) -> Value {
         return json!({"create": {"_index": index, "_id": id, "status": 429,
             "error": {"type": "es_rejected_execution_exception"}}});
     }
+    if let Some(reason) = invalid_index_name(&index) {
+        return json!({"create": {"_index": index, "_id": id, "status": 400,
+            "error": {"type": "invalid_index_name_exception",
+                "reason": format!("Invalid index name [{index}], {reason}")}}});
+    }
     let Some(document) = document else {
         return json!({"create": {"_index": index, "_id": id, "status": 400,
-            "error": {"type": "document_parsing_exception"}}});
+            "error": {"type": "document_parsing_exception",
+                "reason": "[1:1] failed to parse: not JSON"}}});
     };
+    if let Some(status) = document
+        .get("status")
+        .filter(|s| !s.is_number() && !s.is_null())
+    {
+        return json!({"create": {"_index": index, "_id": id, "status": 400,
+            "error": {"type": "document_parsing_exception",
+                "reason": format!("[1:2] failed to parse field [status] of type [integer] in document with id '{id}'. Preview of field's value: '{}'", status.as_str().unwrap_or_default())}}});
+    }
     let key = (index.clone(), id.clone());
     if store.documents.contains_key(&key) {
         store.conflicts += 1;
@@ -239,6 +342,25 @@ fn apply(store: &mut Store, create: BulkCreate, rejected: bool) -> Value {
     json!({"create": {"_index": index, "_id": id, "status": 201, "result": "created"}})
 }
 
+/// Elasticsearch's rules for index names, the ones a trace index could break.
+fn invalid_index_name(index: &str) -> Option<&'static str> {
+    if index.is_empty() {
+        return Some("must not be empty");
+    }
+    if index.chars().any(|c| c.is_uppercase()) {
+        return Some("must be lowercase");
+    }
+    if index.chars().any(|c| "\\/*?\"<>| ,#:".contains(c)) {
+        return Some(
+            "must not contain the following characters [ , \", *, \\, <, |, ,, >, /, ?, #, :]",
+        );
+    }
+    if index.starts_with(['-', '_', '+']) {
+        return Some("must not start with '_', '-', or '+'");
+    }
+    None
+}
+
 /// `{"query": {"term": {"field": "value"}}}` or `match_all`, over indices matching the
 /// path's pattern (`trace_logs*`).
 async fn search(
@@ -248,6 +370,9 @@ async fn search(
 ) -> Response {
     let mut store = store.lock().unwrap();
     store.requests.push(format!("POST /{pattern}/_search"));
+    if let Some(answer) = outage(&mut store) {
+        return answer;
+    }
     let query: Value = serde_json::from_slice(&body).unwrap_or(json!({"query": {"match_all": {}}}));
     let term = query["query"]["term"]
         .as_object()

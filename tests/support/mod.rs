@@ -16,6 +16,7 @@ use testcontainers::{ContainerAsync, GenericImage, ImageExt};
 pub const KEY: &str = "test-call-service-key";
 
 pub mod es_standin;
+pub mod trace_fixtures;
 
 /// Default etcd image where a registry is reachable; `GOMS_ETCD_IMAGE` overrides it.
 const DEFAULT_ETCD_IMAGE: &str = "quay.io/coreos/etcd:v3.5.17";
