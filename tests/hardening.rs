@@ -445,3 +445,63 @@ async fn a_gateway_is_ready_once_it_has_read_the_registry() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn through_an_etcd_outage_the_gateway_routes_on_what_it_knew_and_says_the_view_is_stale() {
+    let etcd = Etcd::start().await;
+    let replica_port = free_port();
+    let _replica = Goms::service(&etcd, replica_port, &[]);
+    let (_folder, routes) = route_file(support::ROUTES);
+    let gateway = Goms::gateway_with(&etcd.endpoint(), &routes, &[], &[]).await;
+    let port = gateway.port();
+    wait_for_nodes(port, "user", 1).await;
+    let client = http();
+    let ready = || json_of(client.get(format!("http://127.0.0.1:{port}/readyz")));
+    assert_eq!(ready().await["registry"], "current");
+
+    etcd.pause().await;
+    support::eventually(
+        "/readyz says the view is stale",
+        Duration::from_secs(30),
+        || async { ready().await["registry"] == "stale" },
+    )
+    .await;
+    let readiness = ready().await;
+    assert_eq!(readiness["ready"], true, "{readiness}");
+    assert!(
+        readiness["reason"].as_str().unwrap().contains("etcd at"),
+        "{readiness}"
+    );
+    let routed = client
+        .get(format!("http://127.0.0.1:{port}/api/user/login"))
+        .send()
+        .await
+        .unwrap();
+    let status = routed.status();
+    assert_eq!(
+        status,
+        200,
+        "the known replica still serves: {}",
+        routed.text().await.unwrap()
+    );
+    let missing = client
+        .get(format!("http://127.0.0.1:{port}/api/order/submit"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 503);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    let message = body["msg"].as_str().unwrap();
+    assert!(
+        message.contains("when etcd last answered") && message.contains("etcd at"),
+        "the 503 says the view may be out of date: {message}"
+    );
+
+    etcd.resume().await;
+    support::eventually(
+        "/readyz says the view is current again",
+        Duration::from_secs(30),
+        || async { ready().await["registry"] == "current" },
+    )
+    .await;
+}

@@ -18,7 +18,7 @@ use super::respond::ErrorEnvelope;
 use super::route_store::RouteStore;
 use super::upstreams::Upstreams;
 use crate::config::AllowList;
-use crate::registry::Members;
+use crate::registry::{Members, RegistryStatus};
 use crate::trace::TraceSink;
 
 /// What the admin endpoints read; shared by the proxy and the admin listener.
@@ -33,6 +33,9 @@ pub struct AdminEndpoints {
     /// Set once the gateway has listed the registry: until then it knows no replica, and
     /// a 503 says why.
     pub registry_loaded: Arc<AtomicBool>,
+    /// Whether the registry view is current: routing goes on with the last one through an
+    /// etcd outage, and answers say so.
+    pub registry_status: Arc<RegistryStatus>,
     /// etcd's endpoints, for the messages that blame it.
     pub etcd: String,
 }
@@ -96,12 +99,45 @@ impl AdminEndpoints {
         })
     }
 
+    /// Why the registry view may be out of date (etcd unreachable since a load), or `None`
+    /// while it is current.
+    pub fn stale_because(&self) -> Option<String> {
+        let (length, error) = self.registry_status.unreachable()?;
+        Some(format!(
+            "the registry view is {}s old: {error}",
+            length.as_secs()
+        ))
+    }
+
+    /// The 503 of a route whose service has no replica: before the first listing and
+    /// through an outage it names etcd, since the registry may well hold replicas.
+    pub fn no_replica_because(&self, service: &str) -> String {
+        if let Some(reason) = self.not_ready_because() {
+            return reason;
+        }
+        match self.stale_because() {
+            Some(stale) => format!(
+                "no replica of service `{service}` was registered when etcd last answered; {stale}"
+            ),
+            None => format!("no replica of service `{service}` is registered"),
+        }
+    }
+
     /// `/readyz`: 200 once the gateway has a view of the registry, 503 with the reason
-    /// before; `/healthz` only says that the process runs.
+    /// before; `/healthz` only says that the process runs. A view that went stale in an
+    /// etcd outage stays ready (routing on the last known replicas beats routing on none,
+    /// and every gateway would go unready at once), and the answer says it is stale.
     fn readiness(&self) -> Answer {
-        let (status, document) = match self.not_ready_because() {
-            None => (200, serde_json::json!({"ready": true})),
-            Some(reason) => (503, serde_json::json!({"ready": false, "reason": reason})),
+        let (status, document) = match (self.not_ready_because(), self.stale_because()) {
+            (Some(reason), _) => (503, serde_json::json!({"ready": false, "reason": reason})),
+            (None, Some(stale)) => (
+                200,
+                serde_json::json!({"ready": true, "registry": "stale", "reason": stale}),
+            ),
+            (None, None) => (
+                200,
+                serde_json::json!({"ready": true, "registry": "current"}),
+            ),
         };
         Answer {
             status,

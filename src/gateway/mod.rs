@@ -46,7 +46,9 @@ use tracing::{info, warn};
 
 use crate::config::{ConfigError, GomsConfig, RouteDefaults};
 use crate::registry::drain::{self, Duty, Stop};
-use crate::registry::{node, watch_members, Drain, EtcdEndpoints, Members, NodeInfo, Registration};
+use crate::registry::{
+    node, watch_members, Drain, EtcdEndpoints, Members, NodeInfo, Registration, RegistryStatus,
+};
 use crate::trace::{Publisher, Redactor, TraceSink};
 use admin::{AdminApp, AdminEndpoints};
 use metrics::GatewayMetrics;
@@ -134,6 +136,7 @@ pub fn run(
 
     let upstreams = Arc::new(Upstreams::default());
     let registry_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let registry_status = Arc::new(RegistryStatus::default());
     let (members_tx, members_rx) = watch::channel(Arc::new(Members::default()));
     let metrics = Arc::new(GatewayMetrics::default());
     let advertised = format!("{}:{port}", gateway.advertise_host);
@@ -184,6 +187,7 @@ pub fn run(
         trace: trace.clone(),
         allow: gateway.admin_allow.clone(),
         registry_loaded: registry_loaded.clone(),
+        registry_status: registry_status.clone(),
         etcd: config.etcd_addr.join(","),
     });
 
@@ -220,6 +224,7 @@ pub fn run(
             members_tx,
             leaving: Mutex::new(Some(drain.duty())),
             registry_loaded,
+            registry_status,
         },
     ));
     if let Some(publisher) = publisher {
@@ -263,13 +268,18 @@ struct RegistryLink {
     leaving: Mutex<Option<Duty>>,
     /// Set at the first membership listing.
     registry_loaded: Arc<std::sync::atomic::AtomicBool>,
+    registry_status: Arc<RegistryStatus>,
 }
 
 #[async_trait]
 impl BackgroundService for RegistryLink {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let (stop, stopped) = watch::channel(false);
-        let mut members = watch_members(self.etcd.clone(), stopped.clone());
+        let mut members = watch_members(
+            self.etcd.clone(),
+            self.registry_status.clone(),
+            stopped.clone(),
+        );
         let (registration, first) =
             Registration::start(self.etcd.clone(), self.node.clone(), self.lease_ttl).await;
         if let Err(error) = first {

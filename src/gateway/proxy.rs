@@ -308,9 +308,7 @@ impl ProxyHttp for GatewayProxy {
         let upstream = self.upstreams.get(&route.service).filter(|u| !u.is_empty());
         let Some(upstream) = upstream else {
             self.metrics.count_status(503);
-            let message = self.admin.not_ready_because().unwrap_or_else(|| {
-                format!("no replica of service `{}` is registered", route.service)
-            });
+            let message = self.admin.no_replica_because(&route.service);
             write_error(session, 503, &message, ctx.request_id()).await?;
             return Ok(true);
         };

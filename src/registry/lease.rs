@@ -5,6 +5,7 @@
 //! lease, which deletes the key at once, so gateways stop routing to a draining node before
 //! its in-flight requests finish.
 
+use crate::diagnostics::Repeats;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -130,17 +131,21 @@ async fn keep_registered(
     mut stopped: watch::Receiver<bool>,
 ) {
     let mut failures = 0;
+    let mut refused = Repeats::default();
     loop {
         let (client, lease) = match current.take() {
             Some(held) => held,
             None => match register_once(&etcd, &node, ttl).await {
                 Ok(held) => {
                     failures = 0;
+                    refused.reset();
                     lease_id.store(held.1, Ordering::SeqCst);
                     held
                 }
                 Err(error) => {
-                    warn!(message = "Registration failed; retrying.", service = %node.service, id = %node.id, %error);
+                    if let Some(repeats) = refused.occurred() {
+                        warn!(message = "Registration failed; retrying.", service = %node.service, id = %node.id, %error, repeats);
+                    }
                     failures += 1;
                     if sleep_or_stop(backoff(failures), &mut stopped).await {
                         return;

@@ -7,13 +7,15 @@
 //! last snapshot stays published: routing keeps working on what was known.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{backoff, parse_node_key, EtcdEndpoints, NodeInfo, RegistryError, KEY_PREFIX};
+use crate::diagnostics::Repeats;
 
 /// `service -> node id -> node`, as last seen in etcd.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -46,14 +48,52 @@ impl Members {
     }
 }
 
-/// Starts the watcher; the receiver always holds the newest snapshot. The task ends when
-/// `shutdown` flips to true or every receiver is dropped.
+/// Whether the watcher reaches etcd now. A gateway routes on the last snapshot through an
+/// outage; this says since when that snapshot may be stale, and why.
+#[derive(Debug, Default)]
+pub struct RegistryStatus {
+    outage: Mutex<Option<Outage>>,
+}
+
+#[derive(Debug)]
+struct Outage {
+    since: Instant,
+    error: String,
+}
+
+impl RegistryStatus {
+    /// For how long etcd has been unreachable, and the last error; `None` while it answers.
+    pub fn unreachable(&self) -> Option<(Duration, String)> {
+        let outage = self.outage.lock().expect("registry status lock");
+        outage
+            .as_ref()
+            .map(|outage| (outage.since.elapsed(), outage.error.clone()))
+    }
+
+    fn failed(&self, error: &RegistryError) {
+        let mut outage = self.outage.lock().expect("registry status lock");
+        let since = outage.as_ref().map_or_else(Instant::now, |o| o.since);
+        *outage = Some(Outage {
+            since,
+            error: error.to_string(),
+        });
+    }
+
+    fn reached(&self) {
+        *self.outage.lock().expect("registry status lock") = None;
+    }
+}
+
+/// Starts the watcher; the receiver always holds the newest snapshot, and `status` says
+/// whether it is current. The task ends when `shutdown` flips to true or every receiver is
+/// dropped.
 pub fn watch_members(
     etcd: EtcdEndpoints,
+    status: Arc<RegistryStatus>,
     shutdown: watch::Receiver<bool>,
 ) -> watch::Receiver<Arc<Members>> {
     let (publish, snapshot) = watch::channel(Arc::new(Members::default()));
-    tokio::spawn(run(etcd, publish, shutdown));
+    tokio::spawn(run(etcd, publish, status, shutdown));
     snapshot
 }
 
@@ -66,10 +106,12 @@ enum WatchEnd {
 async fn run(
     etcd: EtcdEndpoints,
     publish: watch::Sender<Arc<Members>>,
+    status: Arc<RegistryStatus>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut known = Members::default();
     let mut failures = 0;
+    let mut away = Repeats::default();
     loop {
         if *shutdown.borrow() || publish.is_closed() {
             return;
@@ -79,8 +121,9 @@ async fn run(
             Ok(listed) => listed,
             Err(error) => {
                 failures += 1;
-                if failures == 1 || failures % 20 == 0 {
-                    warn!(message = "Cannot list registered nodes; keeping the last known set.", %error, attempts = failures);
+                status.failed(&error);
+                if let Some(repeats) = away.occurred() {
+                    warn!(message = "Cannot list registered nodes; keeping the last known set.", %error, attempts = failures, repeats);
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff(failures)) => continue,
@@ -95,6 +138,8 @@ async fn run(
             );
         }
         failures = 0;
+        away.reset();
+        status.reached();
         apply_listing(&mut known, listing);
         publish.send_replace(Arc::new(known.clone()));
         match follow(

@@ -21,7 +21,7 @@ use etcd_client::{Client, ConnectOptions};
 
 pub use drain::Drain;
 pub use lease::Registration;
-pub use membership::{list_members, watch_members, Members};
+pub use membership::{list_members, watch_members, Members, RegistryStatus};
 pub use node::{node_key, parse_node_key, NodeInfo, KEY_PREFIX};
 
 #[derive(Debug, thiserror::Error)]

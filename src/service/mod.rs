@@ -198,7 +198,7 @@ pub async fn serve(
     info!("[{}] Http Listen on port: {port}", options.name);
 
     let (stop, stopped) = watch::channel(false);
-    let _members = watch_members(options.etcd.clone(), stopped);
+    let _members = watch_members(options.etcd.clone(), Default::default(), stopped);
     let (registration, first) =
         Registration::start(options.etcd.clone(), node, options.lease_ttl).await;
     if let Err(error) = first {

@@ -1,6 +1,7 @@
 //! The publisher's link to the broker: whether there is one, the attempt to open one, and
 //! whether the broker blocks publishers on it.
 
+use crate::diagnostics::Repeats;
 use std::time::{Duration, Instant};
 
 use tokio::task::JoinHandle;
@@ -23,6 +24,7 @@ pub(super) struct Connection {
     generation: u64,
     next_attempt: Instant,
     failures: u32,
+    away: Repeats,
     /// Whether the broker said it blocks publishers on this link (`connection.blocked`: a
     /// memory or disk alarm), as last logged.
     blocked: bool,
@@ -42,6 +44,7 @@ impl Connection {
             generation: 0,
             next_attempt: Instant::now(),
             failures: 0,
+            away: Repeats::default(),
             blocked: false,
         }
     }
@@ -118,6 +121,7 @@ impl Connection {
             );
         }
         self.failures = 0;
+        self.away.reset();
         self.link = Some(link);
         self.generation += 1;
     }
@@ -127,8 +131,8 @@ impl Connection {
         // The next link starts unblocked; the broker says so again if its alarm still holds.
         self.blocked = false;
         self.failures += 1;
-        if self.failures == 1 || self.failures % 30 == 0 {
-            warn!(message = "Trace broker unavailable; spooling events to disk.", %error, attempts = self.failures);
+        if let Some(repeats) = self.away.occurred() {
+            warn!(message = "Trace broker unavailable; spooling events to disk.", %error, attempts = self.failures, repeats);
         }
         let delay = Duration::from_millis((250u64 << self.failures.min(4)).min(3_000));
         self.next_attempt = Instant::now() + delay;
