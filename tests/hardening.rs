@@ -505,3 +505,148 @@ async fn through_an_etcd_outage_the_gateway_routes_on_what_it_knew_and_says_the_
     )
     .await;
 }
+
+/// Reads until the gateway closes the connection, or panics at `deadline`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(within, stream.read_to_end(&mut received)).await;
+    assert!(
+        read.is_ok(),
+        "the gateway kept the connection open past {within:?}; got {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    received
+}
+
+#[tokio::test]
+async fn a_slow_header_gets_408_and_an_idle_connection_is_closed() {
+    use tokio::io::AsyncWriteExt;
+    let etcd = Etcd::start().await;
+    let (_gateway, port, admin, _routes) = gateway(
+        &etcd,
+        &[
+            ("GOMS__GATEWAY__LIMITS__HEADER_TIMEOUT", "1s"),
+            ("GOMS__GATEWAY__LIMITS__IDLE_TIMEOUT", "2s"),
+        ],
+    )
+    .await;
+
+    // Slowloris: a header line every 300 ms, each read on time, the whole never complete.
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    slow.write_all(b"GET /api/order/submit HTTP/1.1\r\nHost: gateway\r\n")
+        .await
+        .unwrap();
+    let trickle = async {
+        let mut pace = tokio::time::interval(Duration::from_millis(300));
+        for n in 0..20 {
+            pace.tick().await;
+            if slow
+                .write_all(format!("X-Slow-{n}: 1\r\n").as_bytes())
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    };
+    let started = Instant::now();
+    tokio::time::timeout(Duration::from_secs(10), trickle)
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut slow, Duration::from_secs(5)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("\"code\":408"), "{answer}");
+    assert!(answer.contains("headerTimeout"), "{answer}");
+    assert!(
+        started.elapsed() < Duration::from_secs(7),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // Keep-alive: one request answered, then silence; the gateway closes after idleTimeout.
+    let mut idle = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await
+        .unwrap();
+    let answered = Instant::now();
+    let answer = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200 "), "{answer:?}");
+    assert!(
+        answered.elapsed() >= Duration::from_millis(1500),
+        "closed before idleTimeout: {:?}",
+        answered.elapsed()
+    );
+    // A connection that never sends a byte is closed after the same idle time.
+    let mut silent = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    assert!(read_until_closed(&mut silent, Duration::from_secs(10))
+        .await
+        .is_empty());
+
+    let metrics = text_of(http().get(format!("http://{admin}/metrics"))).await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "goms_gateway_refused_total{reason=\"header_timeout\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn connections_past_the_cap_are_closed_at_once_and_counted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let etcd = Etcd::start().await;
+    let (_gateway, port, admin, _routes) =
+        gateway(&etcd, &[("GOMS__GATEWAY__LIMITS__MAX_CONNECTIONS", "3")]).await;
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", port));
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        let mut stream = connect().await.unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = [0u8; 12];
+        stream.read_exact(&mut answer).await.unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 200", "served within the cap");
+        held.push(stream);
+    }
+
+    let mut refused = connect().await.unwrap();
+    let _ = refused
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
+        .await;
+    let answer = read_until_closed(&mut refused, Duration::from_secs(5)).await;
+    assert!(
+        answer.is_empty(),
+        "a fourth connection was served: {answer:?}"
+    );
+    let metrics = text_of(http().get(format!("http://{admin}/metrics"))).await;
+    assert!(
+        metrics.contains("goms_gateway_connections_refused_total 1")
+            && metrics.contains("goms_gateway_connections_open 3"),
+        "{metrics}"
+    );
+
+    // A place freed is a place taken.
+    drop(held.pop());
+    support::eventually(
+        "a new connection is served once one closed",
+        Duration::from_secs(10),
+        || async {
+            http()
+                .get(format!("http://127.0.0.1:{port}/healthz"))
+                .send()
+                .await
+                .is_ok_and(|r| r.status() == 200)
+        },
+    )
+    .await;
+}

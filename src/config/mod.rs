@@ -264,6 +264,18 @@ pub struct LimitsConfig {
     /// past it, 413, before the body is read when `Content-Length` says so.
     #[serde(default = "default_body_bytes")]
     pub body_bytes: u64,
+    /// Time from a request header's first byte to its end (slow-header clients). Default
+    /// `10s`; past it, 408 and the connection closes.
+    #[serde(default = "default_header_timeout", deserialize_with = "duration_text")]
+    pub header_timeout: Duration,
+    /// How long a keep-alive connection may wait idle for its next request. Default `60s`;
+    /// then the gateway closes it.
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration_text")]
+    pub idle_timeout: Duration,
+    /// Client connections served at once on the public port. Default 10000; a connection
+    /// past it is closed at accept and counted (`goms_gateway_connections_refused_total`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
 }
 
 /// Settings of `goms service` and of services built on the SDK.
@@ -440,6 +452,15 @@ fn default_uri_bytes() -> usize {
 }
 fn default_body_bytes() -> u64 {
     10 * 1024 * 1024
+}
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_connections() -> usize {
+    10_000
 }
 fn default_admin_addr() -> String {
     "127.0.0.1:9901".into()

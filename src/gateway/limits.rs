@@ -18,15 +18,18 @@ pub enum Refusal {
     /// `Content-Length` and `Transfer-Encoding` together: the framing that request smuggling
     /// exploits, which RFC 9112 section 6.1 lets a proxy refuse.
     AmbiguousFraming,
+    /// The header did not arrive within `headerTimeout` (slowloris).
+    HeaderTimeout,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 5] = [
+    const ALL: [Refusal; 6] = [
         Refusal::HeaderBytes,
         Refusal::HeaderCount,
         Refusal::UriBytes,
         Refusal::BodyBytes,
         Refusal::AmbiguousFraming,
+        Refusal::HeaderTimeout,
     ];
 
     pub fn status(self) -> u16 {
@@ -35,6 +38,7 @@ impl Refusal {
             Refusal::UriBytes => 414,
             Refusal::BodyBytes => 413,
             Refusal::AmbiguousFraming => 400,
+            Refusal::HeaderTimeout => 408,
         }
     }
 
@@ -46,6 +50,7 @@ impl Refusal {
             Refusal::UriBytes => "uri_bytes",
             Refusal::BodyBytes => "body_bytes",
             Refusal::AmbiguousFraming => "ambiguous_framing",
+            Refusal::HeaderTimeout => "header_timeout",
         }
     }
 
@@ -58,8 +63,35 @@ impl Refusal {
             Refusal::AmbiguousFraming => {
                 "Content-Length and Transfer-Encoding together are refused"
             }
+            Refusal::HeaderTimeout => {
+                "the request header did not arrive in time (gateway.limits.headerTimeout)"
+            }
         }
     }
+}
+
+/// Header timeouts of this process. pingora writes the 408 itself, through a plain `fn`
+/// that cannot reach a gateway's counters, so it counts here; one gateway runs per process.
+static HEADER_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
+
+/// The bytes pingora writes when a request header runs out of time: a complete 408 in the
+/// envelope, with a request id of its own, and `Connection: close`.
+pub fn header_timeout_answer() -> bytes::Bytes {
+    HEADER_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
+    let request_id = crate::trace::request_id_or_new(None);
+    let envelope = serde_json::json!({
+        "code": 408,
+        "msg": Refusal::HeaderTimeout.message(),
+        "status": false,
+        "requestId": request_id,
+    })
+    .to_string();
+    format!(
+        "HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {}\r\n{}: {request_id}\r\nconnection: close\r\n\r\n{envelope}",
+        envelope.len(),
+        crate::trace::REQUEST_ID_HEADER,
+    )
+    .into()
 }
 
 /// Refusals counted by reason, for `/metrics`.
@@ -77,10 +109,13 @@ impl RefusalCounts {
 
     /// `(label, count)` for every reason.
     pub fn all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        Refusal::ALL
-            .iter()
-            .zip(&self.0)
-            .map(|(refusal, count)| (refusal.label(), count.load(Ordering::Relaxed)))
+        Refusal::ALL.iter().zip(&self.0).map(|(refusal, count)| {
+            let counted = match refusal {
+                Refusal::HeaderTimeout => HEADER_TIMEOUTS.load(Ordering::Relaxed),
+                _ => count.load(Ordering::Relaxed),
+            };
+            (refusal.label(), counted)
+        })
     }
 }
 
@@ -130,6 +165,7 @@ mod tests {
             header_count: 4,
             uri_bytes: 32,
             body_bytes: 10,
+            ..LimitsConfig::default()
         }
     }
 

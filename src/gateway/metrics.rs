@@ -26,6 +26,10 @@ pub struct GatewayMetrics {
     other_status: AtomicU64,
     /// Requests refused by `gateway.limits` or the framing rules, by reason.
     pub refused: RefusalCounts,
+    /// Client connections open and refused at `gateway.limits.maxConnections`; set when the
+    /// public listener starts.
+    pub connections:
+        std::sync::OnceLock<std::sync::Arc<pingora::services::listening::ConnectionLimit>>,
 }
 
 impl GatewayMetrics {
@@ -94,6 +98,22 @@ impl GatewayMetrics {
             let _ = writeln!(
                 out,
                 "goms_gateway_refused_total{{reason=\"{reason}\"}} {count}"
+            );
+        }
+        if let Some(connections) = self.connections.get() {
+            single(
+                &mut out,
+                "goms_gateway_connections_open",
+                "gauge",
+                "Client connections served now on the public port.",
+                connections.open(),
+            );
+            single(
+                &mut out,
+                "goms_gateway_connections_refused_total",
+                "counter",
+                "Client connections closed at accept because gateway.limits.maxConnections were open.",
+                connections.refused(),
             );
         }
         single(

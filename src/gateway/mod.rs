@@ -52,6 +52,7 @@ use crate::registry::{
 use crate::trace::{Publisher, Redactor, TraceSink};
 use admin::{AdminApp, AdminEndpoints};
 use metrics::GatewayMetrics;
+use pingora::services::listening::ConnectionLimit;
 use proxy::GatewayProxy;
 use route_store::{route_source, RouteStore};
 use trace_events::GatewayTracer;
@@ -139,6 +140,8 @@ pub fn run(
     let registry_status = Arc::new(RegistryStatus::default());
     let (members_tx, members_rx) = watch::channel(Arc::new(Members::default()));
     let metrics = Arc::new(GatewayMetrics::default());
+    let connections = Arc::new(ConnectionLimit::new(gateway.limits.max_connections));
+    let _ = metrics.connections.set(connections.clone());
     let advertised = format!("{}:{port}", gateway.advertise_host);
     let node = NodeInfo {
         id: node_id.unwrap_or_else(|| advertised.clone()),
@@ -207,6 +210,9 @@ pub fn run(
             drain: drain.clone(),
         },
     );
+    proxy.app_logic_mut().expect("a new service").server_options =
+        Some(client_timeouts(&gateway.limits));
+    proxy.set_connection_limit(connections);
     proxy.add_tcp(&listen);
     server.add_service(proxy);
     let mut admin_service = Service::new("admin".to_string(), AdminApp(admin));
@@ -256,6 +262,14 @@ fn key_header(key: &crate::config::Secret) -> Result<http::HeaderValue, GatewayE
 
 /// Connects the gateway to etcd: registers it, follows membership into the balancers,
 /// runs health checks and the route file watch. On shutdown it leaves the registry first.
+/// How long a client connection may idle between requests and take to send a header.
+fn client_timeouts(limits: &crate::config::LimitsConfig) -> pingora::apps::HttpServerOptions {
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h1_idle_timeout = Some(limits.idle_timeout.as_secs().max(1));
+    options.h1_header_timeout = Some((limits.header_timeout, limits::header_timeout_answer));
+    options
+}
+
 struct RegistryLink {
     etcd: EtcdEndpoints,
     node: NodeInfo,

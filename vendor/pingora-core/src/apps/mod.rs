@@ -89,6 +89,29 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
+
+    /// goms patch: seconds an idle HTTP/1 keep-alive connection waits for its next request
+    /// before it is closed, on its first request and every reuse. `None`: 60 on the first
+    /// request and no limit after it, as before.
+    pub h1_idle_timeout: Option<u64>,
+
+    /// goms patch: time from the first byte of an HTTP/1 request header to its end, and the
+    /// bytes answered when it runs out (then the connection closes).
+    pub h1_header_timeout: Option<(Duration, fn() -> bytes::Bytes)>,
+}
+
+/// goms patch: the idle and header timeouts of `options` applied to an HTTP/1 session.
+fn apply_h1_timeouts(session: &mut ServerSession, options: Option<&HttpServerOptions>) {
+    let Some(options) = options else { return };
+    if let Some(idle) = options.h1_idle_timeout {
+        // 0 is pingora's "no limit", which HTTP/1.1 keep-alive gets after each request.
+        if session.get_keepalive() == Some(0) {
+            session.set_keepalive(Some(idle));
+        }
+    }
+    if let Some((limit, answer)) = options.h1_header_timeout {
+        session.set_header_timeout(Some(limit), Some(answer));
+    }
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -350,12 +373,14 @@ where
                 session.set_keepalive(None);
             } else {
                 // default 60s
-                session.set_keepalive(Some(60));
+                let idle = self.server_options().and_then(|o| o.h1_idle_timeout);
+                session.set_keepalive(Some(idle.unwrap_or(60)));
             }
             session.set_keepalive_reuses_remaining(
                 self.server_options()
                     .and_then(|opts| opts.keepalive_request_limit),
             );
+            apply_h1_timeouts(&mut session, self.server_options());
 
             let mut result = self.process_new_http(session, shutdown).await;
             while let Some((stream, persistent_settings)) = result.map(|r| r.consume()) {
@@ -363,6 +388,7 @@ where
                 if let Some(persistent_settings) = persistent_settings {
                     persistent_settings.apply_to_session(&mut session);
                 }
+                apply_h1_timeouts(&mut session, self.server_options());
 
                 result = self.process_new_http(session, shutdown).await;
             }

@@ -53,6 +53,63 @@ pub struct Service<A> {
     runtime_opts_override: Option<RuntimeOptsOverride>,
     #[cfg(feature = "connection_filter")]
     connection_filter: Arc<dyn ConnectionFilter>,
+    /// goms patch: a cap on the connections this service serves at once.
+    connection_limit: Option<Arc<ConnectionLimit>>,
+}
+
+/// goms patch: at most `max` client connections served at once; a connection accepted past
+/// it is closed at once, before any byte is read, and counted.
+#[derive(Debug)]
+pub struct ConnectionLimit {
+    max: usize,
+    open: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicU64,
+}
+
+impl ConnectionLimit {
+    pub fn new(max: usize) -> Self {
+        ConnectionLimit {
+            max,
+            open: Default::default(),
+            refused: Default::default(),
+        }
+    }
+
+    /// Connections being served now.
+    pub fn open(&self) -> usize {
+        self.open.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Connections closed at accept because `max` were open.
+    pub fn refused(&self) -> u64 {
+        self.refused.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn admit(self: &Arc<Self>) -> Option<OpenConnection> {
+        use std::sync::atomic::Ordering;
+        let admitted = self
+            .open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .is_ok();
+        if !admitted {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(OpenConnection(self.clone()))
+    }
+}
+
+/// One admitted connection; gives its place back when the connection ends.
+struct OpenConnection(Arc<ConnectionLimit>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0
+            .open
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl<A> Service<A> {
@@ -64,6 +121,7 @@ impl<A> Service<A> {
             app_logic: Some(app_logic),
             threads: None,
             runtime_opts_override: None,
+            connection_limit: None,
             #[cfg(feature = "connection_filter")]
             connection_filter: Arc::new(AcceptAllFilter),
         }
@@ -78,6 +136,7 @@ impl<A> Service<A> {
             app_logic: Some(app_logic),
             threads: None,
             runtime_opts_override: None,
+            connection_limit: None,
             #[cfg(feature = "connection_filter")]
             connection_filter: Arc::new(AcceptAllFilter),
         }
@@ -185,6 +244,11 @@ impl<A> Service<A> {
     pub fn app_logic_mut(&mut self) -> Option<&mut A> {
         self.app_logic.as_mut()
     }
+
+    /// goms patch: caps the connections served at once (see [`ConnectionLimit`]).
+    pub fn set_connection_limit(&mut self, limit: Arc<ConnectionLimit>) {
+        self.connection_limit = Some(limit);
+    }
 }
 
 impl<A: ServerApp + Send + Sync + 'static> Service<A> {
@@ -203,6 +267,7 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
         app_logic: Arc<A>,
         mut stack: TransportStack,
         mut shutdown: ShutdownWatch,
+        limit: Option<Arc<ConnectionLimit>>,
     ) {
         // the accept loop, until the system is shutting down
         loop {
@@ -227,9 +292,21 @@ impl<A: ServerApp + Send + Sync + 'static> Service<A> {
             };
             match new_io {
                 Ok(io) => {
+                    let admitted = match &limit {
+                        Some(limit) => match limit.admit() {
+                            Some(admitted) => Some(admitted),
+                            None => {
+                                debug!("connection limit reached; closing a new connection");
+                                drop(io);
+                                continue;
+                            }
+                        },
+                        None => None,
+                    };
                     let app = app_logic.clone();
                     let shutdown = shutdown.clone();
                     current_handle().spawn(async move {
+                        let _admitted = admitted;
                         let peer_addr = io.peer_addr();
                         match timeout(Duration::from_secs(60), io.handshake()).await {
                             Ok(handshake) => {
@@ -305,9 +382,10 @@ impl<A: ServerApp + Send + Sync + 'static> ServiceTrait for Service<A> {
                 let shutdown = shutdown.clone();
                 let my_app_logic = app_logic.clone();
                 let endpoint = endpoint.clone();
+                let limit = self.connection_limit.clone();
 
                 let jh = runtime.spawn(async move {
-                    Self::run_endpoint(my_app_logic, endpoint, shutdown).await;
+                    Self::run_endpoint(my_app_logic, endpoint, shutdown, limit).await;
                 });
 
                 handlers.push(jh);

@@ -322,6 +322,18 @@ impl Session {
         }
     }
 
+    /// goms patch: bounds the time to receive an HTTP/1 request header from its first byte,
+    /// with the answer written when it runs out. Noop for other sessions.
+    pub fn set_header_timeout(
+        &mut self,
+        limit: Option<std::time::Duration>,
+        answer: Option<fn() -> bytes::Bytes>,
+    ) {
+        if let Self::H1(s) = self {
+            s.set_header_timeout(limit, answer);
+        }
+    }
+
     /// Get the keepalive timeout. None if keepalive is disabled. Not applicable for h2 or
     /// subrequest
     pub fn get_keepalive(&self) -> Option<u64> {

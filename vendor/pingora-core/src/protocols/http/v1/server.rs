@@ -102,6 +102,10 @@ pub struct HttpSession {
     /// timeouts:
     keepalive_timeout: KeepaliveStatus,
     read_timeout: Option<Duration>,
+    /// goms patch: the whole request header must arrive within this, counted from its first
+    /// byte; else `header_timeout_answer` is written and the connection closed.
+    header_timeout: Option<Duration>,
+    header_timeout_answer: Option<fn() -> Bytes>,
     write_timeout: Option<Duration>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
     total_drain_timeout: Option<Duration>,
@@ -187,6 +191,8 @@ impl HttpSession {
             response_written: None,
             request_header: None,
             read_timeout: Some(Duration::from_secs(60)),
+            header_timeout: None,
+            header_timeout_answer: None,
             write_timeout: None,
             total_drain_timeout: None,
             body_bytes_sent: 0,
@@ -213,9 +219,21 @@ impl HttpSession {
         &mut self,
         buf: &mut BytesMut,
         already_read: usize,
+        header_deadline: Option<tokio::time::Instant>,
     ) -> Result<Option<usize>> {
         let read_result = {
             let read_event = self.underlying_stream.read_buf(buf);
+            if let Some(deadline) = header_deadline {
+                match tokio::time::timeout_at(deadline, read_event).await {
+                    Ok(res) => res,
+                    Err(_) => {
+                        return Error::e_explain(
+                            ReadTimedout,
+                            "request header not received in time",
+                        )
+                    }
+                }
+            } else {
             match self.keepalive_timeout {
                 KeepaliveStatus::Timeout(d) => match timeout(d, read_event).await {
                     Ok(res) => res,
@@ -238,6 +256,7 @@ impl HttpSession {
                     },
                     None => read_event.await,
                 },
+            }
             }
         };
 
@@ -303,6 +322,7 @@ impl HttpSession {
             .unwrap_or_else(|| BytesMut::with_capacity(INIT_HEADER_BUF_SIZE));
         let mut already_read = buf.len();
         let mut skip_next_read = already_read != 0;
+        let mut header_deadline: Option<tokio::time::Instant> = None;
         let mut detached_suffix = None;
         loop {
             if already_read > MAX_HEADER_SIZE {
@@ -321,12 +341,27 @@ impl HttpSession {
             // subsequent read_buf() would block for data that may never come
             // (the client already pipelined everything it had to send for
             // this request and is waiting for our response).
+            if already_read > 0 && header_deadline.is_none() {
+                header_deadline = self
+                    .header_timeout
+                    .map(|limit| tokio::time::Instant::now() + limit);
+            }
             if skip_next_read {
                 skip_next_read = false;
-            } else if let Some(n) = self.read_request_buf(&mut buf, already_read).await? {
-                already_read += n;
             } else {
-                return Ok(None);
+                match self
+                    .read_request_buf(&mut buf, already_read, header_deadline)
+                    .await
+                {
+                    Ok(Some(n)) => already_read += n,
+                    Ok(None) => return Ok(None),
+                    Err(e) => {
+                        if header_deadline.is_some() && e.etype() == &ReadTimedout {
+                            self.answer_header_timeout().await;
+                        }
+                        return Err(e);
+                    }
+                }
             }
 
             // Use loop as GOTO to retry escaped request buffer, not a real loop
@@ -703,6 +738,26 @@ impl HttpSession {
     /// and the response had to have been a `101 Switching Protocols`.
     pub fn was_upgraded(&self) -> bool {
         self.upgraded
+    }
+
+    /// goms patch: bounds the time from a request header's first byte to its end, and gives
+    /// the answer written when it runs out (slow-header clients get it, then the close).
+    pub fn set_header_timeout(&mut self, limit: Option<Duration>, answer: Option<fn() -> Bytes>) {
+        self.header_timeout = limit;
+        self.header_timeout_answer = answer;
+    }
+
+    async fn answer_header_timeout(&mut self) {
+        if let Some(answer) = self.header_timeout_answer {
+            let bytes = answer();
+            let write = async {
+                self.underlying_stream.write_all(&bytes).await?;
+                self.underlying_stream.flush().await
+            };
+            if let Err(e) = timeout(Duration::from_secs(1), write).await.unwrap_or(Ok(())) {
+                debug!("cannot write the header timeout answer: {e}");
+            }
+        }
     }
 
     fn set_keepalive(&mut self, seconds: Option<u64>) {
