@@ -274,3 +274,43 @@ async fn an_unreachable_elasticsearch_reads_as_one_line() {
         consumer.terminate(Duration::from_secs(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_consumer_exits_promptly_on_sigterm_and_leaves_held_events_in_the_queue() {
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    es.inject(Faults {
+        outage: true,
+        ..Faults::default()
+    });
+    publish(&broker, (0..20).map(|id| event_line(id, |_| {}))).await;
+    let mut holding = consumer("consumer", &broker, &es.url(), &[]);
+    eventually(
+        "the consumer holds a batch it cannot index",
+        Duration::from_secs(20),
+        || async { es.store.lock().unwrap().outage_answers > 0 },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let status = holding.terminate(Duration::from_secs(5)).await;
+    eprintln!(
+        "consumer holding a batch exited {:?} after SIGTERM",
+        started.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+    eventually(
+        "the held events are back in the queue",
+        Duration::from_secs(10),
+        || async { broker.depth("goms.trace").await == Some(20) },
+    )
+    .await;
+
+    es.change(|faults| faults.outage = false);
+    let mut idle = consumer("consumer", &broker, &es.url(), &[]);
+    indexed_exactly(&es, 20).await;
+    let started = std::time::Instant::now();
+    let status = idle.terminate(Duration::from_secs(5)).await;
+    eprintln!("idle consumer exited {:?} after SIGTERM", started.elapsed());
+    assert!(status.success(), "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}

@@ -16,7 +16,8 @@ pub enum Refusal {
     UriBytes,
     BodyBytes,
     /// `Content-Length` and `Transfer-Encoding` together: the framing that request smuggling
-    /// exploits, which RFC 9112 section 6.1 lets a proxy refuse.
+    /// exploits, which RFC 9112 section 6.1 lets a proxy refuse. pingora's HTTP/1 reader
+    /// refuses it first (vendor patch 8); this stays for any other way a request arrives.
     AmbiguousFraming,
     /// The header did not arrive within `headerTimeout` (slowloris).
     HeaderTimeout,

@@ -466,6 +466,14 @@ impl HttpSession {
                             self.set_keepalive(None);
                         }
                         self.validate_request()?;
+                        // goms patch: the framing request smuggling uses is refused outright
+                        // (400, RFC 9112 section 6.1 lets a server), not reconciled.
+                        if has_both_te_and_cl {
+                            return Error::e_explain(
+                                InvalidHTTPHeader,
+                                "Content-Length and Transfer-Encoding together",
+                            );
+                        }
 
                         return Ok(Some(s));
                     }
