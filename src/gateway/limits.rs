@@ -71,14 +71,7 @@ impl Refusal {
     }
 }
 
-/// Header timeouts of this process. pingora writes the 408 itself, through a plain `fn`
-/// that cannot reach a gateway's counters, so it counts here; one gateway runs per process.
-static HEADER_TIMEOUTS: AtomicU64 = AtomicU64::new(0);
-
-/// The bytes pingora writes when a request header runs out of time: a complete 408 in the
-/// envelope, with a request id of its own, and `Connection: close`.
 pub fn header_timeout_answer() -> bytes::Bytes {
-    HEADER_TIMEOUTS.fetch_add(1, Ordering::Relaxed);
     let request_id = crate::trace::request_id_or_new(None);
     let envelope = serde_json::json!({
         "code": 408,
@@ -110,13 +103,41 @@ impl RefusalCounts {
 
     /// `(label, count)` for every reason.
     pub fn all(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        Refusal::ALL.iter().zip(&self.0).map(|(refusal, count)| {
-            let counted = match refusal {
-                Refusal::HeaderTimeout => HEADER_TIMEOUTS.load(Ordering::Relaxed),
-                _ => count.load(Ordering::Relaxed),
-            };
-            (refusal.label(), counted)
-        })
+        Refusal::ALL
+            .iter()
+            .zip(&self.0)
+            .map(|(refusal, count)| (refusal.label(), count.load(Ordering::Relaxed)))
+    }
+}
+
+/// Raises this process's soft open-files limit to its hard limit, as Go's runtime and nginx's
+/// `worker_rlimit_nofile` do, so that `maxConnections`, not EMFILE at accept, is what refuses
+/// a connection. Each client connection may hold an upstream one, so the cap needs twice its
+/// count; a hard limit below that is only warned about, since raising it needs privileges the
+/// container may not have (compose's `ulimits` fails to start where Docker's own is lower).
+pub fn raise_open_files_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    let raised = unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0
+        }
+    };
+    let needed = (max_connections as u64)
+        .saturating_mul(2)
+        .saturating_add(256);
+    if !raised {
+        tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-files limit");
+    } else if (limit.rlim_cur) < needed {
+        tracing::warn!(
+            open_files = limit.rlim_cur,
+            needed,
+            "the open-files limit is below what gateway.limits.maxConnections needs; past it, accept fails instead of the cap refusing"
+        );
     }
 }
 

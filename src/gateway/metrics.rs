@@ -5,6 +5,9 @@
 
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use pingora::services::listening::ConnectionLimit;
 
 use super::limits::RefusalCounts;
 use super::route_store::RouteStore;
@@ -16,7 +19,6 @@ const TRACKED_STATUS: [u16; 16] = [
     200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 414, 431, 500, 502, 503, 504,
 ];
 
-#[derive(Default)]
 pub struct GatewayMetrics {
     pub requests: AtomicU64,
     pub retries: AtomicU64,
@@ -26,13 +28,24 @@ pub struct GatewayMetrics {
     other_status: AtomicU64,
     /// Requests refused by `gateway.limits` or the framing rules, by reason.
     pub refused: RefusalCounts,
-    /// Client connections open and refused at `gateway.limits.maxConnections`; set when the
-    /// public listener starts.
-    pub connections:
-        std::sync::OnceLock<std::sync::Arc<pingora::services::listening::ConnectionLimit>>,
+    /// Client connections open and refused at `gateway.limits.maxConnections`.
+    connections: Arc<ConnectionLimit>,
 }
 
 impl GatewayMetrics {
+    /// Counters at zero, reading open and refused connections from the public listener's cap.
+    pub fn new(connections: Arc<ConnectionLimit>) -> Self {
+        GatewayMetrics {
+            requests: AtomicU64::default(),
+            retries: AtomicU64::default(),
+            client_aborts: AtomicU64::default(),
+            by_status: Default::default(),
+            other_status: AtomicU64::default(),
+            refused: RefusalCounts::default(),
+            connections,
+        }
+    }
+
     pub fn count_status(&self, status: u16) {
         match TRACKED_STATUS.iter().position(|s| *s == status) {
             Some(index) => self.by_status[index].fetch_add(1, Ordering::Relaxed),
@@ -100,22 +113,20 @@ impl GatewayMetrics {
                 "goms_gateway_refused_total{{reason=\"{reason}\"}} {count}"
             );
         }
-        if let Some(connections) = self.connections.get() {
-            single(
-                &mut out,
-                "goms_gateway_connections_open",
-                "gauge",
-                "Client connections served now on the public port.",
-                connections.open(),
-            );
-            single(
-                &mut out,
-                "goms_gateway_connections_refused_total",
-                "counter",
-                "Client connections closed at accept because gateway.limits.maxConnections were open.",
-                connections.refused(),
-            );
-        }
+        single(
+            &mut out,
+            "goms_gateway_connections_open",
+            "gauge",
+            "Client connections served now on the public port.",
+            self.connections.open(),
+        );
+        single(
+            &mut out,
+            "goms_gateway_connections_refused_total",
+            "counter",
+            "Client connections closed at accept because gateway.limits.maxConnections were open.",
+            self.connections.refused(),
+        );
         single(
             &mut out,
             "goms_gateway_routes",
@@ -191,7 +202,7 @@ mod tests {
 
     #[test]
     fn every_family_has_help_and_type_before_its_samples() {
-        let metrics = GatewayMetrics::default();
+        let metrics = GatewayMetrics::new(Arc::new(ConnectionLimit::new(10)));
         metrics.requests.fetch_add(3, Ordering::Relaxed);
         metrics.count_status(200);
         let routes = RouteStore::load(

@@ -139,9 +139,9 @@ pub fn run(
     let registry_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let registry_status = Arc::new(RegistryStatus::default());
     let (members_tx, members_rx) = watch::channel(Arc::new(Members::default()));
-    let metrics = Arc::new(GatewayMetrics::default());
+    limits::raise_open_files_limit(gateway.limits.max_connections);
     let connections = Arc::new(ConnectionLimit::new(gateway.limits.max_connections));
-    let _ = metrics.connections.set(connections.clone());
+    let metrics = Arc::new(GatewayMetrics::new(connections.clone()));
     let advertised = format!("{}:{port}", gateway.advertise_host);
     let node = NodeInfo {
         id: node_id.unwrap_or_else(|| advertised.clone()),
@@ -204,14 +204,14 @@ pub fn run(
             call_service_key: key_header(&call_service_key)?,
             connect_timeout: gateway.connect_timeout,
             limits: gateway.limits.clone(),
-            metrics,
+            metrics: metrics.clone(),
             trace,
             tracer,
             drain: drain.clone(),
         },
     );
     proxy.app_logic_mut().expect("a new service").server_options =
-        Some(client_timeouts(&gateway.limits));
+        Some(client_timeouts(&gateway.limits, metrics.clone()));
     proxy.set_connection_limit(connections);
     proxy.add_tcp(&listen);
     server.add_service(proxy);
@@ -260,16 +260,27 @@ fn key_header(key: &crate::config::Secret) -> Result<http::HeaderValue, GatewayE
     Ok(value)
 }
 
-/// Connects the gateway to etcd: registers it, follows membership into the balancers,
-/// runs health checks and the route file watch. On shutdown it leaves the registry first.
-/// How long a client connection may idle between requests and take to send a header.
-fn client_timeouts(limits: &crate::config::LimitsConfig) -> pingora::apps::HttpServerOptions {
+/// How long a client connection may idle between requests and take to send a header; a
+/// header timeout is counted in `metrics`.
+fn client_timeouts(
+    limits: &crate::config::LimitsConfig,
+    metrics: Arc<GatewayMetrics>,
+) -> pingora::apps::HttpServerOptions {
+    let answer = move || {
+        metrics.refused.count(limits::Refusal::HeaderTimeout);
+        limits::header_timeout_answer()
+    };
     let mut options = pingora::apps::HttpServerOptions::default();
     options.h1_idle_timeout = Some(limits.idle_timeout.as_secs().max(1));
-    options.h1_header_timeout = Some((limits.header_timeout, limits::header_timeout_answer));
+    options.h1_header_timeout = Some((
+        limits.header_timeout,
+        pingora::protocols::http::v1::server::HeaderTimeoutAnswer(Arc::new(answer)),
+    ));
     options
 }
 
+/// Connects the gateway to etcd: registers it, follows membership into the balancers,
+/// runs health checks and the route file watch. On shutdown it leaves the registry first.
 struct RegistryLink {
     etcd: EtcdEndpoints,
     node: NodeInfo,

@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocols::http::v2::server;
+use crate::protocols::http::v1::server::HeaderTimeoutAnswer;
 use crate::protocols::http::{ReusableHttpStream, ServerSession};
 use crate::protocols::Digest;
 use crate::protocols::Stream;
@@ -97,7 +98,7 @@ pub struct HttpServerOptions {
 
     /// goms patch: time from the first byte of an HTTP/1 request header to its end, and the
     /// bytes answered when it runs out (then the connection closes).
-    pub h1_header_timeout: Option<(Duration, fn() -> bytes::Bytes)>,
+    pub h1_header_timeout: Option<(Duration, HeaderTimeoutAnswer)>,
 }
 
 /// goms patch: the idle and header timeouts of `options` applied to an HTTP/1 session.
@@ -109,8 +110,8 @@ fn apply_h1_timeouts(session: &mut ServerSession, options: Option<&HttpServerOpt
             session.set_keepalive(Some(idle));
         }
     }
-    if let Some((limit, answer)) = options.h1_header_timeout {
-        session.set_header_timeout(Some(limit), Some(answer));
+    if let Some((limit, answer)) = &options.h1_header_timeout {
+        session.set_header_timeout(Some(*limit), Some(answer.clone()));
     }
 }
 

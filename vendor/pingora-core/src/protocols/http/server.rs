@@ -327,7 +327,7 @@ impl Session {
     pub fn set_header_timeout(
         &mut self,
         limit: Option<std::time::Duration>,
-        answer: Option<fn() -> bytes::Bytes>,
+        answer: Option<super::v1::server::HeaderTimeoutAnswer>,
     ) {
         if let Self::H1(s) = self {
             s.set_header_timeout(limit, answer);

@@ -73,6 +73,17 @@ impl ProxyTaskState {
     }
 }
 
+/// goms patch: makes the bytes written when a request header runs out of time. A closure, so
+/// that it can count the timeout where its caller keeps its counters.
+#[derive(Clone)]
+pub struct HeaderTimeoutAnswer(pub std::sync::Arc<dyn Fn() -> Bytes + Send + Sync>);
+
+impl std::fmt::Debug for HeaderTimeoutAnswer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HeaderTimeoutAnswer")
+    }
+}
+
 /// The HTTP 1.x server session
 pub struct HttpSession {
     underlying_stream: Stream,
@@ -105,7 +116,7 @@ pub struct HttpSession {
     /// goms patch: the whole request header must arrive within this, counted from its first
     /// byte; else `header_timeout_answer` is written and the connection closed.
     header_timeout: Option<Duration>,
-    header_timeout_answer: Option<fn() -> Bytes>,
+    header_timeout_answer: Option<HeaderTimeoutAnswer>,
     write_timeout: Option<Duration>,
     /// How long to wait to make downstream session reusable, if body needs to be drained.
     total_drain_timeout: Option<Duration>,
@@ -750,14 +761,18 @@ impl HttpSession {
 
     /// goms patch: bounds the time from a request header's first byte to its end, and gives
     /// the answer written when it runs out (slow-header clients get it, then the close).
-    pub fn set_header_timeout(&mut self, limit: Option<Duration>, answer: Option<fn() -> Bytes>) {
+    pub fn set_header_timeout(
+        &mut self,
+        limit: Option<Duration>,
+        answer: Option<HeaderTimeoutAnswer>,
+    ) {
         self.header_timeout = limit;
         self.header_timeout_answer = answer;
     }
 
     async fn answer_header_timeout(&mut self) {
-        if let Some(answer) = self.header_timeout_answer {
-            let bytes = answer();
+        if let Some(answer) = &self.header_timeout_answer {
+            let bytes = (answer.0)();
             let write = async {
                 self.underlying_stream.write_all(&bytes).await?;
                 self.underlying_stream.flush().await
