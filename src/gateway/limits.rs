@@ -71,6 +71,8 @@ impl Refusal {
     }
 }
 
+/// The bytes pingora writes when a request header runs out of time: a complete 408 in the
+/// envelope, with a request id of its own, and `Connection: close`.
 pub fn header_timeout_answer() -> bytes::Bytes {
     let request_id = crate::trace::request_id_or_new(None);
     let envelope = serde_json::json!({
@@ -132,7 +134,7 @@ pub fn raise_open_files_limit(max_connections: usize) {
         .saturating_add(256);
     if !raised {
         tracing::warn!(error = %std::io::Error::last_os_error(), "cannot raise the open-files limit");
-    } else if (limit.rlim_cur) < needed {
+    } else if limit.rlim_cur < needed {
         tracing::warn!(
             open_files = limit.rlim_cur,
             needed,
