@@ -89,6 +89,18 @@ impl AdminEndpoints {
         self.registry_loaded.load(Ordering::Acquire)
     }
 
+    /// Holds a request that came before the first membership listing until it is in, for at
+    /// most `limit`: a gateway that has just started would otherwise answer 503 for its first
+    /// milliseconds, as if no replica were registered. Envoy holds its listeners back until
+    /// its clusters are initialised in the same way (`initial_fetch_timeout`).
+    pub async fn first_listing(&self, limit: std::time::Duration) {
+        if self.registry_loaded() {
+            return;
+        }
+        let mut members = self.members.clone();
+        let _ = tokio::time::timeout(limit, members.wait_for(|_| self.registry_loaded())).await;
+    }
+
     /// Why the gateway cannot route yet, or `None` once it can.
     pub fn not_ready_because(&self) -> Option<String> {
         (!self.registry_loaded()).then(|| {

@@ -324,8 +324,9 @@ impl BackgroundService for RegistryLink {
                     }
                     let snapshot = members.borrow_and_update().clone();
                     self.upstreams.sync(&snapshot).await;
-                    self.members_tx.send_replace(snapshot);
+                    // Set before the send: requests held for the first listing wake on it.
                     self.registry_loaded.store(true, std::sync::atomic::Ordering::Release);
+                    self.members_tx.send_replace(snapshot);
                 }
                 _ = shutdown.changed() => break,
             }

@@ -38,6 +38,9 @@ use crate::trace::{
 
 /// Header carrying the shared service key.
 pub const CALL_SERVICE_KEY_HEADER: &str = "call-service-key";
+/// How long a request that came before the gateway's first membership listing waits for it
+/// before it is answered 503 (naming etcd).
+const FIRST_LISTING_WAIT: Duration = Duration::from_secs(5);
 
 /// Everything the filters share; one per gateway process.
 pub struct GatewayProxy {
@@ -305,6 +308,7 @@ impl ProxyHttp for GatewayProxy {
             .await?;
             return Ok(true);
         }
+        self.admin.first_listing(FIRST_LISTING_WAIT).await;
         let upstream = self.upstreams.get(&route.service).filter(|u| !u.is_empty());
         let Some(upstream) = upstream else {
             self.metrics.count_status(503);

@@ -27,7 +27,7 @@ use futures::StreamExt;
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
 use lapin::types::FieldTable;
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
 use super::elasticsearch::{BulkItem, ItemOutcome, SinkError, TraceIndex};
@@ -141,7 +141,15 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<(), SinkError> {
     let index = TraceIndex::new(&settings.es_addr, &settings.index_prefix)?;
-    if !install_template(&index, &settings, &mut shutdown).await {
+    let (go_ahead, may_consume) = oneshot::channel();
+    tokio::spawn(install_template(
+        index.clone(),
+        settings.max_backoff,
+        shutdown.clone(),
+        go_ahead,
+    ));
+    // The install task drops its end without a word when shutdown comes first.
+    if may_consume.await.is_err() {
         return Ok(());
     }
     let mut failures = 0;
@@ -176,66 +184,48 @@ pub async fn run(
     }
 }
 
-/// Installs the index template before the first event is indexed, so that the day's index
-/// gets its mappings. While Elasticsearch cannot be reached it waits, retrying. If
-/// Elasticsearch refuses the template, waiting would stop the trace pipeline for a mapping:
-/// the refusal is logged, retried in the background with backoff, and consuming goes on.
-/// `false` when shutdown came first.
+/// Installs the index template, retrying with backoff until it is in or shutdown comes.
+/// `may_consume` fires once consuming may start: when the template is in, so that the day's
+/// index gets its mappings; or when Elasticsearch refuses it, since waiting would stop the
+/// trace pipeline for a mapping (events are indexed without it meanwhile, and the install
+/// goes on in the background). While Elasticsearch cannot be reached, it does not fire.
 async fn install_template(
-    index: &TraceIndex,
-    settings: &ConsumerSettings,
-    shutdown: &mut watch::Receiver<bool>,
-) -> bool {
-    let mut attempt = 0;
-    let mut away = Repeats::default();
-    loop {
-        let error = match index.ensure_template().await {
-            Ok(()) => {
-                info!(message = "Index template installed.", template = %index.template_name());
-                return true;
-            }
-            Err(error) => error,
-        };
-        attempt += 1;
-        if error.is_refusal() {
-            error!(message = "Elasticsearch refused the trace index template; events are indexed without it meanwhile, and it is installed again with backoff.", template = %index.template_name(), %error);
-            tokio::spawn(retry_template(
-                index.clone(),
-                settings.max_backoff,
-                shutdown.clone(),
-            ));
-            return true;
-        }
-        if let Some(repeats) = away.occurred() {
-            warn!(message = "Cannot install the trace index template yet; retrying.", %error, attempts = attempt, repeats);
-        }
-        if sleep_or_stop(backoff(attempt, settings.max_backoff), shutdown).await {
-            return false;
-        }
-    }
-}
-
-async fn retry_template(
     index: TraceIndex,
     max_backoff: Duration,
     mut shutdown: watch::Receiver<bool>,
+    may_consume: oneshot::Sender<()>,
 ) {
-    let mut refused = Repeats::default();
-    refused.occurred();
+    let mut may_consume = Some(may_consume);
+    let (mut away, mut refused) = (Repeats::default(), Repeats::default());
     for attempt in 1.. {
-        if sleep_or_stop(backoff(attempt, max_backoff), &mut shutdown).await {
-            return;
-        }
         match index.ensure_template().await {
             Ok(()) => {
-                info!(message = "Index template installed after being refused.", template = %index.template_name(), attempts = attempt);
+                if may_consume.is_some() {
+                    info!(message = "Index template installed.", template = %index.template_name(), attempts = attempt);
+                } else {
+                    info!(message = "Index template installed after being refused.", template = %index.template_name(), attempts = attempt);
+                }
+                if let Some(go) = may_consume.take() {
+                    let _ = go.send(());
+                }
                 return;
             }
-            Err(error) => {
+            Err(error) if error.is_refusal() => {
                 if let Some(repeats) = refused.occurred() {
-                    error!(message = "Elasticsearch still refuses the trace index template.", template = %index.template_name(), %error, attempts = attempt, repeats);
+                    error!(message = "Elasticsearch refused the trace index template; events are indexed without it meanwhile, and it is installed again with backoff.", template = %index.template_name(), %error, attempts = attempt, repeats);
+                }
+                if let Some(go) = may_consume.take() {
+                    let _ = go.send(());
                 }
             }
+            Err(error) => {
+                if let Some(repeats) = away.occurred() {
+                    warn!(message = "Cannot install the trace index template yet; retrying.", %error, attempts = attempt, repeats);
+                }
+            }
+        }
+        if sleep_or_stop(backoff(attempt, max_backoff), &mut shutdown).await {
+            return;
         }
     }
 }
