@@ -65,6 +65,7 @@ async fn publish(amqp: &str, queue: &str, events: usize, offset: usize) -> f64 {
         compression: defaults.compression,
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
+        journal: true,
     })
     .unwrap();
     let running = RunningPublisher::spawn(publisher);

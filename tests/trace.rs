@@ -16,7 +16,7 @@ use support::trace_fixtures::{
     consumer, indexed_exactly, publish, publish_encoded, synthetic_event,
 };
 use support::{
-    eventually, free_port, http, route_file, wait_for_nodes, Etcd, Goms, RabbitMq, ROUTES,
+    eventually, free_port, http, route_file, text_of, wait_for_nodes, Etcd, Goms, RabbitMq, ROUTES,
 };
 
 /// A gateway and one `user` replica that publish trace events to `broker`.
@@ -145,6 +145,93 @@ async fn every_request_leaves_four_events_in_the_index() {
     assert_eq!(properties["time"]["type"], "date");
     assert_eq!(properties["durationMs"]["type"], "double");
     assert_eq!(properties["requestId"]["type"], "keyword");
+}
+
+/// Events wait in memory for the publish interval; a gateway and a replica SIGKILLed
+/// meanwhile used to lose them. Their next start finds them in the journal.
+#[tokio::test]
+async fn events_held_by_sigkilled_nodes_are_replayed_by_their_next_start() {
+    let etcd = Etcd::start().await;
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    let _consumer = consumer("consumer", &broker, &es.url(), &[]);
+    let spool = tempfile::tempdir().unwrap();
+    let (_routes_folder, routes) = route_file(ROUTES);
+    let (service_port, gateway_port) = (free_port(), free_port());
+    let amqp = broker.url();
+    let spool_dir = spool.path().display().to_string();
+    // A minute's interval: nothing leaves the queue before the kill.
+    let env = [
+        ("GOMS__AMQP_ADDR", amqp.as_str()),
+        ("GOMS__TRACE__SPOOL_DIR", spool_dir.as_str()),
+        ("GOMS__TRACE__PUBLISH_INTERVAL", "60s"),
+    ];
+    let service_args = [
+        "service",
+        "--http-port",
+        &service_port.to_string(),
+        "--etcd-addr",
+        &etcd.endpoint(),
+    ]
+    .map(String::from);
+    let gateway_args = [
+        "gateway",
+        "--http-port",
+        &gateway_port.to_string(),
+        "--etcd-addr",
+        &etcd.endpoint(),
+        "--routes",
+        &routes.display().to_string(),
+    ]
+    .map(String::from);
+    let start = |args: &[String], env: &[(&str, &str)]| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Goms::spawn(args[0], &args, env)
+    };
+    let mut service = start(&service_args, &env);
+    let mut gateway = start(&gateway_args, &env);
+    wait_for_nodes(gateway_port, "user", 1).await;
+
+    let client = http();
+    let ids: Vec<String> = (0..20).map(|n| format!("held-{n}")).collect();
+    for id in &ids {
+        let response = client
+            .get(format!("http://127.0.0.1:{gateway_port}/api/user/login"))
+            .header("X-Request-Id", id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    // The gateway writes a request's events just after its answer went out.
+    let metrics_url = format!("http://127.0.0.1:{gateway_port}/metrics");
+    eventually("the gateway emitted 40 events", Duration::from_secs(10), || {
+        let request = client.get(&metrics_url);
+        async move { metric(&text_of(request).await, "goms_trace_events_emitted_total") == 40.0 }
+    })
+    .await;
+    gateway.kill();
+    service.kill();
+    assert_eq!(
+        es.document_count(),
+        0,
+        "nothing was published before the kill"
+    );
+
+    // Started again as the same nodes, with the default interval.
+    let _service = start(&service_args, &env[..2]);
+    let gateway = start(&gateway_args, &env[..2]);
+    indexed_exactly(&es, ids.len() * 4).await;
+    for id in &ids {
+        assert_eq!(es.by_request(id).len(), 4, "{id}");
+    }
+    let metrics = text_of(client.get(&metrics_url)).await;
+    assert_eq!(metric(&metrics, "goms_trace_events_recovered_total"), 40.0);
+    assert!(
+        gateway.has_line("previous run held in memory"),
+        "{}",
+        gateway.output()
+    );
 }
 
 #[tokio::test]
@@ -433,12 +520,8 @@ async fn an_unreadable_spool_segment_holds_back_neither_new_nor_later_spooled_ev
         0,
         "new events were spooled: the publisher took the disk error for a lost broker"
     );
-    let left: Vec<_> = std::fs::read_dir(spool.path())
-        .unwrap()
-        .map(|entry| entry.unwrap().path())
-        .collect();
     assert_eq!(
-        left,
+        spool_files(spool.path()),
         [unreadable],
         "only the bad segment is left, for the operator"
     );
@@ -479,7 +562,7 @@ async fn a_segment_replayed_twice_counts_its_events_once() {
         "the segment deleted and its events counted",
         Duration::from_secs(90),
         || async {
-            std::fs::read_dir(spool.path()).unwrap().next().is_none()
+            spool_files(spool.path()).is_empty()
                 && stats.published.load(Ordering::Relaxed) >= spooled as u64
         },
     )
@@ -491,6 +574,15 @@ async fn a_segment_replayed_twice_counts_its_events_once() {
     );
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
     running.shutdown(Duration::from_secs(10)).await;
+}
+
+/// The spool's files in `dir`, without the journal the publisher keeps beside them.
+fn spool_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| !path.ends_with("queue.journal"))
+        .collect()
 }
 
 /// Writes synthetic events into the spool folder `dir`, as a publisher that found the broker
@@ -577,6 +669,7 @@ fn small_queue_settings(amqp_url: String, spool: &tempfile::TempDir) -> Publishe
         compression: TraceCompression::Lz4,
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
+        journal: true,
     }
 }
 

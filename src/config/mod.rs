@@ -118,6 +118,11 @@ pub struct TraceConfig {
     /// Size cap of the spool in bytes; events beyond it are dropped and counted. Default 256 MiB.
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: u64,
+    /// Keep a copy of the in-process queue in a memory-mapped file of the node's spool
+    /// folder (`queue.journal`, sparse, at most 72 MiB), so that the events a SIGKILLed or
+    /// crashed process held in memory are replayed by its next start. Default true.
+    #[serde(default = "default_true")]
+    pub journal: bool,
     /// Request bodies are cut to this many bytes in events. Default 4096.
     #[serde(default = "default_body_max_bytes")]
     pub body_max_bytes: usize,

@@ -22,6 +22,7 @@ use std::borrow::Cow;
 
 use super::buffer_pool::BufferPool;
 use super::event::TraceEvent;
+use super::journal::Slot;
 pub use crate::config::TraceCompression;
 
 /// MIME type of a trace message.
@@ -199,7 +200,29 @@ fn decode_lz4(body: &[u8]) -> Result<Cow<'_, [u8]>, DecodeError> {
 pub struct EncodedEvents {
     lines: Vec<u8>,
     count: usize,
+    /// Where the queue keeps a copy that outlives the process, until these are confirmed or
+    /// spooled (see [`journal`](super::journal)).
+    copy: JournalCopy,
 }
+
+/// A unit's slot in the journal, if it has one. A clone has none (only the queued unit is
+/// kept), and two units compare by their events alone.
+#[derive(Debug, Default)]
+struct JournalCopy(Option<Slot>);
+
+impl Clone for JournalCopy {
+    fn clone(&self) -> Self {
+        JournalCopy(None)
+    }
+}
+
+impl PartialEq for JournalCopy {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for JournalCopy {}
 
 impl EncodedEvents {
     pub fn from_events<'a>(events: impl IntoIterator<Item = &'a TraceEvent>) -> Self {
@@ -226,11 +249,25 @@ impl EncodedEvents {
         EncodedEvents {
             lines: buffer,
             count: 0,
+            copy: JournalCopy::default(),
         }
+    }
+
+    /// Copies these events, and every later append, into `slot` until they are dropped.
+    pub(super) fn keep_copy_in(&mut self, mut slot: Slot) {
+        if !self.lines.is_empty() {
+            slot.copy(&self.lines, self.count, self.count);
+        }
+        self.copy = JournalCopy(Some(slot));
+    }
+
+    pub(super) fn has_copy(&self) -> bool {
+        self.copy.0.is_some()
     }
 
     /// The allocation, for [`EncodedEvents::reusing`].
     pub fn into_buffer(self) -> Vec<u8> {
+        // The journal's slot, if any, is freed here: the events left the process.
         self.lines
     }
 
@@ -242,6 +279,9 @@ impl EncodedEvents {
         debug_assert_eq!(event_count(&self.lines[start..]), count);
         debug_assert!(self.lines.ends_with(b"\n"));
         self.count += count;
+        if let Some(slot) = &mut self.copy.0 {
+            slot.copy(&self.lines[start..], count, self.count);
+        }
     }
 
     /// Whether `count` more events may join these: not past [`MAX_EVENTS_PER_MESSAGE`]

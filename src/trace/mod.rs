@@ -11,6 +11,7 @@
 //! - [`framing`]: several events per AMQP message, one JSON document per line; the format
 //!   the publisher writes and the [`indexer`](crate::indexer) reads.
 //! - [`amqp`]: connection and queue topology shared by the publisher and the indexer.
+//! - `journal`: the queue's copy in a memory-mapped file, which outlives a SIGKILLed process.
 //! - `buffer_pool`: large buffers the queue and the publisher reuse.
 //!
 //! Tracing never blocks or fails a request: the request path only calls
@@ -21,6 +22,7 @@ mod buffer_pool;
 mod context;
 mod event;
 pub mod framing;
+mod journal;
 mod publisher;
 mod queue;
 mod spool;
@@ -46,6 +48,7 @@ pub const ATTEMPT_HEADER: &str = "x-goms-attempt";
 /// (writing a spool segment as a crashed node would leave it, timing the queue). Not API.
 #[doc(hidden)]
 pub mod testing {
+    pub use super::journal::Journal;
     pub use super::queue::EventQueue;
     pub use super::spool::Spool;
 }
@@ -61,6 +64,7 @@ pub fn publisher_settings(config: &GomsConfig) -> PublisherSettings {
         compression: config.trace.compression,
         spool_dir: config.trace.spool_dir.clone(),
         spool_max_bytes: config.trace.spool_max_bytes,
+        journal: config.trace.journal,
     }
 }
 

@@ -8,6 +8,10 @@
 //! no channel, and no free on the publisher's thread: the request path's share of tracing is
 //! writing the JSON (`docs/benchmarks.md` has the profile).
 //!
+//! Each unit also writes its lines into a slot of the node's [`journal`](super::journal),
+//! a memory-mapped file that outlives the process, until its events are confirmed or
+//! spooled: a SIGKILLed node's next start replays what it held here.
+//!
 //! Buffers go round: the publisher hands a confirmed batch's buffers back
 //! ([`EventQueue::recycle`]) and shards fill them again, so their memory stays mapped instead
 //! of being faulted in again, 4 KiB at a time, for every message.
@@ -20,12 +24,13 @@
 //! spool events themselves whenever the publisher's thread ran late.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use tokio::sync::Notify;
 
 use super::buffer_pool::BufferPool;
 use super::framing::{self, EncodedEvents};
+use super::journal::Journal;
 use super::lock;
 
 /// More shards than emitting threads, so that threads rarely share one. The publisher locks
@@ -47,6 +52,8 @@ pub struct EventQueue {
     spare_buffers: BufferPool,
     /// Signalled by the push that brings the queue to half its capacity.
     filled_halfway: Notify,
+    /// Where units keep a copy that outlives the process; `None` with `trace.journal` off.
+    journal: Option<Arc<Journal>>,
 }
 
 /// Keeps each shard's lock on cache lines of its own: neighbouring shards belong to different
@@ -63,7 +70,7 @@ struct Shard {
 }
 
 impl EventQueue {
-    pub fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize, journal: Option<Arc<Journal>>) -> Self {
         EventQueue {
             shards: (0..SHARDS).map(|_| CacheLine::default()).collect(),
             queued: AtomicUsize::new(0),
@@ -72,6 +79,7 @@ impl EventQueue {
             closed: AtomicBool::new(false),
             spare_buffers: BufferPool::new(SPARE_BUFFERS, framing::MESSAGE_BUFFER_BYTES),
             filled_halfway: Notify::new(),
+            journal,
         }
     }
 
@@ -97,16 +105,30 @@ impl EventQueue {
             .is_some_and(|open| open.has_room_for(count))
         {
             let buffer = self.spare_buffers.take();
-            shard.units.push(EncodedEvents::reusing(buffer));
+            shard.units.push(self.new_unit(buffer));
         }
         let open = shard.units.last_mut().expect("a unit is open");
         open.append_with(count, write);
+        if let Some(journal) = &self.journal {
+            if !open.has_copy() {
+                journal.count_unjournaled(count);
+            }
+        }
         shard.entries += 1;
         drop(shard);
         if before + 1 == self.half {
             self.filled_halfway.notify_one();
         }
         Ok(())
+    }
+
+    /// A unit with a slot in the journal when one is free.
+    fn new_unit(&self, buffer: Vec<u8>) -> EncodedEvents {
+        let mut unit = EncodedEvents::reusing(buffer);
+        if let Some(slot) = self.journal.as_ref().and_then(Journal::acquire) {
+            unit.keep_copy_in(slot);
+        }
+        unit
     }
 
     /// Entries waiting.
@@ -189,7 +211,7 @@ mod tests {
 
     #[test]
     fn events_come_out_in_order_in_units_a_message_long() {
-        let queue = EventQueue::new(10_000);
+        let queue = EventQueue::new(10_000, None);
         let total = framing::MAX_EVENTS_PER_MESSAGE + 10;
         for n in 0..total {
             assert!(queue.push(1, event(n)).is_ok());
@@ -208,7 +230,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_hands_the_events_back() {
-        let queue = EventQueue::new(2);
+        let queue = EventQueue::new(2, None);
         assert!(queue.push(1, event(0)).is_ok());
         assert!(queue.push(1, event(1)).is_ok());
         let refused = queue.push(1, event(2)).expect_err("full");
@@ -222,7 +244,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_push_that_fills_half_the_queue_wakes_the_publisher() {
-        let queue = EventQueue::new(10);
+        let queue = EventQueue::new(10, None);
         for n in 0..4 {
             assert!(queue.push(1, event(n)).is_ok());
         }
@@ -238,7 +260,7 @@ mod tests {
 
     #[test]
     fn a_closed_queue_refuses_pushes_and_returns_what_waited() {
-        let queue = EventQueue::new(10);
+        let queue = EventQueue::new(10, None);
         assert!(queue.push(1, event(0)).is_ok());
         assert_eq!(ids(&queue.close()).len(), 1);
         assert!(queue.push(1, event(1)).is_err());
@@ -247,7 +269,7 @@ mod tests {
 
     #[test]
     fn threads_write_to_shards_of_their_own_and_nothing_is_lost() {
-        let queue = std::sync::Arc::new(EventQueue::new(100_000));
+        let queue = Arc::new(EventQueue::new(100_000, None));
         let writers: Vec<_> = (0..4)
             .map(|thread| {
                 let queue = queue.clone();
@@ -271,7 +293,7 @@ mod tests {
 
     #[test]
     fn recycled_buffers_are_filled_again() {
-        let queue = EventQueue::new(10);
+        let queue = EventQueue::new(10, None);
         assert!(queue.push(1, event(0)).is_ok());
         let taken = queue.take_all();
         let address = taken[0].as_bytes().as_ptr();

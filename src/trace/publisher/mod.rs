@@ -36,6 +36,7 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::framing::{BodyEncoder, EncodedEvents, TraceCompression};
+use super::journal::Journal;
 use super::queue::EventQueue;
 use super::spool::{Spool, SpoolError, SET_ASIDE_FOR};
 use crate::config::QueueType;
@@ -61,6 +62,9 @@ pub struct PublisherSettings {
     pub compression: TraceCompression,
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
+    /// Keep a copy of the queue in `spool_dir`'s journal, so that a SIGKILLed node's next
+    /// start replays what it held in memory (`trace.journal`; see [`journal`](super::journal)).
+    pub journal: bool,
 }
 
 /// Counters exported at `/metrics` (`goms_trace_events_*_total`).
@@ -74,6 +78,12 @@ pub struct PublisherStats {
     /// is away, so this stays 0 unless the publisher falls behind.
     pub overflowed: AtomicU64,
     pub dropped: AtomicU64,
+    /// Events queued without a copy in the journal (every slot in use, or a unit larger
+    /// than a slot): a SIGKILL before they are confirmed or spooled loses them.
+    pub unjournaled: AtomicU64,
+    /// Events a previous run of this node held in memory when it died, found in the journal
+    /// and spooled for replay.
+    pub recovered: AtomicU64,
 }
 
 /// The publisher loop, prepared but not yet running: [`Publisher::run`] drives it inside
@@ -82,19 +92,55 @@ pub struct Publisher {
     settings: PublisherSettings,
     queue: Arc<EventQueue>,
     spool: SpoolWriter,
+    journal: Option<Arc<Journal>>,
+}
+
+/// Opens the node's journal and spools what a previous run left in it. A journal that
+/// cannot be opened costs only the copy: the node runs without one, and says so.
+fn open_journal(
+    settings: &PublisherSettings,
+    spool: &SpoolWriter,
+    stats: Arc<PublisherStats>,
+) -> Option<Arc<Journal>> {
+    match Journal::open(&settings.spool_dir, stats) {
+        Ok((journal, recovered)) => {
+            let events = event_count(&recovered.units);
+            if events > 0 {
+                spool.write(&recovered.units);
+                spool.stats().recovered.fetch_add(events, Ordering::Relaxed);
+                warn!(
+                    message = "Found trace events that this node's previous run held in memory when it stopped; they are spooled for replay.",
+                    events,
+                    dir = %settings.spool_dir.display()
+                );
+            }
+            Some(journal)
+        }
+        Err(error) => {
+            warn!(message = "Trace journal unusable; events held in memory die with the process.", %error);
+            None
+        }
+    }
 }
 
 impl Publisher {
     /// Opens the spool and the in-process queue; fails only if the spool folder is unusable.
     pub fn prepare(settings: PublisherSettings) -> Result<(TraceSink, Publisher), SpoolError> {
         let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
-        let spool = SpoolWriter::new(spool, Arc::default());
-        let queue = Arc::new(EventQueue::new(settings.queue_capacity));
+        let stats = Arc::<PublisherStats>::default();
+        let spool = SpoolWriter::new(spool, stats.clone());
+        let journal = if settings.journal {
+            open_journal(&settings, &spool, stats)
+        } else {
+            None
+        };
+        let queue = Arc::new(EventQueue::new(settings.queue_capacity, journal.clone()));
         let sink = TraceSink::new(queue.clone(), spool.clone());
         let publisher = Publisher {
             settings,
             queue,
             spool,
+            journal,
         };
         Ok((sink, publisher))
     }
@@ -105,8 +151,12 @@ impl Publisher {
     }
 
     /// Publishes until `stopped` flips, then publishes or spools whatever is still queued.
-    pub async fn run(self, stopped: watch::Receiver<bool>) {
+    pub async fn run(mut self, stopped: watch::Receiver<bool>) {
+        let journal = self.journal.take();
         PublisherLoop::new(self).run(stopped).await;
+        if let Some(journal) = journal {
+            journal.remove_if_clear();
+        }
         info!("Trace publisher stopped.");
     }
 }
@@ -186,6 +236,16 @@ impl PublisherStats {
                 "Trace events lost because the spool was full or unwritable.",
                 &self.dropped,
             ),
+            (
+                "unjournaled",
+                "Trace events queued without a copy in the journal, which a SIGKILL would lose.",
+                &self.unjournaled,
+            ),
+            (
+                "recovered",
+                "Trace events a previous run of this node held in memory when it died, found in the journal and spooled.",
+                &self.recovered,
+            ),
         ];
         for (name, help, counter) in counters {
             let name = format!("goms_trace_events_{name}_total");
@@ -219,6 +279,7 @@ impl PublisherLoop {
             settings,
             queue,
             spool,
+            journal: _,
         } = publisher;
         let progress = Arc::new(Notify::new());
         let encoder = Arc::new(BodyEncoder::new(settings.compression));

@@ -1,0 +1,373 @@
+//! A copy of the in-process queue in a memory-mapped file of the node's spool folder, so
+//! that events a SIGKILLed process still held reach the index after all.
+//!
+//! Events wait in memory for up to `trace.publishInterval` plus a broker round trip before
+//! they are confirmed or spooled; a process killed meanwhile lost them (the soak counted
+//! 27 service events after 3 replica kills). Each queued unit ([`EncodedEvents`]) now also
+//! writes its lines into a slot of this file. The file's pages are the kernel's page cache,
+//! which outlives the process: the next start of the same node finds the slots still in
+//! use, spools their events for replay, and clears them. A unit frees its slot once its
+//! events are confirmed by the broker or written to the spool, so a slot in use on disk
+//! always holds events that may not have reached either. A slot freed just after its events
+//! were spooled or confirmed, but before the process died, is replayed twice; the indexer
+//! creates by `eventId`, so the second copy changes nothing.
+//!
+//! Nothing is synced: the copy survives the process, not the machine (the spool is not
+//! synced either). The file is sparse; only slots in use get pages. A slot holds one unit's
+//! worth ([`MESSAGE_BUFFER_BYTES`]); events past a full slot, and units that find every slot
+//! in use, are queued without a copy and counted (`goms_trace_events_unjournaled_total`).
+//!
+//! Layout: [`SLOTS`] slots of [`SLOT_BYTES`], each a 16-byte header (`count: u32`, unused
+//! `u32`, `len: u64`, little-endian as the machine writes them) followed by `len` bytes of
+//! complete lines. A header is written after the bytes it counts.
+
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use super::framing::{self, EncodedEvents, MESSAGE_BUFFER_BYTES};
+use super::lock;
+use super::publisher::PublisherStats;
+
+/// Units that can be queued or in flight with a copy at once: a busy gateway holds a few per
+/// emitting thread, plus up to 8 batches awaiting confirms.
+pub const SLOTS: usize = 128;
+const HEADER_BYTES: usize = 16;
+pub const SLOT_BYTES: usize = HEADER_BYTES + MESSAGE_BUFFER_BYTES;
+const FILE_NAME: &str = "queue.journal";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("trace journal {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("trace journal {path} is in use by another process of the same node")]
+    Locked { path: PathBuf },
+}
+
+/// The mapped file and its free slots.
+pub struct Journal {
+    map: Mapping,
+    free: Mutex<Vec<usize>>,
+    /// Counts events queued without a copy (`unjournaled`): no slot free, or the unit
+    /// outgrew its slot.
+    stats: Arc<PublisherStats>,
+    path: PathBuf,
+    /// Holds the file's lock for as long as the journal lives.
+    _file: File,
+}
+
+/// What a previous run left in the journal: its events, as the units they were queued in.
+pub struct Recovered {
+    pub units: Vec<EncodedEvents>,
+}
+
+impl Journal {
+    /// Opens (or creates) `dir`'s journal, takes what a previous run left in it, and clears it.
+    pub fn open(
+        dir: &Path,
+        stats: Arc<PublisherStats>,
+    ) -> Result<(Arc<Journal>, Recovered), JournalError> {
+        let path = dir.join(FILE_NAME);
+        let io = |source| JournalError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        // Two processes of one node (one spool folder) would write the same slots.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(JournalError::Locked { path });
+        }
+        let length = SLOTS * SLOT_BYTES;
+        file.set_len(length as u64).map_err(io)?;
+        let map = Mapping::new(&file, length).map_err(io)?;
+        let journal = Journal {
+            map,
+            free: Mutex::new((0..SLOTS).rev().collect()),
+            stats,
+            path,
+            _file: file,
+        };
+        let recovered = journal.take_left_over();
+        Ok((Arc::new(journal), recovered))
+    }
+
+    /// A free slot for a new unit, or `None` when all are in use.
+    pub fn acquire(self: &Arc<Self>) -> Option<Slot> {
+        let index = lock(&self.free).pop()?;
+        Some(Slot {
+            journal: self.clone(),
+            index,
+            len: 0,
+            full: false,
+        })
+    }
+
+    pub(super) fn count_unjournaled(&self, events: usize) {
+        self.stats
+            .unjournaled
+            .fetch_add(events as u64, Ordering::Relaxed);
+    }
+
+    /// Removes the file on a clean exit, once every slot is free; the next run starts from
+    /// an empty folder then.
+    pub fn remove_if_clear(&self) {
+        if lock(&self.free).len() == SLOTS {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+
+    fn take_left_over(&self) -> Recovered {
+        let mut units = Vec::new();
+        for index in 0..SLOTS {
+            let (count, len) = self.header(index);
+            if len == 0 {
+                continue;
+            }
+            let data = self.data(index);
+            // A header never counts past the slot; one that does is not ours (a damaged
+            // file): its slot is cleared and nothing is taken from it.
+            if len <= data.len() && count > 0 {
+                let lines = &data[..len];
+                if let Some(unit) = whole_lines(lines) {
+                    units.push(unit);
+                }
+            }
+            self.write_header(index, 0, 0);
+        }
+        Recovered { units }
+    }
+
+    fn slot_ptr(&self, index: usize) -> *mut u8 {
+        assert!(index < SLOTS);
+        // In bounds: the mapping is SLOTS * SLOT_BYTES long.
+        unsafe { self.map.ptr.add(index * SLOT_BYTES) }
+    }
+
+    fn header(&self, index: usize) -> (usize, usize) {
+        let slot = self.slot_ptr(index);
+        // The header is 16 bytes at the start of the slot; slots start at multiples of
+        // SLOT_BYTES (a multiple of 8) from a page-aligned mapping.
+        unsafe {
+            let count = std::ptr::read_volatile(slot.cast::<u32>());
+            let len = std::ptr::read_volatile(slot.add(8).cast::<u64>());
+            (count as usize, len as usize)
+        }
+    }
+
+    fn write_header(&self, index: usize, count: usize, len: usize) {
+        let slot = self.slot_ptr(index);
+        unsafe {
+            std::ptr::write_volatile(slot.cast::<u32>(), count as u32);
+            std::ptr::write_volatile(slot.add(8).cast::<u64>(), len as u64);
+        }
+    }
+
+    fn data(&self, index: usize) -> &[u8] {
+        // Read only while no `Slot` owns the index (at open, before any is handed out).
+        unsafe {
+            std::slice::from_raw_parts(self.slot_ptr(index).add(HEADER_BYTES), MESSAGE_BUFFER_BYTES)
+        }
+    }
+}
+
+/// The complete lines of a slot, as a unit: a slot's bytes end at a line's end, so this
+/// only cuts off a line if the file was damaged.
+fn whole_lines(bytes: &[u8]) -> Option<EncodedEvents> {
+    let end = bytes.iter().rposition(|b| *b == b'\n')? + 1;
+    let lines = bytes[..end].to_vec();
+    let count = framing::event_count(&lines);
+    Some(EncodedEvents::from_lines(lines, count))
+}
+
+/// One unit's copy in the journal: the slot is in use until this drops.
+pub struct Slot {
+    journal: Arc<Journal>,
+    index: usize,
+    len: usize,
+    /// Set once an append did not fit: later ones are not copied either, so the slot holds
+    /// a prefix of the unit's events in order.
+    full: bool,
+}
+
+impl Slot {
+    /// Copies `lines`, appended to the unit that now holds `count` events in all, then
+    /// updates the header.
+    pub fn copy(&mut self, lines: &[u8], appended: usize, count: usize) {
+        if self.full || self.len + lines.len() > MESSAGE_BUFFER_BYTES {
+            self.full = true;
+            self.journal.count_unjournaled(appended);
+            return;
+        }
+        unsafe {
+            // In bounds (checked above) and owned: no other `Slot` has this index.
+            let to = self
+                .journal
+                .slot_ptr(self.index)
+                .add(HEADER_BYTES + self.len);
+            std::ptr::copy_nonoverlapping(lines.as_ptr(), to, lines.len());
+        }
+        self.len += lines.len();
+        self.journal.write_header(self.index, count, self.len);
+    }
+}
+
+#[cfg(test)]
+impl Slot {
+    /// What a SIGKILL does to a slot: it is never freed.
+    fn die(self) {
+        let slot = std::mem::ManuallyDrop::new(self);
+        // The journal handle is let go, the slot's header left as it is.
+        drop(unsafe { std::ptr::read(&slot.journal) });
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.journal.write_header(self.index, 0, 0);
+        lock(&self.journal.free).push(self.index);
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Slot({}, {} bytes)", self.index, self.len)
+    }
+}
+
+/// A shared, writable mapping of a whole file.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+// The mapping is plain memory: slots are disjoint and each is written only by the `Slot`
+// that owns it, headers included; the free list is behind a mutex.
+unsafe impl Send for Mapping {}
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn new(file: &File, len: usize) -> std::io::Result<Mapping> {
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Mapping {
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        unsafe {
+            libc::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn line(n: usize) -> Vec<u8> {
+        format!("{{\"eventId\":\"e{n}\"}}\n").into_bytes()
+    }
+
+    fn ids(units: &[EncodedEvents]) -> Vec<String> {
+        units
+            .iter()
+            .flat_map(|unit| {
+                let data = unit.as_bytes();
+                framing::lines(data)
+                    .map(|range| String::from_utf8(data[range].to_vec()).unwrap())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// A process that dies holding slots leaves them for the next open; a freed slot
+    /// leaves nothing.
+    #[test]
+    fn slots_in_use_when_the_process_dies_are_recovered_and_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (journal, recovered) = Journal::open(dir.path(), Arc::default()).unwrap();
+            assert!(recovered.units.is_empty());
+            let mut held = journal.acquire().unwrap();
+            held.copy(&line(1), 1, 1);
+            held.copy(&line(2), 1, 2);
+            let mut freed = journal.acquire().unwrap();
+            freed.copy(&line(3), 1, 1);
+            drop(freed);
+            held.die();
+        }
+        let (journal, recovered) = Journal::open(dir.path(), Arc::default()).unwrap();
+        assert_eq!(
+            ids(&recovered.units),
+            ["{\"eventId\":\"e1\"}", "{\"eventId\":\"e2\"}"]
+        );
+        assert_eq!(recovered.units[0].count(), 2);
+        drop(journal);
+        let (_journal, again) = Journal::open(dir.path(), Arc::default()).unwrap();
+        assert!(again.units.is_empty(), "recovered slots are cleared");
+    }
+
+    #[test]
+    fn a_unit_that_outgrows_its_slot_keeps_the_prefix_and_counts_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let mut slot = journal.acquire().unwrap();
+        slot.copy(&line(1), 1, 1);
+        let big = vec![b'x'; MESSAGE_BUFFER_BYTES];
+        slot.copy(&big, 1, 2);
+        slot.copy(&line(3), 1, 3);
+        assert_eq!(journal.stats.unjournaled.load(Ordering::Relaxed), 2);
+        slot.die();
+        drop(journal);
+        let (_, recovered) = Journal::open(dir.path(), Arc::default()).unwrap();
+        assert_eq!(ids(&recovered.units), ["{\"eventId\":\"e1\"}"]);
+    }
+
+    #[test]
+    fn every_slot_in_use_means_no_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let held: Vec<Slot> = (0..SLOTS).map(|_| journal.acquire().unwrap()).collect();
+        assert!(journal.acquire().is_none());
+        drop(held);
+        assert!(journal.acquire().is_some());
+    }
+
+    #[test]
+    fn a_second_process_of_the_same_node_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_journal, _) = Journal::open(dir.path(), Arc::default()).unwrap();
+        // flock locks belong to the open file, so a second open in this process is refused
+        // as another process's would be.
+        assert!(matches!(
+            Journal::open(dir.path(), Arc::default()),
+            Err(JournalError::Locked { .. })
+        ));
+    }
+}
