@@ -300,6 +300,12 @@ async fn smuggling_and_oversized_requests_are_refused_and_nothing_reaches_the_re
             0,
         ),
         (
+            "bare LF line endings inside the header",
+            format!("GET /api/order/submit HTTP/1.1\r\nHost: x\nX-A: 1\r\n\r\n{smuggled}"),
+            400,
+            0,
+        ),
+        (
             "70 KB of header fields",
             format!(
                 "GET /api/order/submit HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",

@@ -21,16 +21,21 @@ pub enum Refusal {
     AmbiguousFraming,
     /// The header did not arrive within `headerTimeout` (slowloris).
     HeaderTimeout,
+    /// A header line ended by LF alone. RFC 9112 section 2.2 lets a recipient accept it,
+    /// and pingora does; but a server behind another proxy may split lines differently,
+    /// which is what smuggling needs, so a strict proxy refuses it (as Envoy does).
+    BareLineFeed,
 }
 
 impl Refusal {
-    const ALL: [Refusal; 6] = [
+    const ALL: [Refusal; 7] = [
         Refusal::HeaderBytes,
         Refusal::HeaderCount,
         Refusal::UriBytes,
         Refusal::BodyBytes,
         Refusal::AmbiguousFraming,
         Refusal::HeaderTimeout,
+        Refusal::BareLineFeed,
     ];
 
     pub fn status(self) -> u16 {
@@ -38,7 +43,7 @@ impl Refusal {
             Refusal::HeaderBytes | Refusal::HeaderCount => 431,
             Refusal::UriBytes => 414,
             Refusal::BodyBytes => 413,
-            Refusal::AmbiguousFraming => 400,
+            Refusal::AmbiguousFraming | Refusal::BareLineFeed => 400,
             Refusal::HeaderTimeout => 408,
         }
     }
@@ -52,6 +57,7 @@ impl Refusal {
             Refusal::BodyBytes => "body_bytes",
             Refusal::AmbiguousFraming => "ambiguous_framing",
             Refusal::HeaderTimeout => "header_timeout",
+            Refusal::BareLineFeed => "bare_lf",
         }
     }
 
@@ -67,6 +73,7 @@ impl Refusal {
             Refusal::HeaderTimeout => {
                 "the request header did not arrive in time (gateway.limits.headerTimeout)"
             }
+            Refusal::BareLineFeed => "a request header line must end with CRLF, not LF alone",
         }
     }
 }
@@ -167,6 +174,22 @@ pub fn check_header(limits: &LimitsConfig, header: &RequestHeader) -> Result<(),
     Ok(())
 }
 
+/// Checks that every line of the raw request header (request line and fields, as read
+/// off the wire) ends with CRLF.
+pub fn check_line_endings(raw_header: &[u8]) -> Result<(), Refusal> {
+    let mut rest = raw_header;
+    let mut offset = 0;
+    while let Some(at) = rest.iter().position(|b| *b == b'\n') {
+        let end = offset + at;
+        if end == 0 || raw_header[end - 1] != b'\r' {
+            return Err(Refusal::BareLineFeed);
+        }
+        offset = end + 1;
+        rest = &raw_header[offset..];
+    }
+    Ok(())
+}
+
 /// The body size `Content-Length` declares, if it declares one.
 pub fn declared_body(header: &RequestHeader) -> Option<u64> {
     header
@@ -223,6 +246,25 @@ mod tests {
             check_header(&limits, &request("/", &[("x-big", &big)])).map_err(Refusal::status),
             Err(431)
         );
+    }
+
+    #[test]
+    fn header_lines_must_end_with_crlf() {
+        let good = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(check_line_endings(good), Ok(()));
+        for bad in [
+            &b"GET / HTTP/1.1\nHost: x\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: x\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: x\r\n\n",
+            b"\n",
+        ] {
+            assert_eq!(
+                check_line_endings(bad),
+                Err(Refusal::BareLineFeed),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 
     #[test]

@@ -266,6 +266,14 @@ impl ProxyHttp for GatewayProxy {
             self.refuse(session, refusal, "").await?;
             return Ok(true);
         }
+        // HTTP/2 has no line endings; its pseudo-header would be built just for this.
+        if !session.as_downstream().is_http2() {
+            let raw = session.as_downstream().to_h1_raw();
+            if let Err(refusal) = limits::check_line_endings(&raw) {
+                self.refuse(session, refusal, "").await?;
+                return Ok(true);
+            }
+        }
         if !session.req_header().uri.path().starts_with("/api/") {
             let path = session.req_header().uri.path().to_string();
             if self.serve_own_endpoint(session, &path).await? {

@@ -44,7 +44,9 @@ pub async fn sample_until(stack: &Stack, t0: Instant, until: Instant) -> Vec<Sam
             };
             let client_connections = fds
                 .iter()
-                .filter(|fd| socket_inode(fd).and_then(|i| local_ports.get(&i)) == Some(&process.port))
+                .filter(|fd| {
+                    socket_inode(fd).and_then(|i| local_ports.get(&i)) == Some(&process.port)
+                })
                 .count()
                 // The listener itself has the port too.
                 .saturating_sub(1);
@@ -80,7 +82,11 @@ fn open_fds(pid: i32) -> Option<Vec<String>> {
 }
 
 fn socket_inode(target: &str) -> Option<u64> {
-    target.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+    target
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
 }
 
 /// Every TCP socket's inode and local port, from `/proc/net/tcp` and `tcp6`.
