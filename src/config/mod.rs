@@ -26,7 +26,7 @@ pub use routes::{
     load_routes_file, parse_duration, parse_routes, Route, RouteDefaults, RouteTable,
     ServiceRoutes, Transform,
 };
-pub use time::{now_rfc3339, rfc3339, rfc3339_from_unix};
+pub use time::{now_rfc3339, parse_rfc3339, rfc3339, rfc3339_from_unix};
 
 /// Prefix of environment overrides; sections are separated by `__`.
 pub const ENV_PREFIX: &str = "GOMS";
@@ -245,6 +245,10 @@ pub struct GatewayConfig {
     /// blocks; `/cluster` lists node addresses. Default loopback (`127.0.0.0/8`, `::1`).
     #[serde(default = "AllowList::loopback")]
     pub admin_allow: AllowList,
+    /// Kibana's address (`http://kibana:5601`, say), for the dashboard's link from a request
+    /// to its events in Discover. Default none: no link.
+    #[serde(default)]
+    pub kibana_url: Option<String>,
     /// Limits on what a client may send, in the class of Envoy's and nginx's defaults.
     #[serde(default)]
     pub limits: LimitsConfig,

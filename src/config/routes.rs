@@ -503,6 +503,14 @@ impl RouteTable {
         self.services.keys().map(String::as_str)
     }
 
+    /// Every route, by service then name.
+    pub fn all(&self) -> Vec<&Arc<Route>> {
+        let mut routes: Vec<&Arc<Route>> =
+            self.services.values().flat_map(HashMap::values).collect();
+        routes.sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
+        routes
+    }
+
     pub fn route_count(&self) -> usize {
         self.services.values().map(HashMap::len).sum()
     }

@@ -53,9 +53,61 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
     (year, month, day)
 }
 
+/// Reads `YYYY-MM-DDTHH:MM:SS[.fraction]Z`, as [`rfc3339`] writes it; `None` for anything
+/// else (an offset other than `Z`, say).
+pub fn parse_rfc3339(text: &str) -> Option<std::time::SystemTime> {
+    let bytes = text.as_bytes();
+    if bytes.len() < 20 || !text.ends_with('Z') || bytes[10] != b'T' {
+        return None;
+    }
+    let number = |range: std::ops::Range<usize>| text.get(range)?.parse::<u64>().ok();
+    let (year, month, day) = (number(0..4)?, number(5..7)?, number(8..10)?);
+    let (hour, minute, second) = (number(11..13)?, number(14..16)?, number(17..19)?);
+    if !(1..=12).contains(&month)
+        || !(1..=31).contains(&day)
+        || hour > 23
+        || minute > 59
+        || second > 60
+    {
+        return None;
+    }
+    let fraction = text[19..text.len() - 1]
+        .strip_prefix('.')
+        .map(|digits| format!("0.{digits}").parse::<f64>().ok())
+        .unwrap_or(Some(0.0))?;
+    let days = days_from_civil(year as i64, month as u32, day as u32);
+    let secs = days.checked_mul(86_400)? + (hour * 3600 + minute * 60 + second) as i64;
+    let since = std::time::Duration::from_secs(u64::try_from(secs).ok()?)
+        + std::time::Duration::from_secs_f64(fraction);
+    Some(std::time::UNIX_EPOCH + since)
+}
+
+/// Days since 1970-01-01 of a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
+    let year = if month <= 2 { year - 1 } else { year };
+    let era = year.div_euclid(400);
+    let year_of_era = year - era * 400;
+    let month = i64::from(month);
+    let day_of_year =
+        (153 * (if month > 2 { month - 3 } else { month + 9 }) + 2) / 5 + i64::from(day) - 1;
+    let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
+    era * 146_097 + day_of_era - 719_468
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_what_it_writes() {
+        let time = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_764_806_400_123);
+        let text = rfc3339(time);
+        let back = parse_rfc3339(&text).unwrap();
+        let drift = back.duration_since(time).unwrap_or_else(|e| e.duration());
+        assert!(drift < std::time::Duration::from_millis(1), "{text}");
+        assert_eq!(parse_rfc3339("2026-12-04T10:00:00+01:00"), None);
+        assert_eq!(parse_rfc3339("yesterday"), None);
+    }
 
     #[test]
     fn formats_known_instant() {

@@ -13,6 +13,7 @@ use pingora::protocols::http::ServerSession;
 use tokio::sync::watch;
 
 use super::cluster::cluster_document;
+use super::dashboard::{Dashboard, Sources};
 use super::metrics::GatewayMetrics;
 use super::respond::ErrorEnvelope;
 use super::route_store::RouteStore;
@@ -38,6 +39,8 @@ pub struct AdminEndpoints {
     pub registry_status: Arc<RegistryStatus>,
     /// etcd's endpoints, for the messages that blame it.
     pub etcd: String,
+    /// `/ui` and what it shows; served on the admin listener only.
+    pub dashboard: Arc<Dashboard>,
 }
 
 /// A complete answer of an admin endpoint.
@@ -166,10 +169,27 @@ pub struct AdminApp(pub Arc<AdminEndpoints>);
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
+        let query = session.req_header().uri.query().map(str::to_string);
+        if path == "/ui" || path.starts_with("/ui/") {
+            let members = self.0.members.borrow().clone();
+            let sources = Sources {
+                members: &members,
+                upstreams: &self.0.upstreams,
+                routes: &self.0.routes,
+            };
+            if let Some(page) = self
+                .0
+                .dashboard
+                .answer(&path, query.as_deref(), sources)
+                .await
+            {
+                return respond(page.status, page.content_type, page.body);
+            }
+        }
         let answer = self.0.answer(&path).unwrap_or_else(|| {
             let envelope = ErrorEnvelope {
                 code: 404,
-                msg: "the admin listener serves /cluster, /metrics, /healthz and /readyz",
+                msg: "the admin listener serves /ui, /cluster, /metrics, /healthz and /readyz",
                 status: false,
                 request_id: "",
             };
@@ -179,11 +199,17 @@ impl ServeHttp for AdminApp {
                 body: serde_json::to_vec(&envelope).expect("envelope serialises"),
             }
         });
-        http::Response::builder()
-            .status(answer.status)
-            .header(http::header::CONTENT_TYPE, answer.content_type)
-            .header(http::header::CONTENT_LENGTH, answer.body.len())
-            .body(answer.body)
-            .expect("a valid response")
+        respond(answer.status, answer.content_type, answer.body)
     }
+}
+
+fn respond(status: u16, content_type: &'static str, body: Vec<u8>) -> http::Response<Vec<u8>> {
+    http::Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, content_type)
+        .header(http::header::CONTENT_LENGTH, body.len())
+        // The page polls; an answer a second old is already stale.
+        .header(http::header::CACHE_CONTROL, "no-store")
+        .body(body)
+        .expect("a valid response")
 }

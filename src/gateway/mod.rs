@@ -20,6 +20,7 @@
 
 pub mod admin;
 pub mod cluster;
+pub mod dashboard;
 pub mod json;
 pub mod limits;
 pub mod metrics;
@@ -192,6 +193,11 @@ pub fn run(
         registry_loaded: registry_loaded.clone(),
         registry_status: registry_status.clone(),
         etcd: config.etcd_addr.join(","),
+        dashboard: Arc::new(dashboard::Dashboard::new(
+            &config.es_addr,
+            &config.trace_consumer.index_prefix,
+            gateway.kibana_url.clone(),
+        )),
     });
 
     let drain = Drain::new();

@@ -21,6 +21,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use tracing::debug;
 
 use super::admin::AdminEndpoints;
+use super::dashboard::SeenRequest;
 use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
 use super::record::{Attempt, RequestRecord};
@@ -591,6 +592,19 @@ impl ProxyHttp for GatewayProxy {
                     self.tracer
                         .write(lines, header, client_ip, &ctx.body, record, status)
                 });
+        }
+        if let Some(record) = ctx.record.as_ref() {
+            let header = session.req_header();
+            let route = ctx.route.as_ref();
+            let seen = SeenRequest::new(
+                record,
+                header.method.as_str(),
+                header.uri.path(),
+                route.map(|r| &*r.service),
+                status,
+            );
+            let route_name = route.map(|r| format!("{}/{}", r.service, r.name));
+            self.admin.dashboard.record(seen, route_name.as_deref());
         }
         if let Some(record) = ctx.record.as_ref() {
             debug!(

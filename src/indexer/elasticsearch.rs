@@ -155,6 +155,34 @@ impl TraceIndex {
         self.refused(response).await.map(drop)
     }
 
+    /// Every event of one request, across the daily indices (`<prefix>*`), oldest first: what
+    /// the dashboard's timeline and `goms trace` show of the services.
+    pub async fn events_of(&self, request_id: &str) -> Result<Vec<Value>, SinkError> {
+        let pattern = format!("{}*", self.prefix);
+        let response = self
+            .client
+            .search(elasticsearch::SearchParts::Index(&[&pattern]))
+            .body(json!({
+                "query": {"term": {"requestId": request_id}},
+                "size": 1000,
+                "sort": [{"time": "asc"}],
+            }))
+            .send()
+            .await
+            .map_err(|source| self.unreachable(source))?;
+        let response = self.refused(response).await?;
+        let document: Value = response
+            .json()
+            .await
+            .map_err(|source| self.unreachable(source))?;
+        let mut events: Vec<Value> = document["hits"]["hits"]
+            .as_array()
+            .map(|hits| hits.iter().map(|hit| hit["_source"].clone()).collect())
+            .unwrap_or_default();
+        events.sort_by(|a, b| a["time"].as_str().cmp(&b["time"].as_str()));
+        Ok(events)
+    }
+
     pub fn template_name(&self) -> &str {
         &self.prefix
     }

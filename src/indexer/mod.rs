@@ -13,4 +13,5 @@ pub mod elasticsearch;
 pub mod settings;
 
 pub use consumer::{run, ConsumerStats};
+pub use elasticsearch::TraceIndex;
 pub use settings::ConsumerSettings;
