@@ -86,6 +86,22 @@ async fn chromium(url: &str, screenshot: Option<&Path>) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
+/// Runs `goms <args>` (no config file) and returns its standard output; it must succeed.
+async fn goms_output(args: &[&str]) -> String {
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_goms"))
+        .args(["--config", "/nonexistent/goms.yml"])
+        .args(args)
+        .output()
+        .await
+        .expect("run goms");
+    assert!(
+        output.status.success(),
+        "goms {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
 /// Where the test keeps its screenshots: the build folder, and `docs/img/` as well when
 /// `GOMS_SAVE_SCREENSHOTS=1` (how README's picture is made).
 fn screenshot_paths(name: &str) -> Vec<PathBuf> {
@@ -234,6 +250,65 @@ async fn the_dashboard_shows_the_cluster_its_traffic_and_a_request_timeline() {
         .as_str()
         .unwrap()
         .starts_with("http://kibana.example:5601/app/discover"));
+
+    // The same timeline in the terminal, from Elasticsearch alone and from the gateway.
+    for source in [
+        ["--es", es_url.as_str()],
+        ["--gateway", admin.trim_start_matches("http://")],
+    ] {
+        let text = goms_output(&["trace", &retried_id, source[0], source[1]]).await;
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].starts_with(&format!(
+                "request {retried_id}: GET /api/user/login -> 200 in "
+            )),
+            "{text}"
+        );
+        assert!(lines[0].ends_with("2 attempt(s)"), "{text}");
+        let line_of = |needle: &str| {
+            lines
+                .iter()
+                .find(|l| l.contains(needle))
+                .unwrap_or_else(|| panic!("no {needle:?} in:\n{text}"))
+                .to_string()
+        };
+        assert!(
+            line_of(&format!("attempt 1 -> {unavailable}")).ends_with("status 503"),
+            "{text}"
+        );
+        assert!(
+            line_of(&format!("attempt 2 -> {real}")).ends_with("status 200"),
+            "{text}"
+        );
+        assert!(
+            line_of(&format!("user {real} (service)")).ends_with("status 200"),
+            "{text}"
+        );
+        assert!(line_of("request.end").ends_with("status 200"), "{text}");
+        assert!(
+            !text.contains('\x1b'),
+            "no colour when stdout is not a terminal"
+        );
+    }
+
+    // `goms cluster --watch` redraws the summary with the route's rate and the replicas.
+    let watch = Goms::spawn(
+        "cluster --watch",
+        &[
+            "cluster",
+            "--watch",
+            "--gateway",
+            admin.trim_start_matches("http://"),
+        ],
+        &[],
+    );
+    watch
+        .wait_for_line("route   /api/user/login", Duration::from_secs(10))
+        .await;
+    watch
+        .wait_for_line(&format!("replica {real}"), Duration::from_secs(10))
+        .await;
+    drop(watch);
 
     // Only the admin listener serves the dashboard.
     let public = client

@@ -5,6 +5,7 @@
 mod check;
 mod cluster;
 mod logging;
+mod trace;
 
 use std::path::PathBuf;
 
@@ -53,6 +54,8 @@ enum Command {
     TraceConsumer(TraceConsumerArgs),
     /// Print the /cluster document of a running gateway, or straight from etcd.
     Cluster(ClusterArgs),
+    /// Print a request's timeline: the gateway, each attempt, the services, and back.
+    Trace(TraceArgs),
     /// Validate goms.yml and services.yml; exit non-zero with file:line: reason on the first error.
     CheckConfig(CheckArgs),
 }
@@ -176,6 +179,26 @@ struct ClusterArgs {
     /// etcd endpoint host:port when reading etcd. Overrides etcdAddr.
     #[arg(long, value_name = "HOST:PORT", value_delimiter = ',')]
     etcd_addr: Vec<String>,
+
+    /// Redraw a summary every second (services, replicas and health; requests/s per route
+    /// with --gateway, which then names the gateway's admin listener) until Ctrl-C.
+    #[arg(long)]
+    watch: bool,
+}
+
+#[derive(Debug, Args)]
+struct TraceArgs {
+    /// The request's X-Request-Id.
+    request_id: String,
+
+    /// Read the events from this Elasticsearch (default: esAddr).
+    #[arg(long, value_name = "URL", conflicts_with = "gateway")]
+    es: Option<String>,
+
+    /// Ask this gateway's admin listener (host:port, gateway.adminAddr): its own record of
+    /// the request (exact attempt times) plus the services' events it finds in Elasticsearch.
+    #[arg(long, value_name = "HOST:PORT")]
+    gateway: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -213,8 +236,18 @@ pub fn run() -> anyhow::Result<()> {
             if !args.etcd_addr.is_empty() {
                 config.etcd_addr = args.etcd_addr;
             }
-            runtime()?.block_on(cluster::run(&config, args.gateway.as_deref()))
+            if args.watch {
+                runtime()?.block_on(cluster::watch(&config, args.gateway.as_deref()))
+            } else {
+                runtime()?.block_on(cluster::run(&config, args.gateway.as_deref()))
+            }
         }
+        Command::Trace(args) => runtime()?.block_on(trace::run(
+            &config,
+            &args.request_id,
+            args.es.as_deref(),
+            args.gateway.as_deref(),
+        )),
         Command::CheckConfig(_) => unreachable!("handled above"),
     }
 }
