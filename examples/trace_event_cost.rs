@@ -41,6 +41,7 @@ fn fresh_record() -> RequestRecord {
         upstream: Arc::from("127.0.0.1:9080"),
         started: Instant::now(),
         finished: Some(Instant::now()),
+        connected: None,
         status: Some(200),
         error: None,
     });

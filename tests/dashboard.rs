@@ -197,6 +197,10 @@ async fn the_dashboard_shows_the_cluster_its_traffic_and_a_request_timeline() {
     assert_eq!(retried["attempts"][0]["status"], 503);
     assert_eq!(retried["attempts"][1]["replica"], real.as_str());
     assert_eq!(retried["replica"], real.as_str());
+    for attempt in retried["attempts"].as_array().unwrap() {
+        assert!(attempt["connectMs"].as_f64().is_some(), "{attempt}");
+        assert!(attempt["reusedConnection"].is_boolean(), "{attempt}");
+    }
 
     // Topology and traffic.
     let topology = json_of(client.get(format!("{admin}/ui/api/topology"))).await;

@@ -332,6 +332,24 @@ impl ProxyHttp for GatewayProxy {
         Ok(false)
     }
 
+    /// Notes when the attempt's connection was ready and whether it came from the pool, for
+    /// the dashboard's timeline.
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        _digest: Option<&pingora::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<()> {
+        if let Some(attempt) = ctx.record.as_mut().and_then(|r| r.attempts.last_mut()) {
+            attempt.connected = Some((Instant::now(), reused));
+        }
+        Ok(())
+    }
+
     async fn upstream_peer(
         &self,
         _session: &mut Session,
@@ -355,6 +373,7 @@ impl ProxyHttp for GatewayProxy {
                 upstream: node.addr_text.clone(),
                 started: Instant::now(),
                 finished: None,
+                connected: None,
                 status: None,
                 error: None,
             });

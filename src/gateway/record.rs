@@ -12,6 +12,8 @@ pub struct Attempt {
     pub node_id: std::sync::Arc<str>,
     pub upstream: std::sync::Arc<str>,
     pub started: Instant,
+    /// When the connection to the replica was ready, and whether it was a pooled one.
+    pub connected: Option<(Instant, bool)>,
     pub finished: Option<Instant>,
     pub status: Option<u16>,
     pub error: Option<String>,

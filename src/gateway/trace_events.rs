@@ -243,6 +243,7 @@ mod tests {
                 upstream: Arc::from(upstream),
                 started: Instant::now(),
                 finished: Some(Instant::now()),
+                connected: None,
                 status,
                 error,
             });
@@ -577,6 +578,7 @@ mod same_schema_as_trace_event {
                 upstream: node,
                 started,
                 finished: Some(started + Duration::from_micros(*micros)),
+                connected: None,
                 status: *status,
                 error: error.clone(),
             });

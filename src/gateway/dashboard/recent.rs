@@ -38,6 +38,9 @@ pub struct SeenAttempt {
     pub replica: String,
     pub upstream: String,
     pub offset_ms: f64,
+    /// Time to a ready connection; 0 for one taken from the pool.
+    pub connect_ms: Option<f64>,
+    pub reused_connection: Option<bool>,
     pub duration_ms: Option<f64>,
     pub status: Option<u16>,
     pub error: Option<String>,
@@ -58,6 +61,10 @@ impl SeenRequest {
                 replica: attempt.node_id.to_string(),
                 upstream: attempt.upstream.to_string(),
                 offset_ms: millis(attempt.started.saturating_duration_since(record.started)),
+                connect_ms: attempt
+                    .connected
+                    .map(|(at, _)| millis(at.saturating_duration_since(attempt.started))),
+                reused_connection: attempt.connected.map(|(_, reused)| reused),
                 duration_ms: attempt
                     .finished
                     .map(|end| millis(end.saturating_duration_since(attempt.started))),
