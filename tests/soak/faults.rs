@@ -1,6 +1,7 @@
 //! The faults the soak injects, one every `--fault-every` (30 s) from half that on, in an
 //! order drawn from the seed. Each cycle of six is a fresh shuffle, so every run of three
-//! minutes or more meets each fault; which replica or gateway is hit is drawn too.
+//! minutes or more meets each fault; which replica is hit is drawn too. The gateway killed
+//! is always the second one (see [`Fault::KillGateway`]).
 
 use std::time::{Duration, Instant};
 
@@ -39,7 +40,7 @@ impl Fault {
             Fault::StopBroker => "stop RabbitMQ for 20 s",
             Fault::KillConsumer => "SIGKILL the consumer, start it again",
             Fault::RefuseIndexing => "Elasticsearch refuses for 20 s",
-            Fault::KillGateway => "SIGKILL a gateway, start it again",
+            Fault::KillGateway => "SIGKILL the second gateway, start it again",
         }
     }
 }
@@ -118,7 +119,9 @@ async fn inject(stack: &Stack, fault: Fault, rng: &mut Rng) -> (String, Option<K
         Fault::KillGateway => {
             let mut processes = stack.processes.lock().await;
             let processes = &mut *processes;
-            let gateway = &mut processes.gateways[rng.below(crate::stack::GATEWAYS)];
+            // Always the second: the first lives through the whole run, so that its memory
+            // over time tells warm-up from a leak.
+            let gateway = &mut processes.gateways[crate::stack::GATEWAYS - 1];
             gateway.kill();
             tokio::time::sleep(DOWN_FOR).await;
             gateway.start_again(&mut processes.retired).await;
