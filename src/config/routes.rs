@@ -422,6 +422,8 @@ fn point_at_duplicate(error: ConfigError, text: &str) -> ConfigError {
 pub struct Route {
     pub service: Arc<str>,
     pub name: String,
+    /// `service/name`, the route's name in the dashboard's traffic.
+    pub key: Arc<str>,
     pub path: String,
     /// `path` as the request target sent upstream when the client sent no query string,
     /// parsed once here instead of on every request. `None` only for a path that cannot be a
@@ -470,6 +472,7 @@ impl RouteTable {
                         let resolved = Route {
                             service: service_name.clone(),
                             name: name.clone(),
+                            key: Arc::from(format!("{service}/{name}")),
                             path: route.path.clone(),
                             target: http::Uri::try_from(route.path.as_str()).ok(),
                             methods: route.methods.as_ref().map(|methods| {

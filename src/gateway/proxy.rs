@@ -619,11 +619,10 @@ impl ProxyHttp for GatewayProxy {
                 record,
                 header.method.as_str(),
                 header.uri.path(),
-                route.map(|r| &*r.service),
+                route.map(|r| &r.service),
                 status,
             );
-            let route_name = route.map(|r| format!("{}/{}", r.service, r.name));
-            self.admin.dashboard.record(seen, route_name.as_deref());
+            self.admin.dashboard.record(seen, route.map(|r| &r.key));
         }
         if let Some(record) = ctx.record.as_ref() {
             debug!(

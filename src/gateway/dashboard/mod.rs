@@ -14,7 +14,7 @@ mod recent;
 mod traffic;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
@@ -87,17 +87,11 @@ impl Dashboard {
 
     /// Records a request that ended: into the ring, the traffic of its route and replica,
     /// and the replicas' last failures.
-    pub fn record(&self, seen: SeenRequest, route: Option<&str>) {
+    pub fn record(&self, seen: SeenRequest, route: Option<&Arc<str>>) {
         let error = seen.status == 0 || seen.status >= 500;
         let duration = Duration::from_secs_f64(seen.duration_ms / 1000.0);
-        let route_key = route.map(|r| format!("route {r}"));
-        let replica_key = seen.replica.as_ref().map(|r| format!("replica {r}"));
-        let keys: Vec<&str> = route_key
-            .iter()
-            .chain(&replica_key)
-            .map(String::as_str)
-            .collect();
-        self.traffic.record(&keys, error, duration);
+        self.traffic
+            .record(route, seen.replica.as_ref(), error, duration);
         let failed: Vec<&SeenAttempt> = seen
             .attempts
             .iter()
@@ -112,7 +106,7 @@ impl Dashboard {
                     (None, Some(error)) => error.trim().to_string(),
                     (None, None) => "failed".into(),
                 };
-                last_failure.insert(attempt.replica.clone(), (seen.time.clone(), why));
+                last_failure.insert(attempt.replica.to_string(), (seen.time.clone(), why));
             }
         }
         self.recent.push(seen);
@@ -223,17 +217,15 @@ impl Dashboard {
     }
 
     pub fn traffic_document(&self) -> Value {
-        let mut routes = BTreeMap::new();
-        let mut replicas = BTreeMap::new();
-        for (key, summary) in self.traffic.summaries() {
-            let value = serde_json::to_value(summary).expect("a summary serialises");
-            if let Some(route) = key.strip_prefix("route ") {
-                routes.insert(route.to_string(), value);
-            } else if let Some(replica) = key.strip_prefix("replica ") {
-                replicas.insert(replica.to_string(), value);
-            }
-        }
-        json!({"windowSeconds": 60, "routes": routes, "replicas": replicas})
+        let (routes, replicas) = self.traffic.summaries();
+        let as_map =
+            |summaries: Vec<(Arc<str>, TrafficSummary)>| -> BTreeMap<String, TrafficSummary> {
+                summaries
+                    .into_iter()
+                    .map(|(k, s)| (k.to_string(), s))
+                    .collect()
+            };
+        json!({"windowSeconds": 60, "routes": as_map(routes), "replicas": as_map(replicas)})
     }
 
     /// `?status=5xx&service=user&requestId=...`, each optional.

@@ -2,7 +2,7 @@
 //! what a request's timeline is drawn from (the gateway's part of it).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -22,12 +22,12 @@ pub struct SeenRequest {
     pub method: String,
     pub path: String,
     /// The route's service, for a request that matched one.
-    pub service: Option<String>,
+    pub service: Option<Arc<str>>,
     /// 0 when no answer went out.
     pub status: u16,
     pub duration_ms: f64,
     /// The replica that answered (the last attempt's).
-    pub replica: Option<String>,
+    pub replica: Option<Arc<str>>,
     pub attempts: Vec<SeenAttempt>,
 }
 
@@ -35,8 +35,8 @@ pub struct SeenRequest {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SeenAttempt {
-    pub replica: String,
-    pub upstream: String,
+    pub replica: Arc<str>,
+    pub upstream: Arc<str>,
     pub offset_ms: f64,
     /// Time to a ready connection; 0 for one taken from the pool.
     pub connect_ms: Option<f64>,
@@ -51,15 +51,15 @@ impl SeenRequest {
         record: &RequestRecord,
         method: &str,
         path: &str,
-        service: Option<&str>,
+        service: Option<&Arc<str>>,
         status: u16,
     ) -> SeenRequest {
         let attempts = record
             .attempts
             .iter()
             .map(|attempt| SeenAttempt {
-                replica: attempt.node_id.to_string(),
-                upstream: attempt.upstream.to_string(),
+                replica: attempt.node_id.clone(),
+                upstream: attempt.upstream.clone(),
                 offset_ms: millis(attempt.started.saturating_duration_since(record.started)),
                 connect_ms: attempt
                     .connected
@@ -77,7 +77,7 @@ impl SeenRequest {
             time: rfc3339(record.received_at),
             method: method.to_string(),
             path: path.to_string(),
-            service: service.map(str::to_string),
+            service: service.cloned(),
             status,
             duration_ms: millis(record.elapsed()),
             replica: attempts.last().map(|a| a.replica.clone()),
@@ -154,7 +154,13 @@ mod tests {
 
     fn seen(id: &str, status: u16, service: &str) -> SeenRequest {
         let record = RequestRecord::new(id.into(), TraceContext::continue_or_start(None));
-        SeenRequest::new(&record, "GET", "/api/x/y", Some(service), status)
+        SeenRequest::new(
+            &record,
+            "GET",
+            "/api/x/y",
+            Some(&Arc::from(service)),
+            status,
+        )
     }
 
     #[test]

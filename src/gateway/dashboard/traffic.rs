@@ -3,7 +3,7 @@
 //! `/metrics` keeps its own counters; these exist for the dashboard.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -13,14 +13,20 @@ use crate::trace::millis;
 const WINDOW_SECONDS: u64 = 60;
 const SLOT_SECONDS: u64 = 10;
 const SLOTS: usize = (WINDOW_SECONDS / SLOT_SECONDS) as usize;
-/// Latency buckets: four per doubling, from 1 µs to about 70 s.
+/// Latency buckets: four per doubling, from 1 µs to about 4.5 minutes.
 const PER_OCTAVE: f64 = 4.0;
-const BUCKETS: usize = 104;
+const BUCKETS: usize = 112;
 
 /// The traffic of every route and replica seen in the last minute.
 #[derive(Default)]
 pub struct TrafficWindow {
-    series: Mutex<HashMap<String, Series>>,
+    series: Mutex<Keys>,
+}
+
+#[derive(Default)]
+struct Keys {
+    routes: HashMap<Arc<str>, Series>,
+    replicas: HashMap<Arc<str>, Series>,
 }
 
 /// What the dashboard shows of one route or replica.
@@ -130,34 +136,47 @@ fn second_now() -> u64 {
 }
 
 impl TrafficWindow {
-    /// Counts one request under each of `keys` (its route, its replica).
-    pub fn record(&self, keys: &[&str], error: bool, duration: Duration) {
+    /// Counts one request under its route and its replica, where it had them.
+    pub fn record(
+        &self,
+        route: Option<&Arc<str>>,
+        replica: Option<&Arc<str>>,
+        error: bool,
+        duration: Duration,
+    ) {
         let second = second_now();
-        let mut series = super::lock(&self.series);
-        for key in keys {
-            match series.get_mut(*key) {
-                Some(found) => found.record(second, error, duration),
-                None => {
-                    let mut fresh = Series::new();
-                    fresh.record(second, error, duration);
-                    series.insert(key.to_string(), fresh);
-                }
+        let mut keys = super::lock(&self.series);
+        let keys = &mut *keys;
+        for (map, key) in [(&mut keys.routes, route), (&mut keys.replicas, replica)] {
+            if let Some(key) = key {
+                map.entry(key.clone())
+                    .or_insert_with(Series::new)
+                    .record(second, error, duration);
             }
         }
     }
 
-    /// The last minute of every key that had traffic in it.
-    pub fn summaries(&self) -> Vec<(String, TrafficSummary)> {
+    /// The last minute of every route and every replica that had traffic in it, by name.
+    pub fn summaries(
+        &self,
+    ) -> (
+        Vec<(Arc<str>, TrafficSummary)>,
+        Vec<(Arc<str>, TrafficSummary)>,
+    ) {
         let now = second_now();
-        let mut series = super::lock(&self.series);
-        // Keys quiet for a whole minute are forgotten, so replicas that left do not pile up.
-        series.retain(|_, s| s.summary(now).requests > 0);
-        let mut all: Vec<_> = series
-            .iter()
-            .map(|(key, s)| (key.clone(), s.summary(now)))
-            .collect();
-        all.sort_by(|a, b| a.0.cmp(&b.0));
-        all
+        let mut keys = super::lock(&self.series);
+        let keys = &mut *keys;
+        let summaries = |map: &mut HashMap<Arc<str>, Series>| {
+            // Keys quiet for a whole minute are forgotten, so replicas that left do not pile up.
+            map.retain(|_, s| s.summary(now).requests > 0);
+            let mut all: Vec<_> = map
+                .iter()
+                .map(|(k, s)| (k.clone(), s.summary(now)))
+                .collect();
+            all.sort_by(|a, b| a.0.cmp(&b.0));
+            all
+        };
+        (summaries(&mut keys.routes), summaries(&mut keys.replicas))
     }
 }
 
@@ -168,14 +187,15 @@ mod tests {
     #[test]
     fn a_minute_of_requests_gives_their_rate_errors_and_percentiles() {
         let window = TrafficWindow::default();
+        let (route, replica): (Arc<str>, Arc<str>) = ("user/login".into(), "a".into());
         for n in 0..100u64 {
             let duration = Duration::from_millis(if n < 98 { 2 } else { 400 });
-            window.record(&["route:user/login", "replica:a"], n % 10 == 0, duration);
+            window.record(Some(&route), Some(&replica), n % 10 == 0, duration);
         }
-        let summaries = window.summaries();
-        assert_eq!(summaries.len(), 2);
-        let (key, route) = &summaries[1];
-        assert_eq!(key, "route:user/login");
+        let (routes, replicas) = window.summaries();
+        assert_eq!((routes.len(), replicas.len()), (1, 1));
+        let (key, route) = &routes[0];
+        assert_eq!(&**key, "user/login");
         assert_eq!(route.requests, 100);
         assert_eq!(route.errors, 10);
         assert!((route.error_rate - 0.1).abs() < 1e-9);
@@ -183,6 +203,7 @@ mod tests {
         assert!((2.0..2.5).contains(&p50), "{p50}");
         let p99 = route.p99_ms.unwrap();
         assert!((400.0..480.0).contains(&p99), "{p99}");
+        assert_eq!(replicas[0].1, *route);
     }
 
     #[test]
