@@ -29,6 +29,9 @@ struct Keys {
     replicas: HashMap<Arc<str>, Series>,
 }
 
+/// Summaries by route or replica name, sorted by name.
+pub type Named = Vec<(Arc<str>, TrafficSummary)>;
+
 /// What the dashboard shows of one route or replica.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -157,12 +160,7 @@ impl TrafficWindow {
     }
 
     /// The last minute of every route and every replica that had traffic in it, by name.
-    pub fn summaries(
-        &self,
-    ) -> (
-        Vec<(Arc<str>, TrafficSummary)>,
-        Vec<(Arc<str>, TrafficSummary)>,
-    ) {
+    pub fn summaries(&self) -> (Named, Named) {
         let now = second_now();
         let mut keys = super::lock(&self.series);
         let keys = &mut *keys;
