@@ -16,17 +16,6 @@ use support::{
     eventually, free_port, http, json_of, route_file, wait_for_nodes, Etcd, Goms, RabbitMq, ROUTES,
 };
 
-/// The address a process logged after `marker`.
-fn logged_addr(process: &Goms, marker: &str) -> String {
-    let output = process.output();
-    let line = output
-        .lines()
-        .find(|line| line.contains(marker))
-        .unwrap_or_else(|| panic!("no {marker:?} in:\n{output}"));
-    let after = line.split(marker).nth(1).unwrap();
-    after.split_whitespace().next().unwrap().to_string()
-}
-
 /// A replica that registers itself as `user` and answers every request 503, so that a GET
 /// it gets first is retried on the next replica: a request with two attempts.
 async fn unavailable_replica(etcd: &Etcd) -> String {
@@ -160,7 +149,7 @@ async fn the_dashboard_shows_the_cluster_its_traffic_and_a_request_timeline() {
     let port = gateway.port();
     let marker = "admin (/cluster, /metrics) on ";
     gateway.wait_for_line(marker, Duration::from_secs(20)).await;
-    let admin = format!("http://{}", logged_addr(&gateway, marker));
+    let admin = format!("http://{}", gateway.logged_addr(marker));
     wait_for_nodes(port, "user", 2).await;
     let real = format!("127.0.0.1:{service_port}");
 
@@ -389,7 +378,7 @@ async fn a_timeline_without_elasticsearch_says_so_and_shows_the_gateways_part() 
     .await;
     let marker = "admin (/cluster, /metrics) on ";
     gateway.wait_for_line(marker, Duration::from_secs(20)).await;
-    let admin = format!("http://{}", logged_addr(&gateway, marker));
+    let admin = format!("http://{}", gateway.logged_addr(marker));
     wait_for_nodes(gateway.port(), "user", 1).await;
     let client = http();
     let response = client

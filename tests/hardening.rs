@@ -10,24 +10,13 @@ use support::{free_port, http, json_of, route_file, text_of, wait_for_nodes, Etc
 
 const ROUTES: &str = "services:\n  order:\n    slow: /slow\n    submit: /order/submit\n";
 
-/// The address a process logged after `marker`, e.g. `admin (/cluster, /metrics) on `.
-fn logged_addr(process: &Goms, marker: &str) -> String {
-    let output = process.output();
-    let line = output
-        .lines()
-        .find(|line| line.contains(marker))
-        .unwrap_or_else(|| panic!("no {marker:?} in:\n{output}"));
-    let after = line.split(marker).nth(1).unwrap();
-    after.split_whitespace().next().unwrap().to_string()
-}
-
 async fn gateway(etcd: &Etcd, env: &[(&str, &str)]) -> (Goms, u16, String, tempfile::TempDir) {
     let (folder, routes) = route_file(ROUTES);
     let gateway = Goms::gateway_with(&etcd.endpoint(), &routes, &[], env).await;
     let port = gateway.port();
     let marker = "admin (/cluster, /metrics) on ";
     gateway.wait_for_line(marker, Duration::from_secs(20)).await;
-    let admin = logged_addr(&gateway, marker);
+    let admin = gateway.logged_addr(marker);
     (gateway, port, admin, folder)
 }
 

@@ -2,9 +2,8 @@
 //! that events a SIGKILLed process still held reach the index after all.
 //!
 //! Events wait in memory for up to `trace.publishInterval` plus a broker round trip before
-//! they are confirmed or spooled; a process killed meanwhile lost them (the soak counted
-//! 27 service events after 3 replica kills). Each queued unit ([`EncodedEvents`]) now also
-//! writes its lines into a slot of this file. The file's pages are the kernel's page cache,
+//! they are confirmed or spooled; without a copy, a process killed meanwhile would lose
+//! them. Each queued unit ([`EncodedEvents`]) also writes its lines into a slot of this file. The file's pages are the kernel's page cache,
 //! which outlives the process: the next start of the same node finds the slots still in
 //! use, spools their events for replay, and clears them. A unit frees its slot once its
 //! events are confirmed by the broker or written to the spool, so a slot in use on disk

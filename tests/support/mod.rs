@@ -296,6 +296,17 @@ impl Goms {
         }
     }
 
+    /// The address the process logged after `marker`, e.g. `admin (/cluster, /metrics) on `.
+    pub fn logged_addr(&self, marker: &str) -> String {
+        let output = self.output();
+        let line = output
+            .lines()
+            .find(|line| line.contains(marker))
+            .unwrap_or_else(|| panic!("no {marker:?} in:\n{output}"));
+        let after = line.split(marker).nth(1).unwrap();
+        after.split_whitespace().next().unwrap().to_string()
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
     }
