@@ -20,6 +20,7 @@ import json
 import os
 import signal
 import threading
+import urllib.error
 import urllib.request
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -76,6 +77,11 @@ class Registration:
             try:
                 self.call("/v3/lease/revoke", {"ID": self.lease})
                 print("lease revoked", flush=True)
+            except urllib.error.HTTPError as error:
+                if error.code == 404:  # etcd no longer has the lease: it expired already
+                    print("lease already expired; nothing to revoke", flush=True)
+                else:
+                    print(f"revoke failed ({error}); the key expires by TTL", flush=True)
             except OSError as error:
                 print(f"revoke failed ({error}); the key expires by TTL", flush=True)
 
@@ -128,6 +134,10 @@ def main():
     parser.add_argument("--advertise-host", default="127.0.0.1")
     parser.add_argument("--ttl", type=int, default=10, help="lease TTL in seconds")
     args = parser.parse_args()
+    if not args.key:
+        # With no key every call would be refused (401) and nothing would say why.
+        parser.error("no Call-Service-Key: pass --key or set GOMS__CALL_SERVICE_KEY "
+                     "to the gateways' callServiceKey")
 
     node_id = f"{args.advertise_host}:{args.port}"
     value = json.dumps({

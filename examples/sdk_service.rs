@@ -35,11 +35,10 @@ async fn stock(Query(query): Query<StockQuery>) -> Json<serde_json::Value> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("info"))
-        .init();
     let config =
         goms::config::GomsConfig::load(std::path::Path::new(goms::config::DEFAULT_CONFIG_PATH))?;
+    // The same logs as `goms` itself: `log.level`, `log.format`, colour only on a terminal.
+    goms::cli::logging::init(&config.log);
     let mut options = goms::service::ServiceOptions::from_config(&config)?;
     options.name = "inventory".into();
     let router = Router::new().route("/stock", get(stock));

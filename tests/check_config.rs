@@ -3,10 +3,15 @@
 use std::process::Command;
 
 fn check(args: &[&str]) -> (bool, String) {
+    check_with_env(args, &[])
+}
+
+fn check_with_env(args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_goms"))
         .arg("check-config")
         .args(args)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .output()
         .expect("run goms");
     let text = format!(
@@ -171,4 +176,38 @@ fn help_documents_every_flag() {
     ] {
         assert!(text.contains(flag), "{flag} missing from:\n{text}");
     }
+}
+
+#[test]
+fn goms_variables_of_the_environment_are_checked_too() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let config = format!("{root}/config/goms.yml");
+    let (ok, text) = check_with_env(
+        &["--config", &config],
+        &[("GOMS__GATEWAY__HTTP_PORT", "8081")],
+    );
+    assert!(ok, "{text}");
+    assert!(
+        text.contains("environment: ok (GOMS__GATEWAY__HTTP_PORT)"),
+        "{text}"
+    );
+
+    let (ok, text) = check_with_env(
+        &["--config", &config],
+        &[("GOMS__GATEWAY__HTTP_PROT", "8081")],
+    );
+    assert!(!ok, "a mistyped variable passed: {text}");
+    assert!(
+        text.contains(
+            "GOMS__GATEWAY__HTTP_PROT is not a setting; did you mean GOMS__GATEWAY__HTTP_PORT?"
+        ),
+        "{text}"
+    );
+
+    let (ok, text) = check_with_env(&["--config", &config], &[("GOMS__GATEWAY__THREADS", "0")]);
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains("gateway.threads must be at least 1"),
+        "{text}"
+    );
 }

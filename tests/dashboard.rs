@@ -13,7 +13,8 @@ use serde_json::Value;
 use support::es_standin::EsStandIn;
 use support::trace_fixtures::consumer;
 use support::{
-    eventually, free_port, http, json_of, route_file, wait_for_nodes, Etcd, Goms, RabbitMq, ROUTES,
+    eventually, free_port, http, json_of, register_replica, route_file, wait_for_nodes, Etcd, Goms,
+    RabbitMq, ROUTES,
 };
 
 /// A replica that registers itself as `user` and answers every request 503, so that a GET
@@ -25,20 +26,7 @@ async fn unavailable_replica(etcd: &Etcd) -> String {
         .fallback(|| async { (StatusCode::SERVICE_UNAVAILABLE, "unavailable on purpose") });
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
     let id = format!("unavailable-{}", addr.port());
-    let mut client = etcd.client().await;
-    let lease = client.lease_grant(60, None).await.unwrap().id();
-    let value = serde_json::json!({
-        "id": id, "service": "user", "http": addr.to_string(),
-        "version": "test", "weight": 1, "zone": "zone-b", "started_at": goms::config::now_rfc3339()
-    });
-    client
-        .put(
-            format!("/goms/services/user/{id}"),
-            value.to_string(),
-            Some(etcd_client::PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .unwrap();
+    register_replica(etcd, "user", &id, addr, "zone-b").await;
     id
 }
 
@@ -164,15 +152,28 @@ async fn the_dashboard_shows_the_cluster_its_traffic_and_a_request_timeline() {
         assert_eq!(response.status(), 200, "the 503 replica's GETs are retried");
     }
 
-    // The list: newest first, filterable.
-    let listed =
-        json_of(client.get(format!("{admin}/ui/api/requests?status=2xx&service=user"))).await;
+    // The list: newest first, filterable. A request is recorded just after its answer went
+    // out, so the last one may not be listed yet when its answer arrives.
+    let requests_url = format!("{admin}/ui/api/requests?status=2xx&service=user");
+    let listed_ids = |listed: &serde_json::Value| -> Vec<String> {
+        listed["requests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["requestId"].as_str().unwrap().to_string())
+            .collect()
+    };
+    eventually("all six requests recorded", Duration::from_secs(10), || {
+        let request = client.get(&requests_url);
+        async move { listed_ids(&json_of(request).await).len() >= 6 }
+    })
+    .await;
+    let listed = json_of(client.get(&requests_url)).await;
     let requests = listed["requests"].as_array().unwrap();
-    let ids: Vec<&str> = requests
-        .iter()
-        .map(|r| r["requestId"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["ui-5", "ui-4", "ui-3", "ui-2", "ui-1", "ui-0"]);
+    assert_eq!(
+        listed_ids(&listed),
+        ["ui-5", "ui-4", "ui-3", "ui-2", "ui-1", "ui-0"]
+    );
     let one = json_of(client.get(format!("{admin}/ui/api/requests?requestId=ui-2"))).await;
     assert_eq!(one["requests"].as_array().unwrap().len(), 1);
     let none = json_of(client.get(format!("{admin}/ui/api/requests?status=5xx"))).await;

@@ -174,6 +174,12 @@ async fn gateway_errors_use_the_goms_envelope() {
     assert_eq!(body["code"], 404);
     assert_eq!(body["status"], false);
     assert_eq!(body["requestId"], request_id.as_str());
+    assert_eq!(
+        body["msg"],
+        "no route `unknown` for service `user` in the route file"
+    );
+    let body = json_of(client.get(stack.url("/api/nobody/login"))).await;
+    assert_eq!(body["msg"], "no service `nobody` in the route file");
 
     // `order` has a route but no replica.
     let response = client
@@ -420,15 +426,17 @@ async fn cluster_document_lists_every_service_with_goms_keys() {
         .await
         .unwrap();
     let url = stack.url("/cluster");
-    eventually("two gateways in /cluster", Duration::from_secs(10), || {
+    // The request is counted as finished just after its answer went out.
+    let what = "two gateways and one finished request in /cluster";
+    eventually(what, Duration::from_secs(10), || {
         let client = client.clone();
         let url = url.clone();
         async move {
             let document: serde_json::Value = json_of(client.get(&url)).await;
-            document["services"]["gateway"]["Nodes"]
+            let gateways = document["services"]["gateway"]["Nodes"]
                 .as_array()
-                .map(Vec::len)
-                == Some(2)
+                .map(Vec::len);
+            gateways == Some(2) && document["services"]["user"]["RequestFinish"] == 1
         }
     })
     .await;
@@ -540,4 +548,62 @@ async fn transform_json_reencodes_form_bodies() {
         );
         assert_eq!(body["data"]["body"]["password"], "p&w=", "{body}");
     }
+}
+
+/// A public port `p` for which `p`, `p + 1` and their default admin ports are all free now.
+fn two_free_public_ports() -> u16 {
+    let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
+    (0..200)
+        .map(|_| free_port())
+        .find(|&p| p < 60000 && [p, p + 1, p + 1821, p + 1822].into_iter().all(free))
+        .expect("four free ports")
+}
+
+#[tokio::test]
+async fn two_gateways_on_one_host_each_get_an_admin_port_that_follows_the_public_port() {
+    let etcd = Etcd::start().await;
+    let (_folder, routes) = route_file(ROUTES);
+    let routes = routes.display().to_string();
+    let first = two_free_public_ports();
+    let gateway = |port: u16, admin: Option<String>| {
+        let port = port.to_string();
+        let mut args = vec!["gateway", "--http-port", &port, "--etcd-addr"];
+        let endpoint = etcd.endpoint();
+        args.push(&endpoint);
+        args.extend(["--routes", &routes]);
+        if let Some(admin) = admin.as_deref() {
+            args.extend(["--admin-addr", admin]);
+        }
+        let unset = ["GOMS__GATEWAY__ADMIN_ADDR"];
+        Goms::spawn_unsetting(&format!("gateway:{port}"), &args, &[], &unset)
+    };
+    let one = gateway(first, None);
+    let two = gateway(first + 1, None);
+    let marker = "admin (/cluster, /metrics) on ";
+    for (node, public) in [(&one, first), (&two, first + 1)] {
+        node.wait_for_line(marker, Duration::from_secs(20)).await;
+        assert_eq!(
+            node.logged_addr(marker),
+            format!("127.0.0.1:{}", public + 1821)
+        );
+    }
+
+    // An explicit admin address still wins; one already taken names the cause once and
+    // says how to give each gateway its own.
+    let taken = format!("127.0.0.1:{}", first + 1821);
+    let mut third = gateway(free_port(), Some(taken.clone()));
+    let status = third.exit_status(Duration::from_secs(20)).await;
+    assert!(!status.success());
+    third.wait_for_line("goms: ", Duration::from_secs(5)).await;
+    let output = third.output();
+    let error = output.lines().find(|line| line.contains("goms: ")).unwrap();
+    assert!(
+        error.contains(&taken) && error.contains("--admin-addr"),
+        "{error}"
+    );
+    assert_eq!(
+        error.matches("Address already in use").count(),
+        1,
+        "{error}"
+    );
 }

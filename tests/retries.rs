@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use support::{free_port, http, route_file, wait_for_nodes, Etcd, Goms, ROUTES};
+use support::{free_port, http, register_replica, route_file, wait_for_nodes, Etcd, Goms, ROUTES};
 
 /// A replica written in the test: registers itself like any service in any language would
 /// (a JSON value under `/goms/services/user/{id}` with a lease), and answers with `behaviour`.
@@ -77,20 +77,7 @@ async fn fake_replica(etcd: &Etcd, behaviour: Behaviour) -> FakeReplica {
     };
     tokio::spawn(async move { axum::serve(counting, app).await.unwrap() });
     let id = format!("fake-{}", addr.port());
-    let mut client = etcd.client().await;
-    let lease = client.lease_grant(30, None).await.unwrap().id();
-    let value = serde_json::json!({
-        "id": id, "service": "user", "http": addr.to_string(),
-        "version": "test", "weight": 1, "zone": "", "started_at": ""
-    });
-    client
-        .put(
-            format!("/goms/services/user/{id}"),
-            value.to_string(),
-            Some(etcd_client::PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .unwrap();
+    register_replica(etcd, "user", &id, addr, "").await;
     FakeReplica {
         id,
         hits,

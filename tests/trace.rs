@@ -16,7 +16,8 @@ use support::trace_fixtures::{
     consumer, indexed_exactly, publish, publish_encoded, synthetic_event,
 };
 use support::{
-    eventually, free_port, http, route_file, text_of, wait_for_nodes, Etcd, Goms, RabbitMq, ROUTES,
+    eventually, free_port, http, metric, route_file, text_of, wait_for_nodes, Etcd, Goms, RabbitMq,
+    ROUTES,
 };
 
 /// A gateway and one `user` replica that publish trace events to `broker`.
@@ -687,14 +688,6 @@ async fn emit_paced(sink: &TraceSink, ids: std::ops::Range<usize>) {
             tokio::time::sleep(Duration::from_millis(60)).await;
         }
     }
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
-        .and_then(|line| line.rsplit(' ').next())
-        .and_then(|value| value.parse().ok())
-        .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
 }
 
 /// One event per message, as any JSON publisher would send them.

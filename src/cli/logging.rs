@@ -6,6 +6,8 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogConfig, LogFormat};
 
+/// Installs the process's subscriber as `log` says (level, text or JSON); colour only on a
+/// terminal, so log files hold plain text.
 pub fn init(config: &LogConfig) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&config.level))

@@ -4,7 +4,7 @@
 
 mod check;
 mod cluster;
-mod logging;
+pub mod logging;
 mod trace;
 
 use std::path::PathBuf;
@@ -111,7 +111,8 @@ struct GatewayArgs {
     threads: Option<usize>,
 
     /// Admin listener for /cluster, /metrics and /healthz (host:port; port 0 picks one).
-    /// Overrides gateway.adminAddr (default 127.0.0.1:9901).
+    /// Overrides gateway.adminAddr (default: 127.0.0.1 on the public port + 1821, so 9901 for
+    /// 8080 and 9902 for 8081; port 0 when the public port is 0).
     #[arg(long, value_name = "HOST:PORT")]
     admin_addr: Option<String>,
 
@@ -288,7 +289,7 @@ fn run_gateway(mut config: GomsConfig, args: GatewayArgs) -> anyhow::Result<()> 
         config.gateway.threads = threads;
     }
     if let Some(admin) = args.admin_addr {
-        config.gateway.admin_addr = admin;
+        config.gateway.explicit_admin_addr = Some(admin);
     }
     config.validate().map_err(anyhow::Error::msg)?;
     let listeners = crate::gateway::bind(&config).context("gateway")?;

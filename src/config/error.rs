@@ -37,6 +37,29 @@ pub enum ConfigError {
 }
 
 impl ConfigError {
+    /// An override refused when merged. A mistyped variable is named as the user wrote it,
+    /// with the closest variable that exists.
+    pub(crate) fn environment(reason: &str) -> Self {
+        let reason = unique_expected_keys(reason);
+        let Some((unknown, candidates)) = unknown_field(&reason) else {
+            return ConfigError::Environment(reason);
+        };
+        let section = reason
+            .split("for key `")
+            .nth(1)
+            .and_then(|rest| rest.split('`').next())
+            .map(|key| format!("{}__", env_name(key)))
+            .unwrap_or_default();
+        let mut message = format!("GOMS__{section}{} is not a setting", env_name(unknown));
+        if let Some(candidate) = closest(unknown, &candidates) {
+            message.push_str(&format!(
+                "; did you mean GOMS__{section}{}?",
+                env_name(candidate)
+            ));
+        }
+        ConfigError::Environment(message)
+    }
+
     /// Turns a YAML deserialisation error of the file `text` into a positioned error,
     /// adding a "did you mean" hint when serde refused an unknown key, and saying so plainly
     /// when the parser stopped at a tab.
@@ -109,34 +132,61 @@ fn unique_expected_keys(reason: &str) -> String {
 /// serde's "unknown field `x`, expected one of `a`, `b`" lists every key; a user
 /// who typed `etcAddr` wants to read `did you mean `etcdAddr`?`.
 fn with_suggestion(reason: &str) -> String {
-    let Some(start) = reason.find("unknown field `") else {
+    let Some((unknown, candidates)) = unknown_field(reason) else {
         return reason.to_string();
     };
+    match closest(unknown, &candidates) {
+        Some(candidate) => format!("{reason}; did you mean `{candidate}`?"),
+        None => reason.to_string(),
+    }
+}
+
+/// The unknown key of serde's "unknown field `x`, expected one of `a`, `b`", and the keys
+/// it expected.
+fn unknown_field(reason: &str) -> Option<(&str, Vec<&str>)> {
+    let start = reason.find("unknown field `")?;
     let rest = &reason[start + "unknown field `".len()..];
-    let Some((unknown, expected)) = rest.split_once('`') else {
-        return reason.to_string();
-    };
-    let candidates: Vec<&str> = expected
+    let (unknown, expected) = rest.split_once('`')?;
+    let expected = expected.split(" for key `").next().unwrap_or(expected);
+    let candidates = expected
         .split('`')
         .enumerate()
         .filter(|(index, _)| index % 2 == 1)
         .map(|(_, name)| name)
         .collect();
-    let best = candidates
+    Some((unknown, candidates))
+}
+
+/// The candidate within 3 edits of `unknown`, ignoring case, if any.
+fn closest<'a>(unknown: &str, candidates: &[&'a str]) -> Option<&'a str> {
+    candidates
         .iter()
         .map(|candidate| {
             (
                 edit_distance(&unknown.to_lowercase(), &candidate.to_lowercase()),
-                candidate,
+                *candidate,
             )
         })
-        .min();
-    match best {
-        Some((distance, candidate)) if distance <= 3 => {
-            format!("{reason}; did you mean `{candidate}`?")
+        .min()
+        .filter(|(distance, _)| *distance <= 3)
+        .map(|(_, candidate)| candidate)
+}
+
+/// A setting's name as a `GOMS__*` variable spells it: `gateway.httpPort` -> `GATEWAY__HTTP_PORT`.
+fn env_name(key: &str) -> String {
+    let mut name = String::new();
+    for (index, part) in key.split('.').enumerate() {
+        if index > 0 {
+            name.push_str("__");
         }
-        _ => reason.to_string(),
+        for c in part.chars() {
+            if c.is_ascii_uppercase() {
+                name.push('_');
+            }
+            name.push(c.to_ascii_uppercase());
+        }
     }
+    name
 }
 
 fn edit_distance(a: &str, b: &str) -> usize {
@@ -180,6 +230,22 @@ mod tests {
         assert!(reason.contains("column 1"), "{reason}");
         assert!(reason.contains("cannot use tabs"), "{reason}");
         assert_eq!(explain_tab(text, 3, 5), None);
+    }
+
+    #[test]
+    fn a_mistyped_variable_is_named_with_the_closest_one() {
+        let reason = "unknown field `httpProt`, expected one of `httpPort`, `listenHost`, \
+                      `limits` for key `gateway`";
+        assert_eq!(
+            ConfigError::environment(reason).to_string(),
+            "environment override (GOMS__*): GOMS__GATEWAY__HTTP_PROT is not a setting; \
+             did you mean GOMS__GATEWAY__HTTP_PORT?"
+        );
+        let nested =
+            "unknown field `bodyByte`, expected one of `bodyBytes` for key `gateway.limits`";
+        assert!(ConfigError::environment(nested)
+            .to_string()
+            .ends_with("did you mean GOMS__GATEWAY__LIMITS__BODY_BYTES?"));
     }
 
     #[test]

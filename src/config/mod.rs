@@ -238,9 +238,10 @@ pub struct GatewayConfig {
     #[serde(default = "default_drain", deserialize_with = "duration_text")]
     pub drain_timeout: Duration,
     /// The admin listener: `/cluster`, `/metrics`, `/healthz` (and the dashboard), for
-    /// operators only. Default `127.0.0.1:9901`.
-    #[serde(default = "default_admin_addr")]
-    pub admin_addr: String,
+    /// operators only. Default: loopback, on a port that follows the public port (see
+    /// [`GatewayConfig::admin_addr`]), so that several gateways on one host each get their own.
+    #[serde(default, rename = "adminAddr")]
+    pub explicit_admin_addr: Option<String>,
     /// Clients that may read `/cluster` and `/metrics` on the public port as well, as CIDR
     /// blocks; `/cluster` lists node addresses. Default loopback (`127.0.0.0/8`, `::1`).
     #[serde(default = "AllowList::loopback")]
@@ -471,9 +472,8 @@ fn default_idle_timeout() -> Duration {
 fn default_max_connections() -> usize {
     10_000
 }
-fn default_admin_addr() -> String {
-    "127.0.0.1:9901".into()
-}
+/// How far the default admin port sits from the public port: 8080 -> 9901, 8081 -> 9902.
+const ADMIN_PORT_OFFSET: u16 = 9901 - 8080;
 fn default_sidecar_app() -> String {
     "127.0.0.1:3000".into()
 }
@@ -594,6 +594,23 @@ fn duration_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration,
     routes::DurationText::deserialize(deserializer).map(|d| d.0)
 }
 
+impl GatewayConfig {
+    /// The admin listener's address: `gateway.adminAddr` when set; otherwise loopback on the
+    /// public port plus 1821 (8080 -> 9901, 8081 -> 9902), the Go original's tour of three
+    /// gateways on one host. A public port of 0, or one too high to offset, lets the system
+    /// choose (the gateway logs the port it got).
+    pub fn admin_addr(&self) -> String {
+        if let Some(addr) = &self.explicit_admin_addr {
+            return addr.clone();
+        }
+        let port = match self.http_port {
+            0 => 0,
+            port => port.checked_add(ADMIN_PORT_OFFSET).unwrap_or(0),
+        };
+        format!("127.0.0.1:{port}")
+    }
+}
+
 impl GomsConfig {
     /// Loads `path` (an absent file means defaults) and applies `GOMS__*` overrides.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -624,7 +641,8 @@ impl GomsConfig {
         serde_norway::from_str(text).map_err(|error| ConfigError::from_yaml(path, text, error))
     }
 
-    fn with_environment(text: &str) -> Result<Self, ConfigError> {
+    /// The file's `text` with the `GOMS__*` overrides of this process's environment applied.
+    pub fn with_environment(text: &str) -> Result<Self, ConfigError> {
         let environment = config::Environment::with_prefix(ENV_PREFIX)
             .prefix_separator("__")
             .separator("__")
@@ -641,7 +659,7 @@ impl GomsConfig {
             .add_source(environment)
             .build()
             .and_then(|merged| merged.try_deserialize::<GomsConfig>())
-            .map_err(|error| ConfigError::Environment(error.to_string()))
+            .map_err(|error| ConfigError::environment(&error.to_string()))
     }
 
     /// Checks that span several keys; the message names the key and the fix.
@@ -710,6 +728,22 @@ mod tests {
             config.services.unwrap().0["order"]["submit"].path,
             "/order/submit"
         );
+    }
+
+    #[test]
+    fn the_default_admin_port_follows_the_public_port_and_an_explicit_one_wins() {
+        let admin = |text: &str| {
+            GomsConfig::check_file(Path::new("goms.yml"), text)
+                .unwrap()
+                .gateway
+                .admin_addr()
+        };
+        assert_eq!(admin(""), "127.0.0.1:9901");
+        assert_eq!(admin("gateway:\n  httpPort: 8081\n"), "127.0.0.1:9902");
+        assert_eq!(admin("gateway:\n  httpPort: 0\n"), "127.0.0.1:0");
+        assert_eq!(admin("gateway:\n  httpPort: 65000\n"), "127.0.0.1:0");
+        let explicit = "gateway:\n  httpPort: 8081\n  adminAddr: 0.0.0.0:7000\n";
+        assert_eq!(admin(explicit), "0.0.0.0:7000");
     }
 
     #[test]

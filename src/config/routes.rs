@@ -502,6 +502,29 @@ impl RouteTable {
         self.services.get(service)?.get(route)
     }
 
+    /// Why `request_path` resolves to no route, naming the service and route looked for (each
+    /// cut to 100 characters, since a client wrote them).
+    pub fn explain_miss(&self, request_path: &str) -> String {
+        let cut = |text: &str| text.chars().take(100).collect::<String>();
+        let parts = request_path
+            .strip_prefix("/api/")
+            .and_then(|rest| rest.split_once('/'));
+        match parts {
+            None => format!(
+                "`{}` is not a routed path: routes are /api/{{service}}/{{route}}",
+                cut(request_path)
+            ),
+            Some((service, _)) if !self.services.contains_key(service) => {
+                format!("no service `{}` in the route file", cut(service))
+            }
+            Some((service, route)) => format!(
+                "no route `{}` for service `{}` in the route file",
+                cut(route),
+                cut(service)
+            ),
+        }
+    }
+
     pub fn service_names(&self) -> impl Iterator<Item = &str> {
         self.services.keys().map(String::as_str)
     }

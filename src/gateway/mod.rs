@@ -68,8 +68,18 @@ pub enum GatewayError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Spool(#[from] crate::trace::SpoolError),
-    #[error("cannot listen on {addr}: {source}")]
+    /// The cause is the source only, so that `{:#}` names it once.
+    #[error("cannot listen on {addr}")]
     Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot listen on {addr} for the admin listener (another gateway on this host? give \
+         each its own with --admin-addr or gateway.adminAddr)"
+    )]
+    AdminListen {
         addr: String,
         #[source]
         source: std::io::Error,
@@ -89,13 +99,17 @@ pub struct Listeners {
 /// registers the ports it got.
 pub fn bind(config: &GomsConfig) -> Result<Listeners, GatewayError> {
     let gateway = &config.gateway;
-    let bind = |addr: String| {
-        TcpListener::bind(&addr).map_err(|source| GatewayError::Listen { addr, source })
-    };
-    Ok(Listeners {
-        public: bind(format!("{}:{}", gateway.listen_host, gateway.http_port))?,
-        admin: bind(gateway.admin_addr.clone())?,
-    })
+    let public = format!("{}:{}", gateway.listen_host, gateway.http_port);
+    let public = TcpListener::bind(&public).map_err(|source| GatewayError::Listen {
+        addr: public,
+        source,
+    })?;
+    let admin = gateway.admin_addr();
+    let admin = TcpListener::bind(&admin).map_err(|source| GatewayError::AdminListen {
+        addr: admin,
+        source,
+    })?;
+    Ok(Listeners { public, admin })
 }
 
 /// The address a bound listener serves, set non-blocking for pingora.

@@ -176,6 +176,16 @@ fn client_ip_text(ip: IpAddr) -> http::HeaderValue {
     })
 }
 
+/// `Expect: 100-continue` from an HTTP/1.1 client (RFC 9110 10.1.1: an HTTP/1.0 client's is
+/// ignored).
+fn expects_continue(request: &RequestHeader) -> bool {
+    request.version >= http::Version::HTTP_11
+        && request
+            .headers
+            .get(http::header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
 fn is_form(request: &RequestHeader) -> bool {
     request
         .headers
@@ -193,6 +203,17 @@ fn form_as_json(form: &[u8]) -> Vec<u8> {
         .map(|(k, v)| (k.into_owned(), serde_json::Value::String(v.into_owned())))
         .collect();
     serde_json::to_vec(&object).expect("a JSON object serialises")
+}
+
+/// An HTTP/1.0 client cannot read chunked framing (RFC 9112 6.1): an answer of unknown length
+/// goes to it as the bytes themselves, ended by closing the connection, as nginx does.
+fn unchunk_for_http_1_0(session: &mut Session, response: &mut ResponseHeader) {
+    if response
+        .remove_header(&http::header::TRANSFER_ENCODING)
+        .is_some()
+    {
+        session.set_keepalive(None);
+    }
 }
 
 fn gateway_error(status: u16, why: &'static str) -> Box<Error> {
@@ -263,6 +284,10 @@ impl ProxyHttp for GatewayProxy {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<bool> {
+        // HTTP/1.1 lets a client send its next requests before the first is answered; pingora
+        // then carries the bytes read past this request over to the next (RFC 9112 9.3.2).
+        // Without it the next requests were dropped when this one's answer went out.
+        session.as_downstream_mut().set_pipelining_enabled(true);
         if let Err(refusal) = limits::check_header(&self.limits, session.req_header()) {
             self.refuse(session, refusal, "").await?;
             return Ok(true);
@@ -290,15 +315,21 @@ impl ProxyHttp for GatewayProxy {
         ctx.record = Some(RequestRecord::new(request_id, trace));
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
 
-        let route = self
-            .routes
-            .current()
-            .resolve(session.req_header().uri.path())
-            .cloned();
-        let Some(route) = route else {
-            self.metrics.count_status(404);
-            write_error(session, 404, "no route matches this path", ctx.request_id()).await?;
-            return Ok(true);
+        let route = {
+            let routes = self.routes.current();
+            let path = session.req_header().uri.path();
+            routes
+                .resolve(path)
+                .cloned()
+                .ok_or_else(|| routes.explain_miss(path))
+        };
+        let route = match route {
+            Ok(route) => route,
+            Err(message) => {
+                self.metrics.count_status(404);
+                write_error(session, 404, &message, ctx.request_id()).await?;
+                return Ok(true);
+            }
         };
         if limits::declared_body(session.req_header()).is_some_and(|n| n > route.max_body_bytes) {
             let request_id = ctx.request_id().to_string();
@@ -325,6 +356,15 @@ impl ProxyHttp for GatewayProxy {
             write_error(session, 503, &message, ctx.request_id()).await?;
             return Ok(true);
         };
+        // As nginx does, the gateway asks for the body itself once it will forward it: the
+        // replica gets the body without `Expect`, so an answer it gives early (a 413) comes
+        // while the body is on its way, not while the client waits for a `100 Continue`.
+        if expects_continue(session.req_header()) {
+            session
+                .as_downstream_mut()
+                .write_continue_response()
+                .await?;
+        }
         // Keeps the request body so an idempotent request can be replayed on another replica.
         session.enable_retry_buffering();
         ctx.route = Some(route);
@@ -408,6 +448,7 @@ impl ProxyHttp for GatewayProxy {
             upstream_request.insert_header(http::header::CONTENT_TYPE, "application/json")?;
             ctx.form_to_json = Some(Vec::new());
         }
+        upstream_request.remove_header(&http::header::EXPECT);
         upstream_request.remove_header(CALL_SERVICE_KEY_HEADER);
         upstream_request.insert_header(CALL_SERVICE_KEY_HEADER, self.call_service_key.clone())?;
         upstream_request.insert_header(ATTEMPT_HEADER, attempt_value(ctx.tried.len()))?;
@@ -492,12 +533,15 @@ impl ProxyHttp for GatewayProxy {
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if let Some(record) = ctx.record.as_ref() {
             response.insert_header(REQUEST_ID_HEADER, record.request_id.as_str())?;
+        }
+        if session.req_header().version == http::Version::HTTP_10 {
+            unchunk_for_http_1_0(session, response);
         }
         Ok(())
     }

@@ -31,7 +31,7 @@ pub const DEREGISTER_GRACE: Duration = Duration::from_millis(500);
 pub enum ServiceError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot listen on port {port}: {source}")]
+    #[error("cannot listen on port {port}")]
     Listen {
         port: u16,
         #[source]

@@ -47,7 +47,7 @@ pub enum SidecarError {
     Node(#[from] ServiceError),
     #[error("app address `{addr}`: {reason}")]
     App { addr: String, reason: String },
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}")]
     Listen {
         addr: String,
         #[source]

@@ -65,8 +65,10 @@ pub struct Traffic {
 impl Traffic {
     /// Sends requests from `t0` until `until`; returns every answer.
     pub async fn run(self, t0: Instant, until: Instant) -> Vec<Answer> {
+        // Idle connections go before the gateway's 60 s idle timeout closes them.
         let client = reqwest::Client::builder()
             .no_proxy()
+            .pool_idle_timeout(Duration::from_secs(30))
             .timeout(HANG_AFTER)
             .build()
             .expect("HTTP client");

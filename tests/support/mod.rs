@@ -159,6 +159,17 @@ pub struct Goms {
 impl Goms {
     /// Runs `goms <args>` with the test key, no config file, and text logs.
     pub fn spawn(name: &str, args: &[&str], env: &[(&str, &str)]) -> Goms {
+        Goms::spawn_unsetting(name, args, env, &[])
+    }
+
+    /// As [`Goms::spawn`], with the variables in `unset` taken out of its environment (to
+    /// try a default the suites otherwise override).
+    pub fn spawn_unsetting(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> Goms {
         let spool = tempfile::tempdir().expect("spool dir");
         let mut command = Command::new(env!("CARGO_BIN_EXE_goms"));
         command
@@ -178,6 +189,9 @@ impl Goms {
             .stderr(Stdio::piped());
         for (key, value) in env {
             command.env(key, value);
+        }
+        for key in unset {
+            command.env_remove(key);
         }
         let mut child = command.spawn().expect("spawn goms binary");
         let lines = Arc::new(Mutex::new(Vec::new()));
@@ -322,16 +336,18 @@ impl Goms {
         unsafe {
             libc::kill(self.pid(), libc::SIGTERM);
         }
+        self.exit_status(timeout).await
+    }
+
+    /// Waits for the process to exit by itself; panics after `timeout`.
+    pub async fn exit_status(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait child") {
                 return status;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "{} did not exit within {timeout:?} after SIGTERM",
-                    self.name
-                );
+                panic!("{} did not exit within {timeout:?}", self.name);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -345,10 +361,16 @@ impl Drop for Goms {
     }
 }
 
+/// How long the suites' clients keep an idle connection: less than the gateway's idle timeout
+/// (`gateway.limits.idleTimeout`, 60 s), so that a client never sends a request into a
+/// connection the gateway is closing.
+pub const CLIENT_IDLE: Duration = Duration::from_secs(30);
+
 /// An HTTP client that never uses a proxy from the environment.
 pub fn http() -> reqwest::Client {
     reqwest::Client::builder()
         .no_proxy()
+        .pool_idle_timeout(CLIENT_IDLE)
         .timeout(Duration::from_secs(10))
         .build()
         .expect("build HTTP client")
@@ -397,6 +419,41 @@ pub async fn wait_for_nodes(gateway_port: u16, service: &str, count: usize) {
         },
     )
     .await;
+}
+
+/// Registers a test's own server as a replica of `service`, as a node registers: its record
+/// under `/goms/services/{service}/{id}`, on a lease of 60 s.
+pub async fn register_replica(
+    etcd: &Etcd,
+    service: &str,
+    id: &str,
+    addr: std::net::SocketAddr,
+    zone: &str,
+) {
+    let mut client = etcd.client().await;
+    let lease = client.lease_grant(60, None).await.unwrap().id();
+    let value = serde_json::json!({
+        "id": id, "service": service, "http": addr.to_string(), "version": "test",
+        "weight": 1, "zone": zone, "started_at": goms::config::now_rfc3339()
+    });
+    client
+        .put(
+            format!("/goms/services/{service}/{id}"),
+            value.to_string(),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("register the replica in etcd");
+}
+
+/// The value of the metric `name` in a Prometheus text `exposition`; panics when absent.
+pub fn metric(exposition: &str, name: &str) -> f64 {
+    exposition
+        .lines()
+        .find(|line| line.starts_with(name) && line[name.len()..].starts_with(' '))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from:\n{exposition}"))
 }
 
 /// Writes a route file into a temp folder and returns both (keep the folder alive).

@@ -109,6 +109,7 @@ fn apply_h1_timeouts(session: &mut ServerSession, options: Option<&HttpServerOpt
         if session.get_keepalive() == Some(0) {
             session.set_keepalive(Some(idle));
         }
+        session.announce_idle_timeout(Some(idle));
     }
     if let Some((limit, answer)) = &options.h1_header_timeout {
         session.set_header_timeout(Some(*limit), Some(answer.clone()));

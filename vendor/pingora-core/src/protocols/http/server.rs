@@ -944,6 +944,13 @@ impl Session {
         }
     }
 
+    /// goms patch: answers kept alive announce this idle timeout (HTTP/1 only).
+    pub fn announce_idle_timeout(&mut self, seconds: Option<u64>) {
+        if let Self::H1(s) = self {
+            s.announce_idle_timeout(seconds);
+        }
+    }
+
     /// Enable or disable HTTP/1.1 request pipelining on this session.
     ///
     /// No-op for H2 / Subrequest / Custom. See

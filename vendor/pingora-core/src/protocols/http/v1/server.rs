@@ -173,6 +173,25 @@ pub struct HttpSession {
     /// [`super::super::HttpPersistentSettings`] into the next session.
     /// Scoped narrowly so it cannot affect FIN / `abort_on_close` semantics.
     pipelined_idle_bytes_stashed: bool,
+    /// goms patch: the idle timeout, in seconds, that answers announce in `Keep-Alive`.
+    announced_idle_timeout: Option<u64>,
+}
+
+/// `timeout=N` for the `Keep-Alive` header, formatted once per thread for the timeout in use.
+fn keep_alive_value(seconds: u64) -> http::HeaderValue {
+    thread_local! {
+        static LAST: std::cell::RefCell<Option<(u64, http::HeaderValue)>> =
+            const { std::cell::RefCell::new(None) };
+    }
+    LAST.with_borrow_mut(|last| match last {
+        Some((cached, value)) if *cached == seconds => value.clone(),
+        _ => {
+            let value = http::HeaderValue::try_from(format!("timeout={seconds}"))
+                .expect("digits are a valid header value");
+            *last = Some((seconds, value.clone()));
+            value
+        }
+    })
 }
 
 impl HttpSession {
@@ -223,6 +242,7 @@ impl HttpSession {
             pipelining_enabled: false,
             pipelined_prefix: None,
             pipelined_idle_bytes_stashed: false,
+            announced_idle_timeout: None,
         }
     }
 
@@ -918,7 +938,10 @@ impl HttpSession {
         }
 
         // if body unfinished, or request header was not finished reading
+        // (a `100 Continue` is sent precisely before the body: it does not end the connection)
+        let is_interim = header.status.is_informational() && header.status != 101;
         if self.close_on_response_before_downstream_finish
+            && !is_interim
             && (self.request_header.is_none() || !self.is_body_done())
         {
             debug!("set connection close before downstream finish");
@@ -937,6 +960,12 @@ impl HttpSession {
                 "close"
             };
             header.insert_header(header::CONNECTION, connection_value)?;
+            // goms patch: announces the idle timeout (`Keep-Alive: timeout=N`, as nginx can),
+            // so a client closes an idle connection before the server does instead of sending
+            // its next request into a socket being closed.
+            if let (Some(idle), "keep-alive") = (self.announced_idle_timeout, connection_value) {
+                header.insert_header("keep-alive", keep_alive_value(idle))?;
+            }
         }
 
         if header.status == 101 {
@@ -1095,6 +1124,11 @@ impl HttpSession {
     /// request N+1 begins processing. No parallel pipelining.
     pub fn set_pipelining_enabled(&mut self, enabled: bool) {
         self.pipelining_enabled = enabled;
+    }
+
+    /// goms patch: answers kept alive say `Keep-Alive: timeout=N` with this idle timeout.
+    pub fn announce_idle_timeout(&mut self, seconds: Option<u64>) {
+        self.announced_idle_timeout = seconds;
     }
 
     /// Set pipelined bytes to be parsed as the start of this session's request.
