@@ -7,6 +7,7 @@
 #   debootstrap      docker/offline/build-images.sh builds the base image without a registry
 #   e2fsprogs        chattr, with which tests/trace.rs makes a spool folder refuse deletes
 #   chromium         tests/dashboard.rs loads the gateway's /ui headless and reads its DOM
+#   etcd-server      scripts/docs-check.sh runs docs/services.md, which starts etcd as a user would
 #   docker.io, docker-compose  only where no Docker engine / compose is installed yet
 set -euo pipefail
 
@@ -18,6 +19,7 @@ command -v debootstrap >/dev/null 2>&1 || need+=(debootstrap)
 command -v curl >/dev/null 2>&1 || need+=(curl)
 command -v chattr >/dev/null 2>&1 || need+=(e2fsprogs)
 command -v chromium >/dev/null 2>&1 || need+=(chromium)
+command -v etcd >/dev/null 2>&1 || need+=(etcd-server)
 command -v docker >/dev/null 2>&1 || need+=(docker.io)
 if ! command -v docker-compose >/dev/null 2>&1 && ! docker compose version >/dev/null 2>&1; then
   need+=(docker-compose)
