@@ -607,3 +607,44 @@ async fn two_gateways_on_one_host_each_get_an_admin_port_that_follows_the_public
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
+    let stack = stack(1).await;
+    let forged = |request: reqwest::RequestBuilder| {
+        request
+            .header("X-Forwarded-For", "198.51.100.7")
+            .header("X-Forwarded-Proto", "https")
+            .header("X-Forwarded-Host", "shop.example")
+    };
+    let echoed = |body: &serde_json::Value, name: &str| {
+        body["data"]["headers"][name]
+            .as_str()
+            .unwrap_or("")
+            .to_string()
+    };
+
+    // The test client is no trusted proxy: what it wrote is replaced by what the gateway saw.
+    let body = json_of(forged(http().get(stack.url("/api/user/login")))).await;
+    assert_eq!(echoed(&body, "X-Forwarded-For"), "127.0.0.1");
+    assert_eq!(echoed(&body, "X-Forwarded-Proto"), "http");
+    assert_eq!(
+        echoed(&body, "X-Forwarded-Host"),
+        format!("127.0.0.1:{}", stack.gateway_port)
+    );
+
+    // Behind a trusted proxy, its headers pass and the chain grows by the proxy's address.
+    let trusting = Goms::gateway_with(
+        &stack.etcd.endpoint(),
+        &stack.routes_path,
+        &[],
+        &[("GOMS__GATEWAY__TRUSTED_PROXIES", "127.0.0.0/8")],
+    )
+    .await;
+    wait_for_nodes(trusting.port(), "user", 1).await;
+    let url = format!("http://127.0.0.1:{}/api/user/login", trusting.port());
+    let body = json_of(forged(http().get(url))).await;
+    assert_eq!(echoed(&body, "X-Forwarded-For"), "198.51.100.7, 127.0.0.1");
+    assert_eq!(echoed(&body, "X-Forwarded-Proto"), "https");
+    assert_eq!(echoed(&body, "X-Forwarded-Host"), "shop.example");
+}

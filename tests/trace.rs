@@ -68,6 +68,8 @@ async fn every_request_leaves_four_events_in_the_index() {
         .header("Authorization", "Bearer very-secret")
         .header("Cookie", "session=also-secret")
         .header("X-Api-Token", "configured-secret")
+        // Forged: the test client is no trusted proxy (gateway.trustedProxies is empty).
+        .header("X-Forwarded-For", "6.6.6.6")
         .header(
             "traceparent",
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
@@ -124,6 +126,7 @@ async fn every_request_leaves_four_events_in_the_index() {
     assert_eq!(start["request"]["urlParam"], "?a=1&b=3");
     assert_eq!(start["request"]["body"]["username"], "test");
     assert_eq!(start["request"]["headers"]["authorization"], "[REDACTED]");
+    assert_eq!(start["request"]["clientIp"], "127.0.0.1");
     let end = &by_kind["request.end"];
     assert!(end["durationMs"].is_number(), "{end}");
     assert_eq!(end["status"], 200);

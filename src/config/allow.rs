@@ -82,6 +82,11 @@ impl AllowList {
         ])
     }
 
+    /// No block at all: allows nobody.
+    pub fn nobody() -> Self {
+        AllowList(Vec::new())
+    }
+
     pub fn allows(&self, addr: IpAddr) -> bool {
         self.0.iter().any(|block| block.contains(addr))
     }

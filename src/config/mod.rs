@@ -246,6 +246,11 @@ pub struct GatewayConfig {
     /// blocks; `/cluster` lists node addresses. Default loopback (`127.0.0.0/8`, `::1`).
     #[serde(default = "AllowList::loopback")]
     pub admin_allow: AllowList,
+    /// The proxies in front of the gateway (a load balancer, a CDN), as CIDR blocks, whose
+    /// `X-Forwarded-For`, `-Proto` and `-Host` are believed and passed on. Default none: those
+    /// headers are replaced with what the gateway saw, and the peer is the client.
+    #[serde(default = "AllowList::nobody")]
+    pub trusted_proxies: AllowList,
     /// Kibana's address (`http://kibana:5601`, say), for the dashboard's link from a request
     /// to its events in Discover. Default none: no link.
     #[serde(default)]

@@ -9,6 +9,7 @@
 //!   them on the public port.
 //! - [`cluster`]: the Go original's `/cluster` document.
 //! - [`limits`]: what a client may send (header size and count, target, body, framing).
+//! - [`forwarded`]: who the client is, and the `X-Forwarded-*` headers a replica gets.
 //! - [`metrics`]: Prometheus counters at `/metrics`.
 //! - [`respond`]: responses the gateway writes itself (the Go original's JSON envelope).
 //! - [`record`]: what the gateway learns about a request while it passes.
@@ -21,6 +22,7 @@
 pub mod admin;
 pub mod cluster;
 pub mod dashboard;
+pub mod forwarded;
 pub mod json;
 pub mod limits;
 pub mod metrics;
@@ -224,6 +226,7 @@ pub fn run(
             call_service_key: key_header(&call_service_key)?,
             connect_timeout: gateway.connect_timeout,
             limits: gateway.limits.clone(),
+            trusted_proxies: gateway.trusted_proxies.clone(),
             metrics: metrics.clone(),
             trace,
             tracer,

@@ -22,6 +22,7 @@ use tracing::debug;
 
 use super::admin::AdminEndpoints;
 use super::dashboard::SeenRequest;
+use super::forwarded::{self, Client};
 use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
 use super::record::{Attempt, RequestRecord};
@@ -29,7 +30,7 @@ use super::respond::{write_body, write_error};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
-use crate::config::{LimitsConfig, Route, Transform};
+use crate::config::{AllowList, LimitsConfig, Route, Transform};
 use crate::registry::drain::InFlight;
 use crate::registry::Drain;
 use crate::trace::{
@@ -54,6 +55,8 @@ pub struct GatewayProxy {
     pub connect_timeout: Duration,
     /// What a client may send (`gateway.limits`).
     pub limits: LimitsConfig,
+    /// Whose `X-Forwarded-*` headers are believed (`gateway.trustedProxies`).
+    pub trusted_proxies: AllowList,
     pub metrics: Arc<GatewayMetrics>,
     pub trace: TraceSink,
     pub tracer: GatewayTracer,
@@ -79,6 +82,8 @@ pub struct RequestCtx {
     body: BodyCapture,
     /// Request body bytes received so far, against the route's `maxBodyBytes`.
     body_bytes: u64,
+    /// Who sent the request, under `gateway.trustedProxies`.
+    client: Option<Client>,
 }
 
 impl RequestCtx {
@@ -157,7 +162,7 @@ fn attempt_value(attempt: usize) -> http::HeaderValue {
     }
 }
 
-/// The client's address as text, for `X-Forwarded-For` and the trace events' `clientIp`.
+/// An address as text, for `X-Forwarded-For` and the trace events' `clientIp`.
 /// Formatting an address costs more than the rest of either job, and a gateway sees the same
 /// few addresses again and again (its load balancer's, or one client's keep-alive
 /// connection), so each proxy thread keeps the last one it formatted.
@@ -313,6 +318,10 @@ impl ProxyHttp for GatewayProxy {
             header.headers.get(TRACEPARENT_HEADER).map(|v| v.as_bytes()),
         );
         ctx.record = Some(RequestRecord::new(request_id, trace));
+        ctx.client = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|peer| Client::of(peer.ip(), session.req_header(), &self.trusted_proxies));
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
 
         let route = {
@@ -456,16 +465,12 @@ impl ProxyHttp for GatewayProxy {
             upstream_request.insert_header(REQUEST_ID_HEADER, record.request_id.as_str())?;
             upstream_request.insert_header(TRACEPARENT_HEADER, record.trace.traceparent())?;
         }
-        if let Some(client) = session.client_addr().and_then(|a| a.as_inet()) {
-            let forwarded = match upstream_request.headers.get("x-forwarded-for") {
-                Some(previous) => {
-                    let chain = format!("{}, {}", previous.to_str().unwrap_or(""), client.ip());
-                    http::HeaderValue::try_from(chain)
-                        .map_err(|_| gateway_error(400, "X-Forwarded-For cannot be extended"))?
-                }
-                None => client_ip_text(client.ip()),
-            };
-            upstream_request.insert_header("x-forwarded-for", forwarded)?;
+        let peer = session.client_addr().and_then(|a| a.as_inet());
+        if let (Some(peer), Some(client)) = (peer, ctx.client.as_ref()) {
+            let https = session
+                .digest()
+                .is_some_and(|digest| digest.ssl_digest.is_some());
+            forwarded::set_headers(upstream_request, client, client_ip_text(peer.ip()), https)?;
         }
         Ok(())
     }
@@ -642,10 +647,7 @@ impl ProxyHttp for GatewayProxy {
             self.metrics.count_status(status);
         }
         if let (true, Some(record)) = (self.trace.is_enabled(), ctx.record.as_ref()) {
-            let client_ip = session
-                .client_addr()
-                .and_then(|a| a.as_inet())
-                .map(|a| client_ip_text(a.ip()));
+            let client_ip = ctx.client.as_ref().map(|client| client_ip_text(client.ip));
             let client_ip = client_ip.as_ref().map_or("", |ip| {
                 ip.to_str().expect("an IP address in text is ASCII")
             });
