@@ -258,6 +258,43 @@ pub struct GatewayConfig {
     /// Limits on what a client may send, in the class of Envoy's and nginx's defaults.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// HTTPS on a listener of its own (`gateway.tls`). Default none: plain HTTP only.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The gateway's TLS listener (`gateway.tls`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TlsConfig {
+    /// Where HTTPS is served. Default `0.0.0.0:8443`.
+    #[serde(default = "default_tls_listen")]
+    pub listen: String,
+    /// One or more certificates, chosen by the name the client asks for (SNI); the first is
+    /// served when none matches. TLS 1.2 and 1.3 are offered.
+    pub certificates: Vec<CertificateConfig>,
+    /// Answer requests on the plain port with a 308 to the same URL on HTTPS (`/healthz` and
+    /// `/readyz` stay on plain HTTP for load balancers). Default false.
+    #[serde(default)]
+    pub redirect: bool,
+    /// The `Strict-Transport-Security` value sent on HTTPS answers, e.g.
+    /// `max-age=31536000; includeSubDomains`. Default none.
+    #[serde(default)]
+    pub hsts: Option<String>,
+    /// How often the certificate files are checked for a replacement. Default `2s`.
+    #[serde(
+        default = "default_cert_reload_interval",
+        deserialize_with = "duration_text"
+    )]
+    pub reload_interval: Duration,
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Request limits of the gateway (`gateway.limits`). A refusal is answered in the envelope,
@@ -476,6 +513,12 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_tls_listen() -> String {
+    "0.0.0.0:8443".into()
+}
+fn default_cert_reload_interval() -> Duration {
+    Duration::from_secs(2)
 }
 /// How far the default admin port sits from the public port: 8080 -> 9901, 8081 -> 9902.
 const ADMIN_PORT_OFFSET: u16 = 9901 - 8080;
@@ -697,6 +740,20 @@ impl GomsConfig {
         }
         if self.service.weight == 0 {
             return Err("service.weight must be at least 1".into());
+        }
+        if let Some(tls) = &self.gateway.tls {
+            if tls.certificates.is_empty() {
+                return Err("gateway.tls.certificates must name at least one cert and key".into());
+            }
+            if tls
+                .hsts
+                .as_deref()
+                .is_some_and(|hsts| http::HeaderValue::from_str(hsts).is_err())
+            {
+                return Err(
+                    "gateway.tls.hsts must be a header value, e.g. `max-age=31536000`".into(),
+                );
+            }
         }
         Ok(())
     }

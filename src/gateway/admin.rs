@@ -28,6 +28,8 @@ pub struct AdminEndpoints {
     pub upstreams: Arc<Upstreams>,
     pub routes: Arc<RouteStore>,
     pub metrics: Arc<GatewayMetrics>,
+    /// The HTTPS listener's certificates, whose expiry `/metrics` shows.
+    pub certificates: Option<Arc<super::tls::CertStore>>,
     /// For the trace publisher's counters.
     pub trace: TraceSink,
     pub allow: AllowList,
@@ -69,9 +71,12 @@ impl AdminEndpoints {
                 ))
             }
             "/metrics" => {
-                let text = self
-                    .metrics
-                    .render(&self.upstreams, &self.routes, self.trace.stats());
+                let mut text =
+                    self.metrics
+                        .render(&self.upstreams, &self.routes, self.trace.stats());
+                if let Some(certificates) = &self.certificates {
+                    certificates.render_prometheus(&mut text);
+                }
                 Some(Answer {
                     status: 200,
                     content_type: "text/plain; version=0.0.4",

@@ -10,6 +10,7 @@
 //! - [`cluster`]: the Go original's `/cluster` document.
 //! - [`limits`]: what a client may send (header size and count, target, body, framing).
 //! - [`forwarded`]: who the client is, and the `X-Forwarded-*` headers a replica gets.
+//! - [`tls`]: the HTTPS listener's certificates, chosen by SNI and reloaded from disk.
 //! - [`metrics`]: Prometheus counters at `/metrics`.
 //! - [`respond`]: responses the gateway writes itself (the Go original's JSON envelope).
 //! - [`record`]: what the gateway learns about a request while it passes.
@@ -30,6 +31,7 @@ pub mod proxy;
 pub mod record;
 pub mod respond;
 pub mod route_store;
+pub mod tls;
 pub mod trace_events;
 pub mod upstreams;
 
@@ -77,6 +79,8 @@ pub enum GatewayError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error(
         "cannot listen on {addr} for the admin listener (another gateway on this host? give \
          each its own with --admin-addr or gateway.adminAddr)"
@@ -94,6 +98,8 @@ pub struct Listeners {
     pub public: TcpListener,
     /// The admin listener, for operators.
     pub admin: TcpListener,
+    /// HTTPS, when `gateway.tls` is set.
+    pub tls: Option<TcpListener>,
 }
 
 /// Binds the gateway's public port (`gateway.listenHost`:`gateway.httpPort`) and its admin
@@ -111,7 +117,35 @@ pub fn bind(config: &GomsConfig) -> Result<Listeners, GatewayError> {
         addr: admin,
         source,
     })?;
-    Ok(Listeners { public, admin })
+    let tls = match &gateway.tls {
+        Some(tls) => {
+            Some(
+                TcpListener::bind(&tls.listen).map_err(|source| GatewayError::Listen {
+                    addr: tls.listen.clone(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    Ok(Listeners { public, admin, tls })
+}
+
+/// What the request path needs to know of HTTPS: where it is, and whether plain requests are
+/// sent there.
+fn https_front(
+    tls: Option<&crate::config::TlsConfig>,
+    bound: Option<std::net::SocketAddr>,
+) -> Option<proxy::HttpsFront> {
+    let (tls, bound) = (tls?, bound?);
+    Some(proxy::HttpsFront {
+        port: bound.port(),
+        redirect: tls.redirect,
+        hsts: tls
+            .hsts
+            .as_deref()
+            .and_then(|value| http::HeaderValue::from_str(value).ok()),
+    })
 }
 
 /// The address a bound listener serves, set non-blocking for pingora.
@@ -148,6 +182,11 @@ pub fn run(
     )?);
     let bound = serving_addr(&listeners.public)?;
     let admin_bound = serving_addr(&listeners.admin)?;
+    let tls_bound = listeners.tls.as_ref().map(serving_addr).transpose()?;
+    let certificates = match &gateway.tls {
+        Some(tls) => Some(tls::CertStore::load(&tls.certificates)?),
+        None => None,
+    };
     let port = bound.port();
     // pingora matches a listener to its service by this text.
     let (listen, admin_listen) = (bound.to_string(), admin_bound.to_string());
@@ -199,6 +238,9 @@ pub fn run(
     server.bootstrap();
     server.add_listener_fd(listen.clone(), listeners.public.into_raw_fd());
     server.add_listener_fd(admin_listen.clone(), listeners.admin.into_raw_fd());
+    if let (Some(bound), Some(listener)) = (tls_bound, listeners.tls) {
+        server.add_listener_fd(bound.to_string(), listener.into_raw_fd());
+    }
     let admin = Arc::new(AdminEndpoints {
         members: members_rx,
         upstreams: upstreams.clone(),
@@ -208,6 +250,7 @@ pub fn run(
         allow: gateway.admin_allow.clone(),
         registry_loaded: registry_loaded.clone(),
         registry_status: registry_status.clone(),
+        certificates: certificates.clone(),
         etcd: config.etcd_addr.join(","),
         dashboard: Arc::new(dashboard::Dashboard::new(
             &config.es_addr,
@@ -227,6 +270,7 @@ pub fn run(
             connect_timeout: gateway.connect_timeout,
             limits: gateway.limits.clone(),
             trusted_proxies: gateway.trusted_proxies.clone(),
+            https: https_front(gateway.tls.as_ref(), tls_bound),
             metrics: metrics.clone(),
             trace,
             tracer,
@@ -237,6 +281,20 @@ pub fn run(
         Some(client_timeouts(&gateway.limits, metrics.clone()));
     proxy.set_connection_limit(connections);
     proxy.add_tcp(&listen);
+    if let (Some(bound), Some(store), Some(tls)) = (tls_bound, &certificates, &gateway.tls) {
+        let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
+            .expect("TLS settings without files");
+        settings.set_cert_resolver(store.clone());
+        proxy.add_tls_with_settings(&bound.to_string(), None, settings);
+        server.add_service(background_service(
+            "certificate reload",
+            tls::CertReloader {
+                store: store.clone(),
+                interval: tls.reload_interval,
+            },
+        ));
+        info!("[gateway] TLS listen on {bound}");
+    }
     server.add_service(proxy);
     let mut admin_service = Service::new("admin".to_string(), AdminApp(admin));
     admin_service.add_tcp(&admin_listen);

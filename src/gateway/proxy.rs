@@ -57,11 +57,50 @@ pub struct GatewayProxy {
     pub limits: LimitsConfig,
     /// Whose `X-Forwarded-*` headers are believed (`gateway.trustedProxies`).
     pub trusted_proxies: AllowList,
+    /// The HTTPS listener, when `gateway.tls` is set.
+    pub https: Option<HttpsFront>,
     pub metrics: Arc<GatewayMetrics>,
     pub trace: TraceSink,
     pub tracer: GatewayTracer,
     /// Counts requests in flight, so that a draining gateway exits once none is left.
     pub drain: Arc<Drain>,
+}
+
+/// What the request path knows of the HTTPS listener.
+pub struct HttpsFront {
+    /// The port it serves, for redirects.
+    pub port: u16,
+    /// Whether requests on the plain port get a 308 to HTTPS.
+    pub redirect: bool,
+    /// `Strict-Transport-Security` for answers over HTTPS.
+    pub hsts: Option<http::HeaderValue>,
+}
+
+impl HttpsFront {
+    /// Where a plain request for `header` belongs on HTTPS: the same host, path and query.
+    /// `None` without a `Host`, which HTTP/1.1 requires anyway.
+    fn redirect_target(&self, header: &RequestHeader) -> Option<String> {
+        let host = header.headers.get(http::header::HOST)?.to_str().ok()?;
+        // The port is the plain one: drop it (an IPv6 literal keeps its brackets).
+        let host = match host.rsplit_once(':') {
+            Some((name, port)) if !name.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) => {
+                name
+            }
+            _ => host,
+        };
+        let target = header.uri.path_and_query().map_or("/", |p| p.as_str());
+        Some(match self.port {
+            443 => format!("https://{host}{target}"),
+            port => format!("https://{host}:{port}{target}"),
+        })
+    }
+}
+
+/// Whether the client reached the gateway over TLS.
+fn is_https(session: &Session) -> bool {
+    session
+        .digest()
+        .is_some_and(|digest| digest.ssl_digest.is_some())
 }
 
 /// Per-request state.
@@ -240,6 +279,30 @@ impl GatewayProxy {
         write_error(session, refusal.status(), refusal.message(), request_id).await
     }
 
+    /// With `gateway.tls.redirect`, sends a plain request to HTTPS with a 308 (which keeps the
+    /// method and body, unlike a 301); health checks stay on plain HTTP for load balancers.
+    async fn redirects(&self, session: &mut Session) -> pingora::Result<bool> {
+        let Some(https) = self.https.as_ref().filter(|h| h.redirect) else {
+            return Ok(false);
+        };
+        let path = session.req_header().uri.path();
+        if is_https(session) || matches!(path, "/healthz" | "/readyz") {
+            return Ok(false);
+        }
+        let Some(location) = https.redirect_target(session.req_header()) else {
+            return Ok(false);
+        };
+        self.metrics.count_status(308);
+        let mut answer = ResponseHeader::build(308, Some(3))?;
+        answer.insert_header(http::header::LOCATION, location)?;
+        answer.insert_header(http::header::CONTENT_LENGTH, "0")?;
+        session.set_keepalive(None);
+        session
+            .write_response_header(Box::new(answer), true)
+            .await?;
+        Ok(true)
+    }
+
     /// Answers the gateway's own endpoints on the public port; see [`AdminEndpoints`].
     async fn serve_own_endpoint(&self, session: &mut Session, path: &str) -> pingora::Result<bool> {
         let Some(answer) = self.admin.answer(path) else {
@@ -304,6 +367,9 @@ impl ProxyHttp for GatewayProxy {
                 self.refuse(session, refusal, "").await?;
                 return Ok(true);
             }
+        }
+        if self.redirects(session).await? {
+            return Ok(true);
         }
         if !session.req_header().uri.path().starts_with("/api/") {
             let path = session.req_header().uri.path().to_string();
@@ -467,9 +533,7 @@ impl ProxyHttp for GatewayProxy {
         }
         let peer = session.client_addr().and_then(|a| a.as_inet());
         if let (Some(peer), Some(client)) = (peer, ctx.client.as_ref()) {
-            let https = session
-                .digest()
-                .is_some_and(|digest| digest.ssl_digest.is_some());
+            let https = is_https(session);
             forwarded::set_headers(upstream_request, client, client_ip_text(peer.ip()), https)?;
         }
         Ok(())
@@ -547,6 +611,11 @@ impl ProxyHttp for GatewayProxy {
         }
         if session.req_header().version == http::Version::HTTP_10 {
             unchunk_for_http_1_0(session, response);
+        }
+        if let Some(hsts) = self.https.as_ref().and_then(|h| h.hsts.as_ref()) {
+            if is_https(session) {
+                response.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+            }
         }
         Ok(())
     }

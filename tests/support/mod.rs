@@ -170,10 +170,34 @@ impl Goms {
         env: &[(&str, &str)],
         unset: &[&str],
     ) -> Goms {
+        Goms::spawn_full(name, None, args, env, unset)
+    }
+
+    /// As [`Goms::spawn`], reading `config` (a goms.yml) for what the environment cannot
+    /// say, such as lists of tables.
+    pub fn spawn_configured(
+        name: &str,
+        config: &std::path::Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Goms {
+        Goms::spawn_full(name, Some(config), args, env, &[])
+    }
+
+    fn spawn_full(
+        name: &str,
+        config: Option<&std::path::Path>,
+        args: &[&str],
+        env: &[(&str, &str)],
+        unset: &[&str],
+    ) -> Goms {
         let spool = tempfile::tempdir().expect("spool dir");
         let mut command = Command::new(env!("CARGO_BIN_EXE_goms"));
+        let config = config.map_or("/nonexistent/goms.yml".into(), |path| {
+            path.display().to_string()
+        });
         command
-            .args(["--config", "/nonexistent/goms.yml", "--log-level", "info"])
+            .args(["--config", &config, "--log-level", "info"])
             .args(args)
             .env("GOMS__CALL_SERVICE_KEY", KEY)
             .env("GOMS__GATEWAY__DRAIN_TIMEOUT", "1s")
@@ -259,7 +283,12 @@ impl Goms {
             &routes,
         ];
         args.extend_from_slice(extra);
-        let mut gateway = Goms::spawn("gateway", &args, env);
+        Goms::spawn("gateway", &args, env).serving().await
+    }
+
+    /// Waits until this gateway serves and notes the port it logged (see [`Goms::port`]).
+    pub async fn serving(self) -> Goms {
+        let mut gateway = self;
         let marker = "Http Listen on port: ";
         gateway.wait_for_line(marker, Duration::from_secs(30)).await;
         let output = gateway.output();
