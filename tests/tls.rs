@@ -80,7 +80,7 @@ impl Stage {
         std::fs::write(
             &config,
             format!(
-                "gateway:\n  tls:\n    listen: 127.0.0.1:0\n    redirect: true\n    hsts: max-age=600\n    reloadInterval: 200ms\n    certificates:\n      - {{cert: {dir}/a.crt, key: {dir}/a.key}}\n      - {{cert: {dir}/b.crt, key: {dir}/b.key}}\n"
+                "gateway:\n  limits:\n    headerTimeout: 2s\n  tls:\n    listen: 127.0.0.1:0\n    redirect: true\n    hsts: max-age=600\n    reloadInterval: 200ms\n    certificates:\n      - {{cert: {dir}/a.crt, key: {dir}/a.key}}\n      - {{cert: {dir}/b.crt, key: {dir}/b.key}}\n"
             ),
         )
         .unwrap();
@@ -357,4 +357,27 @@ async fn a_replaced_certificate_is_served_without_a_restart_and_a_bad_one_is_ref
             "the renewed certificate stays"
         );
     }
+}
+
+#[tokio::test]
+async fn a_client_that_stalls_in_the_handshake_is_cut_off_by_the_header_timeout() {
+    let stage = Stage::start().await;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", stage.https_port))
+        .await
+        .unwrap();
+    // The start of a TLS record (a handshake, TLS 1.0 framing) and then nothing.
+    stream.write_all(&[0x16, 0x03, 0x01, 0x02]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut rest)).await;
+    assert!(
+        ended.is_ok(),
+        "the gateway kept a stalled handshake open past 10 s"
+    );
+    // gateway.limits.headerTimeout is 2 s here.
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        started.elapsed()
+    );
 }

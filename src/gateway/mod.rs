@@ -285,6 +285,9 @@ pub fn run(
         let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
             .expect("TLS settings without files");
         settings.set_cert_resolver(store.clone());
+        // The header timeout bounds the handshake too: a client that connects and then stalls
+        // holds a connection no longer over TLS than without (vendor patch 11).
+        settings.set_handshake_timeout(gateway.limits.header_timeout);
         proxy.add_tls_with_settings(&bound.to_string(), None, settings);
         server.add_service(background_service(
             "certificate reload",

@@ -38,12 +38,16 @@ pub struct TlsSettings {
     client_cert_verifier: Option<Arc<dyn ClientCertVerifier>>,
     callbacks: Option<TlsAcceptCallbacks>,
     offload_threadpool: Option<(usize, usize)>,
+    /// goms patch: how long a client may take to complete the handshake.
+    handshake_timeout: Option<std::time::Duration>,
 }
 
 pub struct Acceptor {
     pub acceptor: RusTlsAcceptor,
     callbacks: Option<SharedTlsAcceptCallbacks>,
     offload: Option<OffloadRuntime>,
+    /// goms patch: how long a client may take to complete the handshake.
+    handshake_timeout: Option<std::time::Duration>,
 }
 
 impl TlsSettings {
@@ -101,7 +105,14 @@ impl TlsSettings {
             offload: self.offload_threadpool.map(|(shards, threads_per_shard)| {
                 OffloadRuntime::new("downstream TLS offload", shards, threads_per_shard)
             }),
+            handshake_timeout: self.handshake_timeout,
         }
+    }
+
+    /// goms patch: a client that has not completed the handshake after `timeout` is
+    /// disconnected, so a silent or slow client holds no connection for long.
+    pub fn set_handshake_timeout(&mut self, timeout: std::time::Duration) {
+        self.handshake_timeout = Some(timeout);
     }
 
     /// Enable HTTP/2 support for this endpoint, which is default off.
@@ -200,6 +211,7 @@ impl TlsSettings {
             client_cert_verifier: None,
             callbacks: None,
             offload_threadpool: None,
+            handshake_timeout: None,
         })
     }
 
@@ -220,6 +232,7 @@ impl TlsSettings {
             client_cert_verifier: None,
             callbacks: Some(callbacks),
             offload_threadpool: None,
+            handshake_timeout: None,
         })
     }
 }
@@ -238,10 +251,23 @@ impl Acceptor {
             acceptor: RusTlsAcceptor::from(config),
             callbacks: None,
             offload: None,
+            handshake_timeout: None,
         }
     }
 
     pub async fn tls_handshake<S: IO + 'static>(&self, stream: S) -> Result<TlsStream<S>> {
+        match self.handshake_timeout {
+            Some(limit) => pingora_timeout::timeout(limit, self.tls_handshake_untimed(stream))
+                .await
+                .or_err(
+                    pingora_error::ErrorType::TLSHandshakeTimedout,
+                    "the client did not complete the TLS handshake in time",
+                )?,
+            None => self.tls_handshake_untimed(stream).await,
+        }
+    }
+
+    async fn tls_handshake_untimed<S: IO + 'static>(&self, stream: S) -> Result<TlsStream<S>> {
         debug!("new tls session");
         if let Some(offload) = self.offload.as_ref() {
             // Clone without offload to prevent recursive offloading on the worker runtime.
@@ -249,6 +275,7 @@ impl Acceptor {
                 acceptor: self.acceptor.clone(),
                 callbacks: None,
                 offload: None,
+                handshake_timeout: None,
             };
             let callbacks = self.callbacks.clone();
             let rt = offload.get_runtime(stream.id() as u64);
