@@ -124,10 +124,12 @@ docker/offline/build-goms-image.sh >/dev/null
 
 # --- 3. stack ------------------------------------------------------------------------------
 cp -r config "$CONFIG_DIR"
+rm -rf "$CONFIG_DIR/tls"
+scripts/tls-localhost.sh "$CONFIG_DIR/tls" 2>/dev/null
 chmod -R a+rX "$WORK"   # the containers run as the non-root user goms
 export GOMS_CONFIG_DIR=$CONFIG_DIR
 export GOMS_LOG_FORMAT=text   # the checks below read the gateway's text log
-export GOMS_GATEWAY_PORT=127.0.0.1: GOMS_GATEWAY_ADMIN_PORT=127.0.0.1: GOMS_ETCD_PORT=127.0.0.1: GOMS_AMQP_PORT=127.0.0.1: GOMS_RABBITMQ_UI_PORT=127.0.0.1:
+export GOMS_GATEWAY_PORT=127.0.0.1: GOMS_GATEWAY_TLS_PORT=127.0.0.1: GOMS_GATEWAY_ADMIN_PORT=127.0.0.1: GOMS_ETCD_PORT=127.0.0.1: GOMS_AMQP_PORT=127.0.0.1: GOMS_RABBITMQ_UI_PORT=127.0.0.1:
 log "starting project $PROJECT (config dir $CONFIG_DIR)"
 STACK_UP=1
 c up -d >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log" >&2; fail "'up -d' failed"; }
@@ -154,6 +156,14 @@ case "$body" in *'"msg":"success"'*'"urlParam":"?a=1&b=3"'*|*'"urlParam":"?a=1&b
   *) fail "unexpected echo body: $body" ;; esac
 nodes_initial="$(user_nodes)"
 log "healthy: user nodes $(echo $nodes_initial)"
+TLS_GW="$(c port gateway 8443 | tail -n 1)"
+TLS_PORT=${TLS_GW##*:}
+[ -n "$TLS_PORT" ] || fail "gateway HTTPS port not published"
+body="$(curl -fsS --max-time 5 --cacert "$CONFIG_DIR/tls/localhost.crt" \
+  --resolve "localhost:$TLS_PORT:127.0.0.1" "https://localhost:$TLS_PORT/api/user/login?a=1&b=3" \
+  -d username=test -d password=test)" || fail "a call over HTTPS (8443) failed"
+case "$body" in *'"msg":"success"'*) ;; *) fail "unexpected HTTPS echo body: $body" ;; esac
+log "HTTPS on 8443 answers with the self-signed localhost certificate"
 
 # --- 4. steady client ----------------------------------------------------------------------
 # One line per request: <epoch seconds> <n> <curl exit> <status> <X-Served-By or ->

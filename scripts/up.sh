@@ -42,6 +42,11 @@ step() {
 step "installing what the build needs (scripts/install-deps.sh; nothing when present)" \
   scripts/install-deps.sh
 
+# The gateway serves HTTPS on 8443 with the certificate in config/tls: a self-signed one for
+# localhost the first time (kept afterwards, and yours when you replace it).
+scripts/tls-localhost.sh "${GOMS_CONFIG_DIR:-config}/tls"
+log "HTTPS certificate: ${GOMS_CONFIG_DIR:-config}/tls/localhost.crt (docs/tls.md)"
+
 MAIN=compose/docker-compose.yml
 OFFLINE=compose/docker-compose.offline.yml
 PULL_TIMEOUT=${GOMS_PULL_TIMEOUT:-900}
@@ -116,6 +121,10 @@ if [ -n "$gateway" ]; then
   else
     log "the gateway is not healthy yet: scripts/compose.sh logs gateway"
   fi
+fi
+https="$(published gateway 8443)"
+if [ -n "$https" ]; then
+  log "HTTPS:           curl --cacert config/tls/localhost.crt https://localhost:${https##*:}/api/user/login"
 fi
 log "cluster, metrics: curl http://$admin/cluster   (admin listener, this host only)"
 if [ "$online" = 1 ]; then

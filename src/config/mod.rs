@@ -271,7 +271,9 @@ pub struct TlsConfig {
     #[serde(default = "default_tls_listen")]
     pub listen: String,
     /// One or more certificates, chosen by the name the client asks for (SNI); the first is
-    /// served when none matches. TLS 1.2 and 1.3 are offered.
+    /// served when none matches. TLS 1.2 and 1.3 are offered. In the environment, one string
+    /// of `cert:key` pairs separated by `,`.
+    #[serde(deserialize_with = "certificate_list")]
     pub certificates: Vec<CertificateConfig>,
     /// Answer requests on the plain port with a 308 to the same URL on HTTPS (`/healthz` and
     /// `/readyz` stay on plain HTTP for load balancers). Default false.
@@ -514,6 +516,35 @@ fn default_idle_timeout() -> Duration {
 fn default_max_connections() -> usize {
     10_000
 }
+/// A list of `{cert, key}`, or (as `GOMS__GATEWAY__TLS__CERTIFICATES` writes it) one string
+/// of `cert:key` pairs separated by `,`.
+fn certificate_list<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<CertificateConfig>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<CertificateConfig>),
+        Text(String),
+    }
+    match Raw::deserialize(deserializer)? {
+        Raw::List(list) => Ok(list),
+        Raw::Text(text) => text
+            .split(',')
+            .filter(|pair| !pair.trim().is_empty())
+            .map(|pair| match pair.trim().rsplit_once(':') {
+                Some((cert, key)) if !cert.is_empty() && !key.is_empty() => Ok(CertificateConfig {
+                    cert: cert.into(),
+                    key: key.into(),
+                }),
+                _ => Err(serde::de::Error::custom(format!(
+                    "`{pair}` is not `cert.pem:key.pem`"
+                ))),
+            })
+            .collect(),
+    }
+}
+
 fn default_tls_listen() -> String {
     "0.0.0.0:8443".into()
 }
@@ -806,6 +837,26 @@ mod tests {
         assert_eq!(admin("gateway:\n  httpPort: 65000\n"), "127.0.0.1:0");
         let explicit = "gateway:\n  httpPort: 8081\n  adminAddr: 0.0.0.0:7000\n";
         assert_eq!(admin(explicit), "0.0.0.0:7000");
+    }
+
+    #[test]
+    fn tls_certificates_read_as_a_list_or_as_one_string_of_pairs() {
+        let listed = "gateway:\n  tls:\n    certificates:\n      - {cert: a.crt, key: a.key}\n";
+        let config = GomsConfig::check_file(Path::new("goms.yml"), listed).unwrap();
+        let tls = config.gateway.tls.unwrap();
+        assert_eq!(tls.listen, "0.0.0.0:8443");
+        assert_eq!(tls.certificates[0].key, Path::new("a.key"));
+        let text = "gateway:\n  tls:\n    certificates: /t/a.crt:/t/a.key, /t/b.crt:/t/b.key\n";
+        let config = GomsConfig::check_file(Path::new("goms.yml"), text).unwrap();
+        let certificates = config.gateway.tls.unwrap().certificates;
+        assert_eq!(certificates.len(), 2);
+        assert_eq!(certificates[1].cert, Path::new("/t/b.crt"));
+        let bad = "gateway:\n  tls:\n    certificates: only-a-cert.pem\n";
+        let error = GomsConfig::check_file(Path::new("goms.yml"), bad).unwrap_err();
+        assert!(
+            error.to_string().contains("is not `cert.pem:key.pem`"),
+            "{error}"
+        );
     }
 
     #[test]
