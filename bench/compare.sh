@@ -20,6 +20,11 @@
 #                      local RabbitMQ (installed from Debian if missing); the `goms` rows are tracing off
 #   --trace-env K=V    extra environment for the `goms+trace` gateway, repeatable (e.g.
 #                      --trace-env GOMS__TRACE__PUBLISH_INTERVAL=200ms), to weigh a trace setting
+#   --tls              also measure HTTPS: `goms+tls` (the same gateway's gateway.tls listener) and
+#                      `nginx+tls` (the same nginx with `listen ... ssl`), one self-signed ECDSA P-256
+#                      certificate for both, TLS 1.3, keep-alive; plus a `handshake` scenario, a GET
+#                      on a new connection each time (Connection: close), which counts new TLS
+#                      handshakes per second. TLS rows compare with nginx+tls.
 #   --bare-pingora     also measure `pingora`: a bare pingora round-robin proxy (examples/bare_pingora.rs,
 #                      built with cargo), doing what the nginx front end does, with --threads threads;
 #                      the floor goms's gateway is built on
@@ -53,6 +58,7 @@ SMOKE=0
 TRACING=0
 EXTRA_TRACE_ENV=()
 BARE_PINGORA=0
+TLS=0
 PROFILE=0
 PROFILE_SECS=10
 HOLD=0
@@ -78,6 +84,7 @@ while [ $# -gt 0 ]; do
             case "${2:-}" in GOMS__*=*) EXTRA_TRACE_ENV+=("$2") ;; *) die "--trace-env takes GOMS__NAME=value, got '${2:-}'" ;; esac
             shift 2 ;;
         --bare-pingora) BARE_PINGORA=1; shift ;;
+        --tls) TLS=1; shift ;;
         --smoke) SMOKE=1; shift ;;
         --callgrind) CALLGRIND=1; shift ;;
         --hold) HOLD=${2:?}; shift 2 ;;
@@ -217,7 +224,7 @@ free_port() {
 wait_http() { # wait_http URL SECONDS: until the URL answers 200
     local url=$1 secs=$2 i
     for i in $(seq $((secs * 10))); do
-        if [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null)" = 200 ]; then
+        if [ "$(curl -sk -o /dev/null -w '%{http_code}' --max-time 1 "$url" 2>/dev/null)" = 200 ]; then
             return 0
         fi
         sleep 0.1
@@ -389,6 +396,13 @@ start_gateway() { # start_gateway NAME PORT [ENV...] -- [ARGS...]; sets STARTED_
     STARTED_PID=$!
 }
 free_port; GP=$FREE_PORT
+if [ "$TLS" = 1 ]; then
+    # One certificate for both TLS front ends: ECDSA P-256, as scripts/up.sh makes it.
+    "$REPO/scripts/tls-localhost.sh" "$T/tls"
+    free_port; GTLSP=$FREE_PORT
+    GATEWAY_ENV+=("GOMS__GATEWAY__TLS__LISTEN=127.0.0.1:$GTLSP"
+        "GOMS__GATEWAY__TLS__CERTIFICATES=$T/tls/localhost.crt:$T/tls/localhost.key")
+fi
 start_gateway gateway "$GP" ${GATEWAY_ENV[@]+"${GATEWAY_ENV[@]}"} --
 GW_PID=$STARTED_PID; PIDS+=("$GW_PID")
 
@@ -405,6 +419,14 @@ fi
 # It adds the same Call-Service-Key and X-Forwarded-For the gateway adds, and rewrites the path.
 # ---------------------------------------------------------------------------------------------
 free_port; NP=$FREE_PORT
+NGINX_TLS=""
+if [ "$TLS" = 1 ]; then
+    free_port; NTP=$FREE_PORT
+    NGINX_TLS="listen 127.0.0.1:$NTP ssl;
+        ssl_certificate $T/tls/localhost.crt;
+        ssl_certificate_key $T/tls/localhost.key;
+        ssl_protocols TLSv1.2 TLSv1.3;"
+fi
 mkdir -p "$T/front/tmp"
 # Under callgrind, one process: no master to fork the worker off.
 MASTER_PROCESS=on; [ "$CALLGRIND" = 0 ] || MASTER_PROCESS=off
@@ -428,6 +450,7 @@ $(nginx_common "$T/front")
     }
     server {
         listen 127.0.0.1:$NP;
+        $NGINX_TLS
         proxy_http_version 1.1;
         proxy_set_header Connection "";
         proxy_set_header Host \$host;
@@ -502,6 +525,11 @@ if [ -n "$GWT_PID" ]; then
     FRONTENDS=(goms goms+trace nginx haproxy direct)
     URL[goms+trace]="http://127.0.0.1:$GTP"; PID_OF[goms+trace]=$GWT_PID
 fi
+if [ "$TLS" = 1 ]; then
+    FRONTENDS+=(goms+tls nginx+tls)
+    URL[goms+tls]="https://127.0.0.1:$GTLSP"; PID_OF[goms+tls]=$GW_PID
+    URL[nginx+tls]="https://127.0.0.1:$NTP"; PID_OF[nginx+tls]=$NG_PID
+fi
 if [ -n "$BP_PID" ]; then
     FRONTENDS=("${FRONTENDS[0]}" pingora "${FRONTENDS[@]:1}")
     URL[pingora]="http://127.0.0.1:$BPP"; PID_OF[pingora]=$BP_PID
@@ -509,12 +537,12 @@ fi
 for fe in "${FRONTENDS[@]}"; do
     [ -z "${PID_OF[$fe]}" ] || alive "${PID_OF[$fe]}" "$fe"
     wait_http "${URL[$fe]}/api/bench/small" 60 || die "$fe not answering 200 on /api/bench/small"
-    code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 -X POST --data-binary "@/dev/null" \
+    code=$(curl -sk -o /dev/null -w '%{http_code}' --max-time 2 -X POST --data-binary "@/dev/null" \
         "${URL[$fe]}/api/bench/post")
     [ "$code" = 200 ] || die "$fe answers $code to POST /api/bench/post"
     if [ "$fe" != direct ]; then
         ports=$(for i in 1 2 3 4 5 6; do
-            curl -s -D - -o /dev/null --max-time 2 "${URL[$fe]}/api/bench/small" | tr -d '\r' |
+            curl -sk -D - -o /dev/null --max-time 2 "${URL[$fe]}/api/bench/small" | tr -d '\r' |
                 awk -F': ' 'tolower($1) == "x-served-by" { print $2 }'
         done | sort -u | tr '\n' ' ')
         n=$(echo "$ports" | wc -w)
@@ -547,6 +575,10 @@ EOF
     echo 'wrk.headers["Content-Type"] = "application/octet-stream"'
     cat "$T/report.lua"
 } > "$T/post.lua"
+{
+    echo 'wrk.headers["Connection"] = "close"'
+    cat "$T/report.lua"
+} > "$T/close.lua"
 
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { # utime+stime (clock ticks) of the given PIDs; /proc/PID/stat counts all threads, dead ones too
@@ -564,8 +596,11 @@ cpu_ticks() { # utime+stime (clock ticks) of the given PIDs; /proc/PID/stat coun
 run_wrk() {
     local fe=$1 scen=$2 c=$3 secs=$4 t path script out pids=() up_pids=() a0 a1 u0 u1 line
     t=$(( WRK_THREADS < c ? WRK_THREADS : c ))
-    if [ "$scen" = get ]; then path=/api/bench/small; script=$T/report.lua
-    else path=/api/bench/post; script=$T/post.lua; fi
+    case "$scen" in
+        get) path=/api/bench/small; script=$T/report.lua ;;
+        handshake) path=/api/bench/small; script=$T/close.lua ;;
+        *) path=/api/bench/post; script=$T/post.lua ;;
+    esac
     [ -z "${PID_OF[$fe]}" ] || mapfile -t pids < <(tree_pids "${PID_OF[$fe]}")
     mapfile -t up_pids < <(tree_pids "$UP_PID")
     local broker_pids=() b0=0 b1=0
@@ -639,13 +674,17 @@ for fe in "${FRONTENDS[@]}"; do run_wrk "$fe" get "$MAXC" 1 >/dev/null; done
 
 RES=$T/results.tsv
 printf 'round\tscenario\tconns\tfrontend\trequests\trps\tp50_us\tp99_us\tcpu_us_per_req\tupstream_cpu_us_per_req\terrors\n' > "$RES"
-total_runs=$(( ROUNDS * 2 * $(echo $CONNS | wc -w) * ${#FRONTENDS[@]} ))
-log "measuring: $ROUNDS round(s) x 2 scenarios x conns {$CONNS} x ${#FRONTENDS[@]} front ends x ${DURATION} s = $total_runs runs"
+SCENARIOS="get post"
+[ "$TLS" = 0 ] || SCENARIOS="get post handshake"
+# A handshake run is made for the TLS front ends only.
+total_runs=$(( ROUNDS * 2 * $(echo $CONNS | wc -w) * ${#FRONTENDS[@]} + ROUNDS * TLS * 2 * $(echo $CONNS | wc -w) ))
+log "measuring: $ROUNDS round(s) x scenarios {$SCENARIOS} x conns {$CONNS} x ${#FRONTENDS[@]} front ends x ${DURATION} s = $total_runs runs"
 START=$(date +%s)
 for r in $(seq "$ROUNDS"); do
-    for scen in get post; do
+    for scen in $SCENARIOS; do
         for c in $CONNS; do
             for fe in "${FRONTENDS[@]}"; do
+                [ "$scen" != handshake ] || [[ "$fe" == *+tls ]] || continue
                 [ -z "${PID_OF[$fe]}" ] || alive "${PID_OF[$fe]}" "$fe"
                 read -r n rps p50 p99 cpu ucpu err < <(run_wrk "$fe" "$scen" "$c" "$DURATION")
                 printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' \
@@ -682,7 +721,7 @@ TABLE=$T/table.md
     echo "| scenario | conns | front end | req/s | p50 ms | p99 ms | vs nginx | vs direct | CPU µs/req | upstream CPU µs/req | errors |"
     echo "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
     : > "$T/trace-summary.txt"
-    tail -n +2 "$RES" | awk -F'\t' -v order="${FRONTENDS[*]}" -v conns="$CONNS" -v tracefile="$T/trace-summary.txt" '
+    tail -n +2 "$RES" | awk -F'\t' -v order="${FRONTENDS[*]}" -v conns="$CONNS" -v scenarios="$SCENARIOS" -v tracefile="$T/trace-summary.txt" '
     function median(list,    a, n, i, j, x) {       # list: space-separated numbers; "-" if empty
         n = split(list, a, " ")
         if (n == 0) return "-"
@@ -702,12 +741,15 @@ TABLE=$T/table.md
     }
     END {
         nf = split(order, F, " "); nc = split(conns, C, " ")
-        ns = split("get post", S, " "); label["get"] = "GET small"; label["post"] = "POST 1 KiB"
+        ns = split(scenarios, S, " "); label["get"] = "GET small"; label["post"] = "POST 1 KiB"
+        label["handshake"] = "GET, new TLS conn"
         for (si = 1; si <= ns; si++) for (ci = 1; ci <= nc; ci++) for (fi = 1; fi <= nf; fi++) {
             s = S[si]; c = C[ci]; fe = F[fi]; k = SUBSEP s SUBSEP c SUBSEP fe
+            if (!(("rps" k) in L)) continue
             rn = ""; rd = ""
+            ref = (fe ~ /\+tls$/) ? "nginx+tls" : "nginx"
             for (r in rounds) {
-                if ((r, s, c, "nginx") in rps && rps[r, s, c, "nginx"] > 0) rn = rn " " rps[r, s, c, fe] / rps[r, s, c, "nginx"]
+                if ((r, s, c, ref) in rps && rps[r, s, c, ref] > 0) rn = rn " " rps[r, s, c, fe] / rps[r, s, c, ref]
                 if ((r, s, c, "direct") in rps && rps[r, s, c, "direct"] > 0) rd = rd " " rps[r, s, c, fe] / rps[r, s, c, "direct"]
             }
             cpu = median(L["cpu" k]); vn = median(rn); vd = median(rd)
