@@ -11,7 +11,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::es_standin::EsStandIn;
-use support::{eventually, free_port, http, route_file, wait_for_nodes, Etcd, Goms, RabbitMq};
+use support::{
+    eventually, free_port, http, route_file, text_of, wait_for_nodes, Etcd, Goms, RabbitMq,
+};
 
 const ROUTES: &str =
     "services:\n  user:\n    login: /login\n  order:\n    submit: /order/submit\n    slow: /slow\n";
@@ -432,4 +434,104 @@ async fn an_idle_sidecar_exits_promptly_on_sigterm() {
         "{}",
         order.sidecar.output()
     );
+}
+
+/// Reads until the sidecar closes the connection; fails after `within`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(within, stream.read_to_end(&mut received)).await;
+    assert!(
+        read.is_ok(),
+        "the sidecar kept the connection open past {within:?}"
+    );
+    received
+}
+
+#[tokio::test]
+async fn the_sidecar_port_has_the_gateways_header_timeout_idle_timeout_and_connection_cap() {
+    use tokio::io::AsyncWriteExt;
+    let etcd = Etcd::start().await;
+    let limits = [
+        ("GOMS__GATEWAY__LIMITS__HEADER_TIMEOUT", "1s"),
+        ("GOMS__GATEWAY__LIMITS__IDLE_TIMEOUT", "2s"),
+        ("GOMS__GATEWAY__LIMITS__MAX_CONNECTIONS", "2"),
+    ];
+    let order = replica(&etcd, "order-limits", &limits).await;
+    let admin = order
+        .sidecar
+        .output()
+        .lines()
+        .find_map(|line| {
+            line.split("(admin ")
+                .nth(1)
+                .map(|rest| rest.trim_end_matches(')').to_string())
+        })
+        .expect("the sidecar logs its admin address");
+    let connect = || tokio::net::TcpStream::connect(("127.0.0.1", order.port));
+
+    // A header that never ends gets 408 after the header timeout, and the connection closes.
+    let mut slow = connect().await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: order\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut slow, Duration::from_secs(10)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    drop(slow);
+
+    // A keep-alive connection left idle is closed after the idle timeout.
+    let mut idle = connect().await.unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: order\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut idle, Duration::from_secs(10)).await;
+    assert!(answer.starts_with(b"HTTP/1.1 "), "{answer:?}");
+    drop(idle);
+
+    // Two connections held: a third is closed at accept and counted.
+    let metrics_url = format!("http://{admin}/metrics");
+    eventually(
+        "the closed connections released",
+        Duration::from_secs(10),
+        || {
+            let request = http().get(&metrics_url);
+            async move {
+                let text = text_of(request).await;
+                text.lines().any(|l| l == "goms_sidecar_connections_open 0")
+            }
+        },
+    )
+    .await;
+    let held = [connect().await.unwrap(), connect().await.unwrap()];
+    eventually("two connections open", Duration::from_secs(10), || {
+        let request = http().get(&metrics_url);
+        async move {
+            text_of(request)
+                .await
+                .lines()
+                .any(|l| l == "goms_sidecar_connections_open 2")
+        }
+    })
+    .await;
+    let mut refused = connect().await.unwrap();
+    let _ = refused
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: order\r\n\r\n")
+        .await;
+    let answer = read_until_closed(&mut refused, Duration::from_secs(5)).await;
+    assert!(
+        answer.is_empty(),
+        "a third connection was served: {answer:?}"
+    );
+    let metrics = text_of(http().get(&metrics_url)).await;
+    for line in [
+        "goms_sidecar_header_timeouts_total 1",
+        "goms_sidecar_connections_refused_total 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no `{line}` in:\n{metrics}"
+        );
+    }
+    drop(held);
 }

@@ -151,6 +151,26 @@ pub fn raise_open_files_limit(max_connections: usize) {
 }
 
 /// Checks a request header against the limits and the framing rules.
+/// The idle and header timeouts of `limits` as pingora's server options; `on_header_timeout`
+/// runs (to count it) each time a client is answered 408. The gateway's public listener and the
+/// sidecar's share them.
+pub fn server_options(
+    limits: &LimitsConfig,
+    on_header_timeout: impl Fn() + Send + Sync + 'static,
+) -> pingora::apps::HttpServerOptions {
+    let answer = move || {
+        on_header_timeout();
+        header_timeout_answer()
+    };
+    let mut options = pingora::apps::HttpServerOptions::default();
+    options.h1_idle_timeout = Some(limits.idle_timeout.as_secs().max(1));
+    options.h1_header_timeout = Some((
+        limits.header_timeout,
+        pingora::protocols::http::v1::server::HeaderTimeoutAnswer(std::sync::Arc::new(answer)),
+    ));
+    options
+}
+
 pub fn check_header(limits: &LimitsConfig, header: &RequestHeader) -> Result<(), Refusal> {
     if header.raw_path().len() > limits.uri_bytes {
         return Err(Refusal::UriBytes);

@@ -277,8 +277,11 @@ pub fn run(
             drain: drain.clone(),
         },
     );
+    let refusals = metrics.clone();
     proxy.app_logic_mut().expect("a new service").server_options =
-        Some(client_timeouts(&gateway.limits, metrics.clone()));
+        Some(limits::server_options(&gateway.limits, move || {
+            refusals.refused.count(limits::Refusal::HeaderTimeout)
+        }));
     proxy.set_connection_limit(connections);
     proxy.add_tcp(&listen);
     if let (Some(bound), Some(store), Some(tls)) = (tls_bound, &certificates, &gateway.tls) {
@@ -346,23 +349,6 @@ fn key_header(key: &crate::config::Secret) -> Result<http::HeaderValue, GatewayE
 
 /// How long a client connection may idle between requests and take to send a header; a
 /// header timeout is counted in `metrics`.
-fn client_timeouts(
-    limits: &crate::config::LimitsConfig,
-    metrics: Arc<GatewayMetrics>,
-) -> pingora::apps::HttpServerOptions {
-    let answer = move || {
-        metrics.refused.count(limits::Refusal::HeaderTimeout);
-        limits::header_timeout_answer()
-    };
-    let mut options = pingora::apps::HttpServerOptions::default();
-    options.h1_idle_timeout = Some(limits.idle_timeout.as_secs().max(1));
-    options.h1_header_timeout = Some((
-        limits.header_timeout,
-        pingora::protocols::http::v1::server::HeaderTimeoutAnswer(Arc::new(answer)),
-    ));
-    options
-}
-
 /// Connects the gateway to etcd: registers it, follows membership into the balancers,
 /// runs health checks and the route file watch. On shutdown it leaves the registry first.
 struct RegistryLink {

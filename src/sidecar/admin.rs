@@ -94,6 +94,24 @@ fn render(node: &NodeState, counters: &ProxyCounters, trace: &TraceSink) -> Stri
             load(&counters.app_failures),
         ),
         (
+            "goms_sidecar_header_timeouts_total",
+            "counter",
+            "Connections answered 408: the request header took longer than gateway.limits.headerTimeout.",
+            load(&counters.header_timeouts),
+        ),
+        (
+            "goms_sidecar_connections_open",
+            "gauge",
+            "Connections served now on the sidecar's port.",
+            counters.connections.open() as u64,
+        ),
+        (
+            "goms_sidecar_connections_refused_total",
+            "counter",
+            "Connections closed at accept: gateway.limits.maxConnections were open.",
+            counters.connections.refused(),
+        ),
+        (
             "goms_sidecar_failed_health_checks_total",
             "counter",
             "Health checks of the app that failed.",

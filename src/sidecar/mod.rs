@@ -22,16 +22,19 @@ pub mod proxy;
 use std::future::Future;
 use std::net::{SocketAddr, TcpListener, ToSocketAddrs};
 use std::os::unix::io::IntoRawFd;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::background::background_service;
+use pingora::services::listening::ConnectionLimit;
 use tokio::sync::watch;
 use tracing::info;
 
 use crate::config::{ConfigError, GomsConfig};
+use crate::gateway::limits;
 use crate::registry::drain::{self, Stop};
 use crate::registry::Drain;
 use crate::service::{ServiceError, ServiceOptions, DEREGISTER_GRACE};
@@ -69,6 +72,9 @@ pub struct SidecarOptions {
     pub admin_addr: String,
     pub app_connect_timeout: Duration,
     pub app_timeout: Duration,
+    /// What a gateway may send: the header and idle timeouts and the connection cap of
+    /// `gateway.limits`, as on the gateway's own public port.
+    pub limits: crate::config::LimitsConfig,
 }
 
 impl SidecarOptions {
@@ -83,6 +89,7 @@ impl SidecarOptions {
             admin_addr: sidecar.admin_addr.clone(),
             app_connect_timeout: sidecar.app_connect_timeout,
             app_timeout: sidecar.app_timeout,
+            limits: config.gateway.limits.clone(),
         })
     }
 
@@ -132,7 +139,8 @@ pub fn run(
         http::HeaderValue::from_str(&node.id).map_err(|_| ServiceError::NodeId(node.id.clone()))?;
     let drain = Drain::new();
     let state = Arc::new(NodeState::default());
-    let counters = Arc::new(ProxyCounters::default());
+    let connections = Arc::new(ConnectionLimit::new(options.limits.max_connections));
+    let counters = Arc::new(ProxyCounters::new(connections.clone()));
     let (leave_tx, leave) = watch::channel(false);
     let (left, mut left_rx) = watch::channel(false);
 
@@ -162,6 +170,13 @@ pub fn run(
             counters: counters.clone(),
         },
     );
+    let timeouts = counters.clone();
+    proxy.app_logic_mut().expect("a new service").server_options =
+        Some(limits::server_options(&options.limits, move || {
+            timeouts.header_timeouts.fetch_add(1, Ordering::Relaxed);
+        }));
+    limits::raise_open_files_limit(options.limits.max_connections);
+    proxy.set_connection_limit(connections.clone());
     proxy.add_tcp(&listen);
     server.add_service(proxy);
     let service = node.service.clone();

@@ -11,6 +11,7 @@ use bytes::Bytes;
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::HttpPeer;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
+use pingora::services::listening::ConnectionLimit;
 use pingora::{Error, ErrorSource, ErrorType};
 
 use crate::config::Secret;
@@ -35,13 +36,29 @@ pub struct SidecarProxy {
 }
 
 /// What `/metrics` reports of the request path.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProxyCounters {
     pub requests: AtomicU64,
     /// Refused for a missing or wrong key; the app never saw them.
     pub refused: AtomicU64,
     /// Answered 502 or 504 because the app could not be reached or did not answer in time.
     pub app_failures: AtomicU64,
+    /// Connections answered 408 for a request header slower than `gateway.limits.headerTimeout`.
+    pub header_timeouts: AtomicU64,
+    /// Connections open and refused at `gateway.limits.maxConnections`.
+    pub connections: Arc<ConnectionLimit>,
+}
+
+impl ProxyCounters {
+    pub fn new(connections: Arc<ConnectionLimit>) -> Self {
+        ProxyCounters {
+            requests: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            app_failures: AtomicU64::new(0),
+            header_timeouts: AtomicU64::new(0),
+            connections,
+        }
+    }
 }
 
 /// Per-request state.
