@@ -126,7 +126,8 @@ https="$(published gateway 8443)"
 if [ -n "$https" ]; then
   log "HTTPS:           curl --cacert config/tls/localhost.crt https://localhost:${https##*:}/api/user/login"
 fi
-log "cluster, metrics: curl http://$admin/cluster   (admin listener, this host only)"
+log "dashboard:       http://$admin/ui   (admin listener, this host only)"
+log "cluster, metrics: curl http://$admin/cluster"
 if [ "$online" = 1 ]; then
   log "Kibana (traces): http://$(published kibana 5601)"
 fi
