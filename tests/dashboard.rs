@@ -424,3 +424,49 @@ async fn a_timeline_without_elasticsearch_says_so_and_shows_the_gateways_part() 
         "{timeline}"
     );
 }
+
+#[tokio::test]
+async fn a_timeline_answers_within_seconds_when_elasticsearch_black_holes() {
+    // Accepts connections and never answers, as a host that drops packets would.
+    let black_hole = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let es = format!("http://{}", black_hole.local_addr().unwrap());
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = black_hole.accept().await {
+            held.push(stream);
+        }
+    });
+    let etcd = Etcd::start().await;
+    let _service = Goms::service(&etcd, free_port(), &[]);
+    let (_routes_folder, routes) = route_file(ROUTES);
+    let gateway =
+        Goms::gateway_with(&etcd.endpoint(), &routes, &[], &[("GOMS__ES_ADDR", &es)]).await;
+    let marker = "admin (/cluster, /metrics) on ";
+    gateway.wait_for_line(marker, Duration::from_secs(20)).await;
+    let admin = format!("http://{}", gateway.logged_addr(marker));
+    wait_for_nodes(gateway.port(), "user", 1).await;
+    let client = http();
+    let url = format!("http://127.0.0.1:{}/api/user/login", gateway.port());
+    let response = client
+        .get(url)
+        .header("X-Request-Id", "black-hole-1")
+        .send();
+    assert_eq!(response.await.unwrap().status(), 200);
+
+    // support::http() gives up after 10 s; the timeline must come well before that.
+    let trace_url = format!("{admin}/ui/api/trace/black-hole-1");
+    eventually(
+        "the request in the gateway's ring",
+        Duration::from_secs(20),
+        || {
+            let request = client.get(&trace_url);
+            async move { !json_of(request).await["gateway"].is_null() }
+        },
+    )
+    .await;
+    let trace: Value = json_of(client.get(&trace_url)).await;
+    assert_eq!(trace["elasticsearch"]["reachable"], false);
+    let error = trace["elasticsearch"]["error"].as_str().unwrap();
+    assert!(error.contains("did not answer within 2 s"), "{trace}");
+    assert_eq!(trace["gateway"]["status"], 200);
+}

@@ -253,13 +253,21 @@ impl Dashboard {
                 Vec::new(),
                 json!({"reachable": false, "error": format!("esAddr {} is not a URL", self.es_addr)}),
             ),
-            Some(index) => match index.events_of(request_id).await {
-                Ok(events) => (events, json!({"reachable": true})),
-                Err(error) => (
-                    Vec::new(),
-                    json!({"reachable": false, "error": error.to_string()}),
-                ),
-            },
+            Some(index) => {
+                match tokio::time::timeout(ELASTICSEARCH_WAIT, index.events_of(request_id)).await {
+                    Ok(Ok(events)) => (events, json!({"reachable": true})),
+                    Ok(Err(error)) => (
+                        Vec::new(),
+                        json!({"reachable": false, "error": error.to_string()}),
+                    ),
+                    Err(_) => (
+                        Vec::new(),
+                        json!({"reachable": false, "error": format!(
+                            "Elasticsearch did not answer within {} s; the services' part is \
+                             left out", ELASTICSEARCH_WAIT.as_secs())}),
+                    ),
+                }
+            }
         };
         let kibana = self.kibana_url.as_ref().map(|base| {
             format!(
@@ -276,6 +284,10 @@ impl Dashboard {
         })
     }
 }
+
+/// How long a request's timeline waits for the services' events: an Elasticsearch that
+/// black-holes must not hold the page, which still has the gateway's part to show.
+const ELASTICSEARCH_WAIT: Duration = Duration::from_secs(2);
 
 /// Seconds from an RFC 3339 time (as nodes register it) to `now`.
 fn seconds_since(rfc3339_time: &str, now: SystemTime) -> Option<u64> {
