@@ -301,7 +301,7 @@ async fn a_dead_app_leaves_the_registry_and_joins_again_when_it_recovers() {
     wait_for_nodes(port, "order", 2).await;
 
     // A steady GET client for the whole test; retries and the other replica cover the kill.
-    let failures = Arc::new(AtomicUsize::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::new()));
     let sent = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let client = {
@@ -310,14 +310,18 @@ async fn a_dead_app_leaves_the_registry_and_joins_again_when_it_recovers() {
             let client = http();
             while !stop.load(Ordering::Relaxed) {
                 let url = format!("http://127.0.0.1:{port}/api/order/submit?item=steady");
-                let ok = client
-                    .get(url)
-                    .send()
-                    .await
-                    .is_ok_and(|r| r.status() == 200);
+                let failure = match client.get(url).send().await {
+                    Ok(answer) if answer.status() == 200 => None,
+                    Ok(answer) => Some(format!(
+                        "{} {}",
+                        answer.status(),
+                        answer.text().await.unwrap_or_default()
+                    )),
+                    Err(error) => Some(format!("{error:?}")),
+                };
                 sent.fetch_add(1, Ordering::Relaxed);
-                if !ok {
-                    failures.fetch_add(1, Ordering::Relaxed);
+                if let Some(failure) = failure {
+                    failures.lock().unwrap().push(failure);
                 }
             }
         })
@@ -350,10 +354,11 @@ async fn a_dead_app_leaves_the_registry_and_joins_again_when_it_recovers() {
     client.await.unwrap();
     let sent = sent.load(Ordering::Relaxed);
     assert!(sent > 20, "the client kept sending ({sent} requests)");
-    assert_eq!(
-        failures.load(Ordering::Relaxed),
-        0,
-        "{sent} GETs while an app died and came back"
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} of {sent} GETs failed while an app died and came back: {failures:#?}",
+        failures.len()
     );
 }
 
