@@ -179,6 +179,17 @@ async fn https_serves_each_name_its_certificate_and_tells_the_replica() {
         .unwrap();
     assert_eq!(answer.status(), 200);
     assert_eq!(answer.headers()["strict-transport-security"], "max-age=600");
+    // The gateway's own answers too, such as a 404 for an unknown route.
+    let unknown = a
+        .get(stage.url("a.test", "/api/user/nope"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(
+        unknown.headers()["strict-transport-security"],
+        "max-age=600"
+    );
     let body: serde_json::Value = answer.json().await.unwrap();
     let headers = &body["data"]["headers"];
     assert_eq!(headers["X-Forwarded-Proto"], "https");

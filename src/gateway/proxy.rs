@@ -26,7 +26,7 @@ use super::forwarded::{self, Client};
 use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
 use super::record::{Attempt, RequestRecord};
-use super::respond::{write_body, write_error};
+use super::respond::{write_body, write_error, Hsts};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
 use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
@@ -356,6 +356,11 @@ impl ProxyHttp for GatewayProxy {
         // then carries the bytes read past this request over to the next (RFC 9112 9.3.2).
         // Without it the next requests were dropped when this one's answer went out.
         session.as_downstream_mut().set_pipelining_enabled(true);
+        if let Some(hsts) = self.https.as_ref().and_then(|h| h.hsts.clone()) {
+            if is_https(session) {
+                session.req_header_mut().extensions_mut().insert(Hsts(hsts));
+            }
+        }
         if let Err(refusal) = limits::check_header(&self.limits, session.req_header()) {
             self.refuse(session, refusal, "").await?;
             return Ok(true);
@@ -612,10 +617,8 @@ impl ProxyHttp for GatewayProxy {
         if session.req_header().version == http::Version::HTTP_10 {
             unchunk_for_http_1_0(session, response);
         }
-        if let Some(hsts) = self.https.as_ref().and_then(|h| h.hsts.as_ref()) {
-            if is_https(session) {
-                response.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
-            }
+        if let Some(Hsts(hsts)) = session.req_header().extensions.get::<Hsts>() {
+            response.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
         }
         Ok(())
     }

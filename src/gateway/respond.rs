@@ -35,6 +35,12 @@ pub async fn write_error(
     write_json(session, status, body, Some(request_id)).await
 }
 
+/// The `Strict-Transport-Security` value for this request's answers, set in the request's
+/// extensions when it came over HTTPS and `gateway.tls.hsts` is set: the answers the gateway
+/// writes itself carry it as the replicas' answers do.
+#[derive(Clone)]
+pub struct Hsts(pub http::HeaderValue);
+
 /// Writes a complete JSON response.
 pub async fn write_json(
     session: &mut Session,
@@ -58,6 +64,9 @@ pub async fn write_body(
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     if let Some(request_id) = request_id {
         header.insert_header(REQUEST_ID_HEADER, request_id)?;
+    }
+    if let Some(Hsts(hsts)) = session.req_header().extensions.get::<Hsts>() {
+        header.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
     }
     session
         .write_response_header(Box::new(header), false)
