@@ -354,7 +354,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> pingora::Result<bool> {
         // HTTP/1.1 lets a client send its next requests before the first is answered; pingora
         // then carries the bytes read past this request over to the next (RFC 9112 9.3.2).
-        // Without it the next requests were dropped when this one's answer went out.
+        // Off (pingora's default), those requests are dropped when this one's answer goes out.
         session.as_downstream_mut().set_pipelining_enabled(true);
         if let Some(hsts) = self.https.as_ref().and_then(|h| h.hsts.clone()) {
             if is_https(session) {
