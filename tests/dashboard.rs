@@ -364,46 +364,61 @@ async fn the_dashboard_shows_the_cluster_its_traffic_and_a_request_timeline() {
     .await;
 }
 
+/// A gateway in front of one replica with `esAddr` set to `es`, and the admin URL.
+struct EsLess {
+    _etcd: Etcd,
+    _service: Goms,
+    _routes: tempfile::TempDir,
+    gateway: Goms,
+    admin: String,
+}
+
+impl EsLess {
+    async fn start(es: &str) -> EsLess {
+        let etcd = Etcd::start().await;
+        let service = Goms::service(&etcd, free_port(), &[]);
+        let (routes_folder, routes) = route_file(ROUTES);
+        let env = [("GOMS__ES_ADDR", es)];
+        let gateway = Goms::gateway_with(&etcd.endpoint(), &routes, &[], &env).await;
+        let marker = "admin (/cluster, /metrics) on ";
+        gateway.wait_for_line(marker, Duration::from_secs(20)).await;
+        let admin = format!("http://{}", gateway.logged_addr(marker));
+        wait_for_nodes(gateway.port(), "user", 1).await;
+        EsLess {
+            _etcd: etcd,
+            _service: service,
+            _routes: routes_folder,
+            gateway,
+            admin,
+        }
+    }
+
+    /// Sends a login with `request_id` and returns its timeline document once the gateway
+    /// has recorded it (just after its answer went out).
+    async fn timeline_of(&self, request_id: &str) -> Value {
+        let client = http();
+        let url = format!("http://127.0.0.1:{}/api/user/login", self.gateway.port());
+        let response = client.get(url).header("X-Request-Id", request_id).send();
+        assert_eq!(response.await.unwrap().status(), 200);
+        let trace_url = format!("{}/ui/api/trace/{request_id}", self.admin);
+        eventually(
+            "the request in the gateway's ring",
+            Duration::from_secs(20),
+            || {
+                let request = client.get(&trace_url);
+                async move { !json_of(request).await["gateway"].is_null() }
+            },
+        )
+        .await;
+        json_of(client.get(&trace_url)).await
+    }
+}
+
 /// Elasticsearch away: the timeline says so and still shows the gateway's part.
 #[tokio::test]
 async fn a_timeline_without_elasticsearch_says_so_and_shows_the_gateways_part() {
-    let etcd = Etcd::start().await;
-    let _service = Goms::service(&etcd, free_port(), &[]);
-    let (_routes_folder, routes) = route_file(ROUTES);
-    let gateway = Goms::gateway_with(
-        &etcd.endpoint(),
-        &routes,
-        &[],
-        &[("GOMS__ES_ADDR", "http://127.0.0.1:1")],
-    )
-    .await;
-    let marker = "admin (/cluster, /metrics) on ";
-    gateway.wait_for_line(marker, Duration::from_secs(20)).await;
-    let admin = format!("http://{}", gateway.logged_addr(marker));
-    wait_for_nodes(gateway.port(), "user", 1).await;
-    let client = http();
-    let response = client
-        .get(format!(
-            "http://127.0.0.1:{}/api/user/login",
-            gateway.port()
-        ))
-        .header("X-Request-Id", "no-es-1")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let trace_url = format!("{admin}/ui/api/trace/no-es-1");
-    // The gateway records a request just after its answer went out.
-    eventually(
-        "the request in the gateway's ring",
-        Duration::from_secs(10),
-        || {
-            let request = client.get(&trace_url);
-            async move { !json_of(request).await["gateway"].is_null() }
-        },
-    )
-    .await;
-    let trace: Value = json_of(client.get(&trace_url)).await;
+    let stage = EsLess::start("http://127.0.0.1:1").await;
+    let trace = stage.timeline_of("no-es-1").await;
     assert_eq!(trace["elasticsearch"]["reachable"], false);
     assert!(
         trace["elasticsearch"]["error"]
@@ -413,7 +428,7 @@ async fn a_timeline_without_elasticsearch_says_so_and_shows_the_gateways_part() 
         "{trace}"
     );
     assert_eq!(trace["gateway"]["status"], 200);
-    let timeline = chromium(&format!("{admin}/ui/trace/no-es-1"), None).await;
+    let timeline = chromium(&format!("{}/ui/trace/no-es-1", stage.admin), None).await;
     assert!(
         timeline.contains("Elasticsearch cannot be reached"),
         "{timeline}"
@@ -436,35 +451,9 @@ async fn a_timeline_answers_within_seconds_when_elasticsearch_black_holes() {
             held.push(stream);
         }
     });
-    let etcd = Etcd::start().await;
-    let _service = Goms::service(&etcd, free_port(), &[]);
-    let (_routes_folder, routes) = route_file(ROUTES);
-    let gateway =
-        Goms::gateway_with(&etcd.endpoint(), &routes, &[], &[("GOMS__ES_ADDR", &es)]).await;
-    let marker = "admin (/cluster, /metrics) on ";
-    gateway.wait_for_line(marker, Duration::from_secs(20)).await;
-    let admin = format!("http://{}", gateway.logged_addr(marker));
-    wait_for_nodes(gateway.port(), "user", 1).await;
-    let client = http();
-    let url = format!("http://127.0.0.1:{}/api/user/login", gateway.port());
-    let response = client
-        .get(url)
-        .header("X-Request-Id", "black-hole-1")
-        .send();
-    assert_eq!(response.await.unwrap().status(), 200);
-
-    // support::http() gives up after 10 s; the timeline must come well before that.
-    let trace_url = format!("{admin}/ui/api/trace/black-hole-1");
-    eventually(
-        "the request in the gateway's ring",
-        Duration::from_secs(20),
-        || {
-            let request = client.get(&trace_url);
-            async move { !json_of(request).await["gateway"].is_null() }
-        },
-    )
-    .await;
-    let trace: Value = json_of(client.get(&trace_url)).await;
+    let stage = EsLess::start(&es).await;
+    // support::http() gives up after 10 s: each read of the timeline must come well before.
+    let trace = stage.timeline_of("black-hole-1").await;
     assert_eq!(trace["elasticsearch"]["reachable"], false);
     let error = trace["elasticsearch"]["error"].as_str().unwrap();
     assert!(error.contains("did not answer within 2 s"), "{trace}");
