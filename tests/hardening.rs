@@ -6,7 +6,9 @@ mod support;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::{free_port, http, json_of, route_file, text_of, wait_for_nodes, Etcd, Goms};
+use support::{
+    free_port, http, json_of, read_until_closed, route_file, text_of, wait_for_nodes, Etcd, Goms,
+};
 
 const ROUTES: &str = "services:\n  order:\n    slow: /slow\n    submit: /order/submit\n";
 
@@ -498,19 +500,6 @@ async fn through_an_etcd_outage_the_gateway_routes_on_what_it_knew_and_says_the_
         || async { ready().await["registry"] == "current" },
     )
     .await;
-}
-
-/// Reads until the gateway closes the connection, or panics at `deadline`.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
-    use tokio::io::AsyncReadExt;
-    let mut received = Vec::new();
-    let read = tokio::time::timeout(within, stream.read_to_end(&mut received)).await;
-    assert!(
-        read.is_ok(),
-        "the gateway kept the connection open past {within:?}; got {:?}",
-        String::from_utf8_lossy(&received)
-    );
-    received
 }
 
 #[tokio::test]

@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use support::es_standin::EsStandIn;
 use support::{
-    eventually, free_port, http, route_file, text_of, wait_for_nodes, Etcd, Goms, RabbitMq,
+    eventually, free_port, http, read_until_closed, route_file, text_of, wait_for_nodes, Etcd,
+    Goms, RabbitMq,
 };
 
 const ROUTES: &str =
@@ -439,18 +440,6 @@ async fn an_idle_sidecar_exits_promptly_on_sigterm() {
         "{}",
         order.sidecar.output()
     );
-}
-
-/// Reads until the sidecar closes the connection; fails after `within`.
-async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
-    use tokio::io::AsyncReadExt;
-    let mut received = Vec::new();
-    let read = tokio::time::timeout(within, stream.read_to_end(&mut received)).await;
-    assert!(
-        read.is_ok(),
-        "the sidecar kept the connection open past {within:?}"
-    );
-    received
 }
 
 #[tokio::test]

@@ -485,6 +485,19 @@ pub fn metric(exposition: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing from:\n{exposition}"))
 }
 
+/// Reads until the peer closes the connection; panics when it is still open after `within`.
+pub async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(within, stream.read_to_end(&mut received)).await;
+    assert!(
+        read.is_ok(),
+        "the connection was still open after {within:?}; got {:?}",
+        String::from_utf8_lossy(&received)
+    );
+    received
+}
+
 /// Writes a route file into a temp folder and returns both (keep the folder alive).
 pub fn route_file(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
     let folder = tempfile::tempdir().expect("temp dir");
