@@ -66,6 +66,7 @@ async fn publish(amqp: &str, queue: &str, events: usize, offset: usize) -> f64 {
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
         journal: true,
+        adopt_orphans: false,
     })
     .unwrap();
     let running = RunningPublisher::spawn(publisher);

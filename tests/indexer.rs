@@ -228,6 +228,7 @@ fn start_publisher(amqp_url: String, spool: &tempfile::TempDir) -> (TraceSink, R
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
         journal: true,
+        adopt_orphans: false,
     };
     let (sink, publisher) = Publisher::prepare(settings).unwrap();
     (sink, RunningPublisher::spawn(publisher))

@@ -163,13 +163,22 @@ async fn events_held_by_sigkilled_nodes_are_replayed_by_their_next_start() {
     let (_routes_folder, routes) = route_file(ROUTES);
     let (service_port, gateway_port) = (free_port(), free_port());
     let amqp = broker.url();
-    let spool_dir = spool.path().display().to_string();
+    // A spool root each: the first to start again would otherwise adopt the other's folder
+    // (another test covers that), and this one is about a node's own next start.
+    let [service_spool, gateway_spool] =
+        ["service", "gateway"].map(|node| spool.path().join(node).display().to_string());
     // A minute's interval: nothing leaves the queue before the kill.
-    let env = [
-        ("GOMS__AMQP_ADDR", amqp.as_str()),
-        ("GOMS__TRACE__SPOOL_DIR", spool_dir.as_str()),
-        ("GOMS__TRACE__PUBLISH_INTERVAL", "60s"),
-    ];
+    let env_with_spool = |spool_dir| {
+        [
+            ("GOMS__AMQP_ADDR", amqp.as_str()),
+            ("GOMS__TRACE__SPOOL_DIR", spool_dir),
+            ("GOMS__TRACE__PUBLISH_INTERVAL", "60s"),
+        ]
+    };
+    let (service_env, gateway_env) = (
+        env_with_spool(service_spool.as_str()),
+        env_with_spool(gateway_spool.as_str()),
+    );
     let service_args = [
         "service",
         "--http-port",
@@ -192,8 +201,8 @@ async fn events_held_by_sigkilled_nodes_are_replayed_by_their_next_start() {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         Goms::spawn(args[0], &args, env)
     };
-    let mut service = start(&service_args, &env);
-    let mut gateway = start(&gateway_args, &env);
+    let mut service = start(&service_args, &service_env);
+    let mut gateway = start(&gateway_args, &gateway_env);
     wait_for_nodes(gateway_port, "user", 1).await;
 
     let client = http();
@@ -223,8 +232,8 @@ async fn events_held_by_sigkilled_nodes_are_replayed_by_their_next_start() {
     );
 
     // Started again as the same nodes, with the default interval.
-    let _service = start(&service_args, &env[..2]);
-    let gateway = start(&gateway_args, &env[..2]);
+    let _service = start(&service_args, &service_env[..2]);
+    let gateway = start(&gateway_args, &gateway_env[..2]);
     indexed_exactly(&es, ids.len() * 4).await;
     for id in &ids {
         assert_eq!(es.by_request(id).len(), 4, "{id}");
@@ -236,6 +245,120 @@ async fn events_held_by_sigkilled_nodes_are_replayed_by_their_next_start() {
         "{}",
         gateway.output()
     );
+}
+
+/// Node ids follow addresses, so a gateway scaled away or recreated elsewhere never comes
+/// back to its spool folder. Here one gateway spooled with the broker away and was stopped
+/// for good (SIGTERM: its events in segments), and one was SIGKILLed while its events were
+/// still queued (they are in its journal). A third gateway on another port, with the same
+/// spool root, adopts both folders at its start: every event is indexed once.
+#[tokio::test]
+async fn the_spool_folders_of_gateways_that_never_return_are_adopted_by_another() {
+    let etcd = Etcd::start().await;
+    let broker = RabbitMq::start().await;
+    let es = EsStandIn::start().await;
+    let _consumer = consumer("consumer", &broker, &es.url(), &[]);
+    let amqp = broker.url();
+    let service_port = free_port().to_string();
+    let _service = Goms::spawn(
+        "user",
+        &[
+            "service",
+            "--http-port",
+            &service_port,
+            "--etcd-addr",
+            &etcd.endpoint(),
+        ],
+        &[("GOMS__AMQP_ADDR", &amqp)],
+    );
+    let (_routes_folder, routes) = route_file(ROUTES);
+    let spool = tempfile::tempdir().unwrap();
+    let spool_root = spool.path().display().to_string();
+    // The test processes' broker address is a closed port unless one is given: away.
+    let broker_away = [("GOMS__TRACE__SPOOL_DIR", spool_root.as_str())];
+    let held_in_memory = [
+        ("GOMS__TRACE__SPOOL_DIR", spool_root.as_str()),
+        ("GOMS__TRACE__PUBLISH_INTERVAL", "60s"),
+    ];
+    let mut stopped = Goms::gateway_with(&etcd.endpoint(), &routes, &[], &broker_away).await;
+    let mut killed = Goms::gateway_with(&etcd.endpoint(), &routes, &[], &held_in_memory).await;
+    let requests = 50;
+    for (gateway, label) in [(&stopped, "stopped"), (&killed, "killed")] {
+        send_traced_gets(gateway.port(), label, requests).await;
+    }
+    killed.kill();
+    assert!(stopped.terminate(Duration::from_secs(15)).await.success());
+    assert_eq!(
+        node_folders(spool.path()).len(),
+        2,
+        "each gone gateway left its folder"
+    );
+
+    let adopter = Goms::gateway_with(
+        &etcd.endpoint(),
+        &routes,
+        &[],
+        &[
+            ("GOMS__TRACE__SPOOL_DIR", spool_root.as_str()),
+            ("GOMS__AMQP_ADDR", amqp.as_str()),
+        ],
+    )
+    .await;
+    let gateway_events = 2 * 2 * requests;
+    indexed_exactly(&es, 2 * gateway_events).await;
+    for label in ["stopped", "killed"] {
+        for n in 0..requests {
+            let id = format!("{label}-{n}");
+            assert_eq!(es.by_request(&id).len(), 4, "{id}");
+        }
+    }
+    let metrics = text_of(http().get(format!("http://127.0.0.1:{}/metrics", adopter.port()))).await;
+    assert_eq!(
+        metric(&metrics, "goms_trace_spool_folders_adopted_total"),
+        2.0
+    );
+    assert_eq!(
+        metric(&metrics, "goms_trace_events_adopted_total"),
+        gateway_events as f64
+    );
+    assert_eq!(metric(&metrics, "goms_trace_events_dropped_total"), 0.0);
+    assert_eq!(
+        node_folders(spool.path()).len(),
+        1,
+        "the adopted folders are removed; the adopter's own is left"
+    );
+}
+
+/// Sends `count` GETs with the ids `{label}-{n}` and waits until the gateway has emitted
+/// their events (it writes them just after each answer went out).
+async fn send_traced_gets(gateway_port: u16, label: &str, count: usize) {
+    wait_for_nodes(gateway_port, "user", 1).await;
+    let client = http();
+    for n in 0..count {
+        let response = client
+            .get(format!("http://127.0.0.1:{gateway_port}/api/user/login"))
+            .header("X-Request-Id", format!("{label}-{n}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let metrics_url = format!("http://127.0.0.1:{gateway_port}/metrics");
+    let emitted = (2 * count) as f64;
+    eventually("the gateway emitted its events", Duration::from_secs(10), || {
+        let request = client.get(&metrics_url);
+        async move { metric(&text_of(request).await, "goms_trace_events_emitted_total") == emitted }
+    })
+    .await;
+}
+
+/// The node folders under a spool root.
+fn node_folders(root: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(root)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.is_dir())
+        .collect()
 }
 
 #[tokio::test]
@@ -580,12 +703,12 @@ async fn a_segment_replayed_twice_counts_its_events_once() {
     running.shutdown(Duration::from_secs(10)).await;
 }
 
-/// The spool's files in `dir`, without the journal the publisher keeps beside them.
+/// The spool's files in `dir`, without the journal and the lock the publisher keeps beside them.
 fn spool_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     std::fs::read_dir(dir)
         .unwrap()
         .map(|entry| entry.unwrap().path())
-        .filter(|path| !path.ends_with("queue.journal"))
+        .filter(|path| !path.ends_with("queue.journal") && !path.ends_with("owner.lock"))
         .collect()
 }
 
@@ -674,6 +797,7 @@ fn small_queue_settings(amqp_url: String, spool: &tempfile::TempDir) -> Publishe
         spool_dir: spool.path().to_path_buf(),
         spool_max_bytes: 1 << 30,
         journal: true,
+        adopt_orphans: false,
     }
 }
 

@@ -35,7 +35,8 @@ use super::publisher::PublisherStats;
 pub const SLOTS: usize = 128;
 const HEADER_BYTES: usize = 16;
 pub const SLOT_BYTES: usize = HEADER_BYTES + MESSAGE_BUFFER_BYTES;
-const FILE_NAME: &str = "queue.journal";
+/// The journal's name in the node's spool folder.
+pub const JOURNAL_FILE: &str = "queue.journal";
 
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
@@ -71,7 +72,7 @@ impl Journal {
         dir: &Path,
         stats: Arc<PublisherStats>,
     ) -> Result<(Arc<Journal>, Recovered), JournalError> {
-        let path = dir.join(FILE_NAME);
+        let path = dir.join(JOURNAL_FILE);
         let io = |source| JournalError::Io {
             path: path.clone(),
             source,

@@ -17,6 +17,7 @@
 //! Tracing never blocks or fails a request: the request path only calls
 //! [`TraceSink::emit`] or [`TraceSink::emit_with`], which never wait.
 
+mod adoption;
 pub mod amqp;
 mod buffer_pool;
 mod context;
@@ -65,12 +66,13 @@ pub fn publisher_settings(config: &GomsConfig) -> PublisherSettings {
         spool_dir: config.trace.spool_dir.clone(),
         spool_max_bytes: config.trace.spool_max_bytes,
         journal: config.trace.journal,
+        adopt_orphans: false,
     }
 }
 
 impl PublisherSettings {
-    /// Gives the node its own spool subfolder, so nodes sharing a disk never replay each
-    /// other's events.
+    /// Gives the node its own spool subfolder, and has it adopt the sibling folders of nodes
+    /// that are gone (see [`adoption`]).
     pub fn for_node(mut self, node_label: &str) -> Self {
         let folder: String = node_label
             .chars()
@@ -83,6 +85,7 @@ impl PublisherSettings {
             })
             .collect();
         self.spool_dir = self.spool_dir.join(folder);
+        self.adopt_orphans = true;
         self
     }
 }

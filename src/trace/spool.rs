@@ -33,6 +33,9 @@ pub enum SpoolError {
         #[source]
         source: std::io::Error,
     },
+    /// The node's folder is another live process's.
+    #[error(transparent)]
+    Lock(#[from] super::adoption::FolderLockError),
 }
 
 pub struct Spool {
@@ -135,20 +138,39 @@ impl Spool {
     }
 
     fn segments(&self) -> std::io::Result<Vec<(u64, PathBuf)>> {
-        let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(&self.dir)?
-            .filter_map(Result::ok)
-            .filter_map(|entry| {
-                let name = entry.file_name().into_string().ok()?;
-                let sequence = name
-                    .strip_prefix("segment-")?
-                    .strip_suffix(".jsonl")?
-                    .parse()
-                    .ok()?;
-                Some((sequence, entry.path()))
-            })
-            .collect();
-        segments.sort();
-        Ok(segments)
+        segments_in(&self.dir)
+    }
+
+    /// Whether `name` is a segment's file name.
+    pub fn is_segment_name(name: &str) -> bool {
+        segment_sequence(name).is_some()
+    }
+
+    /// The segments in `dir`, oldest first.
+    pub fn segment_paths(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+        Ok(segments_in(dir)?
+            .into_iter()
+            .map(|(_, path)| path)
+            .collect())
+    }
+
+    /// Moves a segment of another node's folder into this spool, after this spool's own
+    /// segments, if its `bytes` fit under the cap; `Ok(false)` if they do not. A rename, so
+    /// the segment is in one folder or the other whatever happens to either process.
+    pub fn adopt_segment(&mut self, segment: &Path, bytes: u64) -> Result<bool, SpoolError> {
+        if self.total_bytes + bytes > self.max_bytes {
+            return Ok(false);
+        }
+        let path = self
+            .dir
+            .join(format!("segment-{:016}.jsonl", self.next_sequence));
+        fs::rename(segment, &path).map_err(|source| SpoolError::Io {
+            path: segment.to_path_buf(),
+            source,
+        })?;
+        self.next_sequence += 1;
+        self.total_bytes += bytes;
+        Ok(true)
     }
 
     /// Appends encoded events; a unit that does not fit under the cap is dropped whole (and
@@ -301,6 +323,25 @@ impl Spool {
             listed.is_some()
         });
     }
+}
+
+fn segment_sequence(name: &str) -> Option<u64> {
+    name.strip_prefix("segment-")?
+        .strip_suffix(".jsonl")?
+        .parse()
+        .ok()
+}
+
+fn segments_in(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
+    let mut segments: Vec<(u64, PathBuf)> = fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter_map(|entry| {
+            let sequence = segment_sequence(entry.file_name().to_str()?)?;
+            Some((sequence, entry.path()))
+        })
+        .collect();
+    segments.sort();
+    Ok(segments)
 }
 
 fn size_of(path: &Path) -> u64 {

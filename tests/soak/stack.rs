@@ -3,7 +3,8 @@
 //! trace consumer), each of which can be SIGKILLed and started again at the same address.
 //!
 //! Every node spools into one shared root, as the nodes of one host do: a node started
-//! again at its address finds its own spool folder and replays it.
+//! again at its address finds its own spool folder and replays it, unless a live node
+//! adopted the folder first while it was down.
 
 use std::time::{Duration, Instant};
 

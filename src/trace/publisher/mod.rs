@@ -26,7 +26,7 @@ mod in_flight;
 mod replay;
 mod sink;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -35,6 +35,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
+use super::adoption::{self, FolderLock};
 use super::framing::{BodyEncoder, EncodedEvents, TraceCompression};
 use super::journal::Journal;
 use super::queue::EventQueue;
@@ -65,6 +66,10 @@ pub struct PublisherSettings {
     /// Keep a copy of the queue in `spool_dir`'s journal, so that a SIGKILLed node's next
     /// start replays what it held in memory (`trace.journal`; see [`journal`](super::journal)).
     pub journal: bool,
+    /// Adopt the folders of `spool_dir`'s parent whose node is gone, at the start and then
+    /// every minute ([`adoption`](super::adoption)); set by
+    /// [`for_node`](PublisherSettings::for_node), which makes `spool_dir` a node's folder.
+    pub adopt_orphans: bool,
 }
 
 /// Counters exported at `/metrics` (`goms_trace_events_*_total`).
@@ -84,6 +89,10 @@ pub struct PublisherStats {
     /// Events a previous run of this node held in memory when it died, found in the journal
     /// and spooled for replay.
     pub recovered: AtomicU64,
+    /// Events moved into this node's spool from the folders of nodes that are gone.
+    pub adopted: AtomicU64,
+    /// Folders of nodes that are gone, adopted whole and removed.
+    pub folders_adopted: AtomicU64,
 }
 
 /// The publisher loop, prepared but not yet running: [`Publisher::run`] drives it inside
@@ -93,6 +102,8 @@ pub struct Publisher {
     queue: Arc<EventQueue>,
     spool: SpoolWriter,
     journal: Option<Arc<Journal>>,
+    /// Held while the publisher lives: the node's folder is not up for adoption.
+    folder_lock: FolderLock,
 }
 
 /// Opens the node's journal and spools what a previous run left in it. A journal that
@@ -126,6 +137,7 @@ fn open_journal(
 impl Publisher {
     /// Opens the spool and the in-process queue; fails only if the spool folder is unusable.
     pub fn prepare(settings: PublisherSettings) -> Result<(TraceSink, Publisher), SpoolError> {
+        let folder_lock = FolderLock::take_own(&settings.spool_dir)?;
         let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
         let stats = Arc::<PublisherStats>::default();
         let spool = SpoolWriter::new(spool, stats.clone());
@@ -141,6 +153,7 @@ impl Publisher {
             queue,
             spool,
             journal,
+            folder_lock,
         };
         Ok((sink, publisher))
     }
@@ -151,12 +164,35 @@ impl Publisher {
     }
 
     /// Publishes until `stopped` flips, then publishes or spools whatever is still queued.
-    pub async fn run(mut self, stopped: watch::Receiver<bool>) {
-        let journal = self.journal.take();
-        PublisherLoop::new(self).run(stopped).await;
+    pub async fn run(self, stopped: watch::Receiver<bool>) {
+        let Publisher {
+            settings,
+            queue,
+            spool,
+            journal,
+            folder_lock,
+        } = self;
+        let adoption = settings.adopt_orphans.then(|| {
+            let own = settings.spool_dir.clone();
+            let root = own.parent().map(Path::to_path_buf).unwrap_or_default();
+            tokio::spawn(adoption::run(
+                root,
+                own,
+                spool.shared(),
+                spool.stats_handle(),
+                stopped.clone(),
+            ))
+        });
+        PublisherLoop::new(settings, queue, spool)
+            .run(stopped)
+            .await;
+        if let Some(adoption) = adoption {
+            adoption.abort();
+        }
         if let Some(journal) = journal {
             journal.remove_if_clear();
         }
+        folder_lock.release();
         info!("Trace publisher stopped.");
     }
 }
@@ -246,6 +282,11 @@ impl PublisherStats {
                 "Trace events a previous run of this node held in memory when it died, found in the journal and spooled.",
                 &self.recovered,
             ),
+            (
+                "adopted",
+                "Trace events taken over from the spool folders of nodes that are gone, replayed with this node's.",
+                &self.adopted,
+            ),
         ];
         for (name, help, counter) in counters {
             let name = format!("goms_trace_events_{name}_total");
@@ -253,6 +294,13 @@ impl PublisherStats {
             let _ = writeln!(out, "# TYPE {name} counter");
             let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
         }
+        let _ = writeln!(out, "# HELP goms_trace_spool_folders_adopted_total Spool folders of nodes that are gone, adopted whole and removed.");
+        let _ = writeln!(out, "# TYPE goms_trace_spool_folders_adopted_total counter");
+        let _ = writeln!(
+            out,
+            "goms_trace_spool_folders_adopted_total {}",
+            self.folders_adopted.load(Ordering::Relaxed)
+        );
     }
 }
 
@@ -274,13 +322,7 @@ struct PublisherLoop {
 }
 
 impl PublisherLoop {
-    fn new(publisher: Publisher) -> Self {
-        let Publisher {
-            settings,
-            queue,
-            spool,
-            journal: _,
-        } = publisher;
+    fn new(settings: PublisherSettings, queue: Arc<EventQueue>, spool: SpoolWriter) -> Self {
         let progress = Arc::new(Notify::new());
         let encoder = Arc::new(BodyEncoder::new(settings.compression));
         let in_flight = InFlight::new(

@@ -101,6 +101,15 @@ impl SpoolWriter {
         &self.spool
     }
 
+    /// The spool itself, for adoption, which runs on a blocking thread of its own.
+    pub(super) fn shared(&self) -> Arc<Mutex<Spool>> {
+        self.spool.clone()
+    }
+
+    pub(super) fn stats_handle(&self) -> Arc<PublisherStats> {
+        self.stats.clone()
+    }
+
     /// Appends events to the spool; counts them as spooled, or as dropped (and logs it) when
     /// the spool is full or the disk fails.
     pub(super) fn write(&self, events: &[EncodedEvents]) {
