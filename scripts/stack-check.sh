@@ -14,6 +14,9 @@
 #      file:line in the gateway log and changed nothing,
 #   7. scales `order` (a Python app behind `goms sidecar`) 1 -> 3 under a second steady client:
 #      no failed request, all three replicas answer, and the sidecars published trace events,
+#   7b. stops RabbitMQ, sends marked requests, scales `user` 3 -> 1 and starts RabbitMQ: every
+#      event of every marked request reaches goms.trace (the removed replicas' spool folders
+#      are adopted by live nodes),
 #   8. tears everything down (`down -v --remove-orphans`), also on failure or Ctrl-C.
 #
 # Environment:
@@ -337,6 +340,60 @@ consumer="$(c ps -q trace-consumer | head -n 1)"
 queued="$(c exec -T rabbitmq rabbitmqctl -q list_queues name messages 2>/dev/null | awk '$1 == "goms.trace" {print $2}' || true)"
 log "trace-consumer running; trace messages queued in goms.trace (no Elasticsearch offline; a message carries up to 1,024 events): ${queued:-unknown}"
 
+# --- 8b. spooled events outlive their replicas: RabbitMQ stopped, user scaled 3 -> 1 --------
+# Every event of every answered request must reach goms.trace, including those the removed
+# replicas spooled: a live node adopts their spool folders (the goms-spool volume).
+ADOPT_LOG=$WORK/adopt-client.log
+ADOPT_MARK=adopt-$$
+ADOPT_REQUESTS=60
+log "spool adoption: user 2 -> 3, RabbitMQ and the consumer stopped, $ADOPT_REQUESTS marked requests, user 3 -> 1, RabbitMQ started"
+c up -d --no-deps --no-recreate --scale user=3 user >"$WORK/scale-adopt-up.log" 2>&1 \
+  || { cat "$WORK/scale-adopt-up.log" >&2; fail "scale user to 3 failed"; }
+wait_for 30 "/cluster listing 3 user nodes" user_count_is 3
+nodes_before_adopt="$(user_nodes)"
+# Stopped, the consumer hands its unacknowledged messages back: they can be read then.
+c stop trace-consumer >/dev/null 2>&1 || fail "stopping trace-consumer failed"
+c stop rabbitmq >/dev/null 2>&1 || fail "stopping rabbitmq failed"
+: >"$ADOPT_LOG"
+for n in $(seq 1 "$ADOPT_REQUESTS"); do
+  status="$(curl -sS -o /dev/null -D "$WORK/adopt-headers" -w '%{http_code}' --max-time 10 \
+    -H "X-Request-Id: $ADOPT_MARK-$n" "$BASE/api/user/login?adopt=$n" || true)"
+  served="$(tr -d '\r' <"$WORK/adopt-headers" | awk -F': ' 'tolower($1) == "x-served-by" {print $2}')"
+  [ "$status" = 200 ] || fail "marked request $n with RabbitMQ stopped: status $status"
+  echo "$n $served" >>"$ADOPT_LOG"
+done
+c up -d --no-deps --no-recreate --scale user=1 user >"$WORK/scale-adopt-down.log" 2>&1 \
+  || { cat "$WORK/scale-adopt-down.log" >&2; fail "scale user to 1 failed"; }
+wait_for 15 "/cluster listing 1 user node" user_count_is 1
+nodes_gone="$(comm -23 <(echo "$nodes_before_adopt") <(user_nodes))"
+for node in $nodes_gone; do
+  grep -q " $node\$" "$ADOPT_LOG" || fail "removed replica $node served no marked request: nothing to adopt from it"
+done
+c start rabbitmq >/dev/null 2>&1 || fail "starting rabbitmq failed"
+wait_for 120 "RabbitMQ answering again" c exec -T rabbitmq rabbitmq-diagnostics -q ping
+# Read after the restart: Docker picks the host port again.
+RABBIT_UI="$(c port rabbitmq 15672 | tail -n 1)"
+RABBIT_UI=http://${RABBIT_UI/0.0.0.0/127.0.0.1}
+marked_events() {
+  python3 scripts/trace-queue-events.py "$RABBIT_UI" goms.trace 2>/dev/null | python3 -c '
+import json, sys
+mark = sys.argv[1]
+print(len({e["eventId"] for e in map(json.loads, sys.stdin) if str(e.get("requestId", "")).startswith(mark)}))
+' "$ADOPT_MARK-" 2>/dev/null || echo 0
+}
+# Adoption runs at each node's start and then every minute; the spools replay at once.
+expected_events=$((ADOPT_REQUESTS * 4))
+deadline=$((SECONDS + 180))
+until [ "$(marked_events)" = "$expected_events" ]; do
+  [ "$SECONDS" -lt "$deadline" ] || fail "marked events in goms.trace: $(marked_events) of $expected_events after 180 s"
+  sleep 5
+done
+adoptions="$(c logs --no-color 2>/dev/null | grep -c "Adopted the trace spool folder" || true)"
+[ "$adoptions" -ge "$(echo "$nodes_gone" | grep -c .)" ] \
+  || fail "$expected_events events arrived, but only $adoptions adoption(s) were logged for $(echo $nodes_gone)"
+log "spool adoption: all $expected_events events of $ADOPT_REQUESTS requests in goms.trace; the spools of $(echo $nodes_gone) adopted ($adoptions adoption(s) logged)"
+c start trace-consumer >/dev/null 2>&1 || fail "starting trace-consumer again failed"
+
 # --- 9. verdict ----------------------------------------------------------------------------
 sleep 2
 touch "$STOP_FILE"
@@ -357,6 +414,7 @@ echo "  new replicas:     $(echo $nodes_new)"
 echo "  removed replicas: $(echo $nodes_removed) (0 requests after removal)"
 echo "  routes: valid edit applied; invalid edit refused (${refusal##*error=})"
 echo "  order (Python behind goms sidecar): $order_total requests, 0 failed, scaled 1 -> 3: $(echo $order_nodes)"
+echo "  spool adoption: RabbitMQ stopped, user 3 -> 1: all $expected_events events of $ADOPT_REQUESTS requests reached goms.trace ($(echo $nodes_gone) adopted)"
 echo "  traces: ${queued:-?} messages (up to 1,024 events each) queued in RabbitMQ goms.trace (Elasticsearch left out offline)"
 echo
 if [ "$failed" != 0 ]; then
