@@ -21,31 +21,30 @@ def lz4_block_decode(data: bytes, size: int) -> bytes:
     """Decodes one LZ4 block (no frame) of `size` decoded bytes."""
     out = bytearray()
     i = 0
-    while i < len(data):
-        token = data[i]
-        i += 1
-        literals = token >> 4
-        if literals == 15:
+
+    def length(nibble: int) -> int:
+        """A length from a token's nibble, with its extra bytes when the nibble is 15."""
+        nonlocal i
+        if nibble == 15:
             while True:
                 extra = data[i]
                 i += 1
-                literals += extra
+                nibble += extra
                 if extra != 255:
                     break
+        return nibble
+
+    while i < len(data):
+        token = data[i]
+        i += 1
+        literals = length(token >> 4)
         out += data[i:i + literals]
         i += literals
         if i >= len(data):
             break
         offset = data[i] | (data[i + 1] << 8)
         i += 2
-        match = (token & 15) + 4
-        if (token & 15) == 15:
-            while True:
-                extra = data[i]
-                i += 1
-                match += extra
-                if extra != 255:
-                    break
+        match = length(token & 15) + 4
         start = len(out) - offset
         for k in range(match):
             out.append(out[start + k])

@@ -11,7 +11,7 @@
 //!   `gateway` never imports `service` or `sidecar`, nor they it (they meet over HTTP, as a
 //!   service in any language would);
 //! - `indexer` uses `trace` and `config`;
-//! - `registry` and `trace` use only `config`; `config` uses none of them.
+//! - `registry` and `trace` use only `config` and `per_thread`; `config` uses none of them.
 //!
 //! The modules:
 //! - [`config`]: `goms.yml` and `services.yml`, env overrides, validation with `file:line`.
@@ -26,12 +26,15 @@
 //! - [`cli`]: the `goms` command line.
 //! - [`diagnostics`]: failures in one line with their root cause, and repeats rate-limited;
 //!   used by every module, it uses none.
+//! - [`per_thread`]: state every request thread writes and readers merge (a shard per
+//!   thread); it uses none.
 
 pub mod cli;
 pub mod config;
 pub mod diagnostics;
 pub mod gateway;
 pub mod indexer;
+pub mod per_thread;
 pub mod registry;
 pub mod service;
 pub mod sidecar;

@@ -21,7 +21,7 @@ use pingora::{Error, ErrorSource, ErrorType};
 use tracing::debug;
 
 use super::admin::AdminEndpoints;
-use super::dashboard::SeenRequest;
+use super::dashboard::FinishedRequest;
 use super::forwarded::{self, Client};
 use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
@@ -709,6 +709,7 @@ impl ProxyHttp for GatewayProxy {
         true
     }
 
+    /// The end of every request: one record feeds the metrics, the trace and the dashboard.
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.finish_attempt(None, error.map(|e| e.to_string()));
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
@@ -718,38 +719,38 @@ impl ProxyHttp for GatewayProxy {
             }
             self.metrics.count_status(status);
         }
-        if let (true, Some(record)) = (self.trace.is_enabled(), ctx.record.as_ref()) {
+        let Some(record) = ctx.record.take() else {
+            return;
+        };
+        let header = session.req_header();
+        if self.trace.is_enabled() {
             let client_ip = ctx.client.as_ref().map(|client| client_ip_text(client.ip));
             let client_ip = client_ip.as_ref().map_or("", |ip| {
                 ip.to_str().expect("an IP address in text is ASCII")
             });
-            let header = session.req_header();
             self.trace
                 .emit_with(GatewayTracer::EVENTS_PER_REQUEST, |lines| {
                     self.tracer
-                        .write(lines, header, client_ip, &ctx.body, record, status)
+                        .write(lines, header, client_ip, &ctx.body, &record, status)
                 });
         }
-        if let Some(record) = ctx.record.as_ref() {
-            let header = session.req_header();
-            let route = ctx.route.as_ref();
-            let seen = SeenRequest::new(
-                record,
-                header.method.as_str(),
-                header.uri.path(),
-                route.map(|r| &r.service),
-                status,
-            );
-            self.admin.dashboard.record(seen, route.map(|r| &r.key));
-        }
-        if let Some(record) = ctx.record.as_ref() {
-            debug!(
-                request_id = %record.request_id,
-                attempts = record.attempts.len(),
-                elapsed_ms = record.elapsed().as_millis() as u64,
-                "request finished"
-            );
-        }
+        let duration = record.elapsed();
+        debug!(
+            request_id = %record.request_id,
+            attempts = record.attempts.len(),
+            elapsed_ms = duration.as_millis() as u64,
+            "request finished"
+        );
+        let route = ctx.route.as_ref();
+        self.admin.dashboard.record(FinishedRequest {
+            method: header.method.clone(),
+            uri: header.uri.clone(),
+            service: route.map(|r| r.service.clone()),
+            route: route.map(|r| r.key.clone()),
+            status,
+            duration,
+            record,
+        });
     }
 }
 

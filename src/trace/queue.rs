@@ -24,24 +24,22 @@
 //! spool events themselves whenever the publisher's thread ran late.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use tokio::sync::Notify;
 
 use super::buffer_pool::BufferPool;
 use super::framing::{self, EncodedEvents};
 use super::journal::Journal;
-use super::lock;
+use crate::per_thread::PerThread;
 
-/// More shards than emitting threads, so that threads rarely share one. The publisher locks
-/// each of them once per interval.
-const SHARDS: usize = 32;
 /// Buffers kept for reuse; past this a returned buffer is freed. Enough for every shard a
 /// busy gateway fills plus the batches in flight, without holding on to a burst's worth.
 const SPARE_BUFFERS: usize = 24;
 
 pub struct EventQueue {
-    shards: Box<[CacheLine<Mutex<Shard>>]>,
+    /// The publisher locks each shard once per interval.
+    shards: PerThread<Shard>,
     /// Entries in all shards.
     queued: AtomicUsize,
     capacity: usize,
@@ -56,12 +54,6 @@ pub struct EventQueue {
     journal: Option<Arc<Journal>>,
 }
 
-/// Keeps each shard's lock on cache lines of its own: neighbouring shards belong to different
-/// threads, which would otherwise take the line from each other at every push.
-#[repr(align(128))]
-#[derive(Default)]
-struct CacheLine<T>(T);
-
 /// One thread's events, in the order emitted; only the last unit still takes more.
 #[derive(Default)]
 struct Shard {
@@ -72,7 +64,7 @@ struct Shard {
 impl EventQueue {
     pub fn new(capacity: usize, journal: Option<Arc<Journal>>) -> Self {
         EventQueue {
-            shards: (0..SHARDS).map(|_| CacheLine::default()).collect(),
+            shards: PerThread::default(),
             queued: AtomicUsize::new(0),
             capacity,
             half: (capacity / 2).max(1),
@@ -91,7 +83,7 @@ impl EventQueue {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             return Err(write);
         }
-        let mut shard = lock(&self.shards[shard_of_this_thread()].0);
+        let mut shard = self.shards.local();
         // Checked under the shard's lock, which `close` takes after setting the flag: a push
         // either lands before the final drain of its shard or sees the flag.
         if self.closed.load(Ordering::Acquire) {
@@ -153,14 +145,12 @@ impl EventQueue {
     /// Takes everything waiting, shard by shard, oldest first within each.
     pub fn take_all(&self) -> Vec<EncodedEvents> {
         let (mut units, mut entries) = (Vec::new(), 0);
-        for shard in self.shards.iter() {
-            let mut shard = lock(&shard.0);
-            if shard.entries == 0 {
-                continue;
+        self.shards.each(|shard| {
+            if shard.entries > 0 {
+                units.append(&mut shard.units);
+                entries += std::mem::take(&mut shard.entries);
             }
-            units.append(&mut shard.units);
-            entries += std::mem::take(&mut shard.entries);
-        }
+        });
         self.queued.fetch_sub(entries, Ordering::Relaxed);
         units
     }
@@ -176,15 +166,6 @@ impl EventQueue {
         self.spare_buffers
             .give_back(units.into_iter().map(EncodedEvents::into_buffer));
     }
-}
-
-/// The shard this thread writes to: threads take shards in turn as they first emit.
-fn shard_of_this_thread() -> usize {
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static SHARD: usize = NEXT.fetch_add(1, Ordering::Relaxed) % SHARDS;
-    }
-    SHARD.with(|shard| *shard)
 }
 
 #[cfg(test)]

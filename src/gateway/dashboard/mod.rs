@@ -6,6 +6,9 @@
 //! - `traffic`: requests/s, error rate and p50/p99 per route and per replica over a minute.
 //! - this file: what the request path records, and the endpoints.
 //!
+//! Each request thread records into a view of its own ([`PerThread`]): the request path takes
+//! no lock another thread wants. The endpoints merge the views when they are read.
+//!
 //! The service side of a timeline comes from Elasticsearch (`esAddr`, `trace_logs*` by
 //! `requestId`); when Elasticsearch cannot be reached, the answer says so and holds the
 //! gateway's part.
@@ -14,17 +17,19 @@ mod recent;
 mod traffic;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 
-pub use recent::{RecentRequests, RequestFilter, SeenAttempt, SeenRequest};
-pub use traffic::{TrafficSummary, TrafficWindow};
+pub use recent::{FinishedRequest, RequestFilter, SeenAttempt, SeenRequest};
+pub use traffic::TrafficSummary;
+use traffic::{ThreadTraffic, TrafficTotals};
 
 use super::route_store::RouteStore;
 use super::upstreams::Upstreams;
 use crate::indexer::TraceIndex;
+use crate::per_thread::PerThread;
 use crate::registry::Members;
 use crate::trace::rfc3339;
 
@@ -32,21 +37,40 @@ const PAGE: &str = include_str!("page.html");
 /// The service that gateways register as.
 const GATEWAYS: &str = "gateway";
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// What the dashboard keeps, and where it looks for the services' events.
 pub struct Dashboard {
-    recent: RecentRequests,
-    traffic: TrafficWindow,
-    /// The last failed attempt at each replica: when, and why.
-    last_failure: Mutex<HashMap<String, (String, String)>>,
+    threads: PerThread<ThreadView>,
     index: Option<TraceIndex>,
     es_addr: String,
     kibana_url: Option<String>,
+}
+
+/// What one request thread recorded.
+#[derive(Default)]
+struct ThreadView {
+    recent: recent::Ring,
+    traffic: ThreadTraffic,
+    /// The last failed attempt at each replica.
+    last_failure: HashMap<Arc<str>, Failure>,
+}
+
+/// A failed attempt, kept as it was: it is put in words when the topology is read.
+#[derive(Clone)]
+struct Failure {
+    at: SystemTime,
+    status: Option<u16>,
+    error: Option<String>,
+}
+
+impl Failure {
+    fn why(&self) -> String {
+        // A status says it in a word; pingora's error text for it is a dump.
+        match (self.status, &self.error) {
+            (Some(status), _) => format!("answered {status}"),
+            (None, Some(error)) => error.trim().to_string(),
+            (None, None) => "failed".into(),
+        }
+    }
 }
 
 /// One answer of the dashboard.
@@ -76,40 +100,62 @@ pub struct Sources<'a> {
 impl Dashboard {
     pub fn new(es_addr: &str, index_prefix: &str, kibana_url: Option<String>) -> Dashboard {
         Dashboard {
-            recent: RecentRequests::default(),
-            traffic: TrafficWindow::default(),
-            last_failure: Mutex::default(),
+            threads: PerThread::default(),
             index: TraceIndex::new(es_addr, index_prefix).ok(),
             es_addr: es_addr.to_string(),
             kibana_url: kibana_url.map(|url| url.trim_end_matches('/').to_string()),
         }
     }
 
-    /// Records a request that ended: into the ring, the traffic of its route and replica,
-    /// and the replicas' last failures.
-    pub fn record(&self, seen: SeenRequest, route: Option<&Arc<str>>) {
-        let error = seen.status == 0 || seen.status >= 500;
-        let duration = Duration::from_secs_f64(seen.duration_ms / 1000.0);
-        self.traffic
-            .record(route, seen.replica.as_ref(), error, duration);
-        let failed: Vec<&SeenAttempt> = seen
+    /// Records a request that ended: into this thread's ring, the traffic of its route and
+    /// replica, and the replicas' last failures.
+    pub fn record(&self, finished: FinishedRequest) {
+        let ended = finished.record.received_at + finished.duration;
+        let mut view = self.threads.local();
+        let view = &mut *view;
+        view.traffic.record(
+            traffic::second_of(ended),
+            finished.route.as_ref(),
+            finished.replica(),
+            finished.is_error(),
+            finished.duration,
+        );
+        let failed = finished
+            .record
             .attempts
             .iter()
-            .filter(|a| a.error.is_some() || a.status.is_some_and(|s| s >= 500))
-            .collect();
-        if !failed.is_empty() {
-            let mut last_failure = lock(&self.last_failure);
-            for attempt in failed {
-                // A status says it in a word; pingora's error text for it is a dump.
-                let why = match (attempt.status, &attempt.error) {
-                    (Some(status), _) => format!("answered {status}"),
-                    (None, Some(error)) => error.trim().to_string(),
-                    (None, None) => "failed".into(),
-                };
-                last_failure.insert(attempt.replica.to_string(), (seen.time.clone(), why));
-            }
+            .filter(|a| a.error.is_some() || a.status.is_some_and(|s| s >= 500));
+        for attempt in failed {
+            let failure = Failure {
+                at: finished.record.received_at,
+                status: attempt.status,
+                error: attempt.error.clone(),
+            };
+            view.last_failure.insert(attempt.node_id.clone(), failure);
         }
-        self.recent.push(seen);
+        view.recent.push(finished);
+    }
+
+    /// The last failure of each replica, whichever thread saw it.
+    fn last_failures(&self) -> HashMap<Arc<str>, Failure> {
+        let mut latest: HashMap<Arc<str>, Failure> = HashMap::new();
+        self.threads.each(|view| {
+            for (replica, failure) in &view.last_failure {
+                let newer = latest.get(replica).is_none_or(|kept| kept.at < failure.at);
+                if newer {
+                    latest.insert(replica.clone(), failure.clone());
+                }
+            }
+        });
+        latest
+    }
+
+    /// The kept requests that match, newest first, from every thread.
+    fn requests(&self, filter: &RequestFilter) -> Vec<SeenRequest> {
+        let mut seen = Vec::new();
+        self.threads
+            .each(|view| seen.extend(view.recent.matching(filter)));
+        recent::newest_first(seen)
     }
 
     /// The answer for a `/ui` path (with its query), or `None` when it is none of the
@@ -157,7 +203,7 @@ impl Dashboard {
                 "retries": route.retries,
             }));
         }
-        let last_failure = lock(&self.last_failure);
+        let last_failure = self.last_failures();
         let now = SystemTime::now();
         for (name, nodes) in &sources.members.services {
             if name == GATEWAYS {
@@ -173,7 +219,7 @@ impl Dashboard {
                         (Some(upstream), Some(state)) => upstream.is_healthy(state),
                         _ => false,
                     };
-                    let failure = last_failure.get(&info.id);
+                    let failure = last_failure.get(info.id.as_str());
                     json!({
                         "id": info.id,
                         "address": info.http,
@@ -181,8 +227,8 @@ impl Dashboard {
                         "zone": info.zone,
                         "weight": info.weight,
                         "health": if healthy { "healthy" } else { "failing" },
-                        "lastError": failure.map(|(_, why)| why),
-                        "lastErrorAt": failure.map(|(at, _)| at),
+                        "lastError": failure.map(Failure::why),
+                        "lastErrorAt": failure.map(|failure| rfc3339(failure.at)),
                         "joinedAt": info.started_at,
                         "upForSeconds": seconds_since(&info.started_at, now),
                         "requests": state.map(|s| s.requests.load(std::sync::atomic::Ordering::Relaxed)),
@@ -217,7 +263,11 @@ impl Dashboard {
     }
 
     pub fn traffic_document(&self) -> Value {
-        let (routes, replicas) = self.traffic.summaries();
+        let now = traffic::second_now();
+        let mut totals = TrafficTotals::default();
+        self.threads
+            .each(|view| view.traffic.add_to(now, &mut totals));
+        let (routes, replicas) = totals.summaries();
         let as_map =
             |summaries: Vec<(Arc<str>, TrafficSummary)>| -> BTreeMap<String, TrafficSummary> {
                 summaries
@@ -240,14 +290,18 @@ impl Dashboard {
                 _ => {}
             }
         }
-        let requests = self.recent.list(&filter);
+        let requests = self.requests(&filter);
         json!({"kept": recent::KEPT, "requests": requests})
     }
 
     /// A request's timeline: the gateway's part from the ring, the services' events from
     /// Elasticsearch.
     pub async fn trace_document(&self, request_id: &str) -> Value {
-        let gateway = self.recent.find(request_id);
+        let by_id = RequestFilter {
+            request_id: Some(request_id.to_string()),
+            ..RequestFilter::default()
+        };
+        let gateway = self.requests(&by_id).into_iter().next();
         let (events, elasticsearch) = match &self.index {
             None => (
                 Vec::new(),

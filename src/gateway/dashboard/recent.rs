@@ -1,18 +1,48 @@
-//! The last requests this gateway handled, in a bounded ring: what the dashboard lists and
-//! what a request's timeline is drawn from (the gateway's part of it).
+//! The last requests this gateway handled, in a bounded ring per request thread: what the
+//! dashboard lists and what a request's timeline is drawn from (the gateway's part of it).
+//!
+//! The request path hands over the [`RequestRecord`] the trace was written from, as it is:
+//! nothing is formatted until an admin client asks ([`SeenRequest`]).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
 use crate::gateway::record::RequestRecord;
 use crate::trace::{millis, rfc3339};
 
-/// Requests kept; the oldest goes when a new one comes.
+/// Requests kept, newest across all threads; the oldest goes when a new one comes.
 pub const KEPT: usize = 1_000;
 
-/// One request as the gateway saw it.
+/// A request that ended, as the request path leaves it.
+#[derive(Debug)]
+pub struct FinishedRequest {
+    pub record: RequestRecord,
+    pub method: http::Method,
+    pub uri: http::Uri,
+    /// The route's service and key (`service/route`), for a request that matched one.
+    pub service: Option<Arc<str>>,
+    pub route: Option<Arc<str>>,
+    /// 0 when no answer went out.
+    pub status: u16,
+    pub duration: Duration,
+}
+
+impl FinishedRequest {
+    /// The replica that answered (the last attempt's).
+    pub fn replica(&self) -> Option<&Arc<str>> {
+        self.record.attempts.last().map(|attempt| &attempt.node_id)
+    }
+
+    /// An answer of 500 and above, or none at all.
+    pub fn is_error(&self) -> bool {
+        self.status == 0 || self.status >= 500
+    }
+}
+
+/// One request as the gateway saw it, in the dashboard's JSON.
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct SeenRequest {
@@ -21,7 +51,6 @@ pub struct SeenRequest {
     pub time: String,
     pub method: String,
     pub path: String,
-    /// The route's service, for a request that matched one.
     pub service: Option<Arc<str>>,
     /// 0 when no answer went out.
     pub status: u16,
@@ -47,13 +76,8 @@ pub struct SeenAttempt {
 }
 
 impl SeenRequest {
-    pub fn new(
-        record: &RequestRecord,
-        method: &str,
-        path: &str,
-        service: Option<&Arc<str>>,
-        status: u16,
-    ) -> SeenRequest {
+    pub fn of(finished: &FinishedRequest) -> SeenRequest {
+        let record = &finished.record;
         let attempts = record
             .attempts
             .iter()
@@ -71,26 +95,26 @@ impl SeenRequest {
                 status: attempt.status,
                 error: attempt.error.clone(),
             })
-            .collect::<Vec<_>>();
+            .collect();
         SeenRequest {
             request_id: record.request_id.clone(),
             time: rfc3339(record.received_at),
-            method: method.to_string(),
-            path: path.to_string(),
-            service: service.cloned(),
-            status,
-            duration_ms: millis(record.elapsed()),
-            replica: attempts.last().map(|a| a.replica.clone()),
+            method: finished.method.to_string(),
+            path: finished.uri.path().to_string(),
+            service: finished.service.clone(),
+            status: finished.status,
+            duration_ms: millis(finished.duration),
+            replica: finished.replica().cloned(),
             attempts,
         }
     }
+}
 
-    /// `2xx`, `4xx`, ...; `none` when no answer went out.
-    pub fn status_class(&self) -> String {
-        match self.status {
-            0 => "none".into(),
-            status => format!("{}xx", status / 100),
-        }
+/// `2xx`, `4xx`, ...; `none` when no answer went out.
+fn status_class(status: u16) -> String {
+    match status {
+        0 => "none".into(),
+        status => format!("{}xx", status / 100),
     }
 }
 
@@ -104,47 +128,50 @@ pub struct RequestFilter {
 }
 
 impl RequestFilter {
-    fn matches(&self, seen: &SeenRequest) -> bool {
+    fn matches(&self, finished: &FinishedRequest) -> bool {
         let wanted = |filter: &Option<String>, value: Option<&str>| {
             filter.as_deref().is_none_or(|f| Some(f) == value)
         };
-        wanted(&self.status_class, Some(&seen.status_class()))
-            && wanted(&self.service, seen.service.as_deref())
-            && wanted(&self.request_id, Some(&seen.request_id))
+        self.status_class
+            .as_deref()
+            .is_none_or(|class| class == status_class(finished.status))
+            && wanted(&self.service, finished.service.as_deref())
+            && wanted(&self.request_id, Some(&finished.record.request_id))
     }
 }
 
+/// One thread's last [`KEPT`] requests, oldest first.
 #[derive(Default)]
-pub struct RecentRequests {
-    ring: Mutex<VecDeque<SeenRequest>>,
+pub struct Ring {
+    requests: VecDeque<FinishedRequest>,
 }
 
-impl RecentRequests {
-    pub fn push(&self, seen: SeenRequest) {
-        let mut ring = super::lock(&self.ring);
-        if ring.len() == KEPT {
-            ring.pop_front();
+impl Ring {
+    pub fn push(&mut self, finished: FinishedRequest) {
+        if self.requests.len() == KEPT {
+            self.requests.pop_front();
         }
-        ring.push_back(seen);
+        self.requests.push_back(finished);
     }
 
-    /// The kept requests that match, newest first.
-    pub fn list(&self, filter: &RequestFilter) -> Vec<SeenRequest> {
-        let ring = super::lock(&self.ring);
-        ring.iter()
-            .rev()
-            .filter(|seen| filter.matches(seen))
-            .cloned()
-            .collect()
+    /// The requests that match, as `(arrival, what the dashboard shows)`.
+    pub fn matching(
+        &self,
+        filter: &RequestFilter,
+    ) -> impl Iterator<Item = (Instant, SeenRequest)> + '_ {
+        let filter = filter.clone();
+        self.requests
+            .iter()
+            .filter(move |finished| filter.matches(finished))
+            .map(|finished| (finished.record.started, SeenRequest::of(finished)))
     }
+}
 
-    pub fn find(&self, request_id: &str) -> Option<SeenRequest> {
-        let ring = super::lock(&self.ring);
-        ring.iter()
-            .rev()
-            .find(|seen| seen.request_id == request_id)
-            .cloned()
-    }
+/// Merges the threads' matches: the newest [`KEPT`], newest first.
+pub fn newest_first(mut seen: Vec<(Instant, SeenRequest)>) -> Vec<SeenRequest> {
+    seen.sort_by_key(|(arrived, _)| std::cmp::Reverse(*arrived));
+    seen.truncate(KEPT);
+    seen.into_iter().map(|(_, seen)| seen).collect()
 }
 
 #[cfg(test)]
@@ -152,42 +179,52 @@ mod tests {
     use super::*;
     use crate::trace::TraceContext;
 
-    fn seen(id: &str, status: u16, service: &str) -> SeenRequest {
-        let record = RequestRecord::new(id.into(), TraceContext::continue_or_start(None));
-        SeenRequest::new(
-            &record,
-            "GET",
-            "/api/x/y",
-            Some(&Arc::from(service)),
+    fn finished(id: &str, status: u16, service: &str) -> FinishedRequest {
+        FinishedRequest {
+            record: RequestRecord::new(id.into(), TraceContext::continue_or_start(None)),
+            method: http::Method::GET,
+            uri: "/api/x/y".parse().unwrap(),
+            service: Some(Arc::from(service)),
+            route: None,
             status,
-        )
+            duration: Duration::from_millis(1),
+        }
     }
 
     #[test]
     fn the_ring_keeps_the_last_thousand_newest_first_and_filters() {
-        let recent = RecentRequests::default();
+        let mut ring = Ring::default();
         for n in 0..KEPT + 5 {
             let status = if n % 2 == 0 { 200 } else { 503 };
-            recent.push(seen(
+            ring.push(finished(
                 &format!("r{n}"),
                 status,
                 if n % 3 == 0 { "a" } else { "b" },
             ));
         }
-        let all = recent.list(&RequestFilter::default());
+        let all = newest_first(ring.matching(&RequestFilter::default()).collect());
         assert_eq!(all.len(), KEPT);
         assert_eq!(all[0].request_id, format!("r{}", KEPT + 4));
         assert_eq!(all.last().unwrap().request_id, "r5");
-        assert!(recent.find("r4").is_none(), "the oldest went");
-        let failed = recent.list(&RequestFilter {
-            status_class: Some("5xx".into()),
-            service: Some("a".into()),
+        let by_id = |id: &str| RequestFilter {
+            request_id: Some(id.into()),
             ..RequestFilter::default()
-        });
+        };
+        assert_eq!(ring.matching(&by_id("r4")).count(), 0, "the oldest went");
+        let failed = newest_first(
+            ring.matching(&RequestFilter {
+                status_class: Some("5xx".into()),
+                service: Some("a".into()),
+                ..RequestFilter::default()
+            })
+            .collect(),
+        );
         assert!(!failed.is_empty());
         assert!(failed
             .iter()
             .all(|s| s.status == 503 && s.service.as_deref() == Some("a")));
-        assert_eq!(recent.find("r1000").unwrap().status, 200);
+        let found: Vec<_> = ring.matching(&by_id("r1000")).collect();
+        assert_eq!(found[0].1.status, 200);
+        assert_eq!(found[0].1.path, "/api/x/y");
     }
 }

@@ -1,9 +1,10 @@
 //! Requests/s, error rate and latency percentiles over the last minute, per route and per
-//! replica: a ring of per-second counts and of 10-second latency histograms for each.
-//! `/metrics` keeps its own counters; these exist for the dashboard.
+//! replica: a ring of per-second counts and of 10-second latency histograms for each, kept
+//! by each request thread ([`ThreadTraffic`]) and added up when the dashboard reads
+//! ([`TrafficTotals`]). `/metrics` keeps its own counters; these exist for the dashboard.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -17,16 +18,34 @@ const SLOTS: usize = (WINDOW_SECONDS / SLOT_SECONDS) as usize;
 const PER_OCTAVE: f64 = 4.0;
 const BUCKETS: usize = 112;
 
-/// The traffic of every route and replica seen in the last minute.
+/// One thread's traffic of every route and replica it served in the last minute.
 #[derive(Default)]
-pub struct TrafficWindow {
-    series: Mutex<Keys>,
-}
-
-#[derive(Default)]
-struct Keys {
+pub struct ThreadTraffic {
     routes: HashMap<Arc<str>, Series>,
     replicas: HashMap<Arc<str>, Series>,
+}
+
+/// Every thread's last minute, added up by route and by replica.
+#[derive(Default)]
+pub struct TrafficTotals {
+    routes: BTreeMap<Arc<str>, Totals>,
+    replicas: BTreeMap<Arc<str>, Totals>,
+}
+
+struct Totals {
+    requests: u64,
+    errors: u64,
+    latency: Box<[u64; BUCKETS]>,
+}
+
+impl Default for Totals {
+    fn default() -> Self {
+        Totals {
+            requests: 0,
+            errors: 0,
+            latency: Box::new([0; BUCKETS]),
+        }
+    }
 }
 
 /// Summaries by route or replica name, sorted by name.
@@ -76,23 +95,29 @@ impl Series {
         histogram.1[bucket_of(duration)] += 1;
     }
 
-    fn summary(&self, now: u64) -> TrafficSummary {
+    /// Adds the last minute before `now` into `totals`; `false` if it had no request.
+    fn add_to(&self, now: u64, totals: &mut Totals) -> bool {
         let recent = |second: u64| second + WINDOW_SECONDS > now && second <= now;
-        let (requests, errors) = self
-            .seconds
-            .iter()
-            .filter(|(second, ..)| recent(*second))
-            .fold((0u64, 0u64), |(r, e), (_, requests, errors)| {
-                (r + u64::from(*requests), e + u64::from(*errors))
-            });
-        let mut merged = [0u64; BUCKETS];
+        let mut any = false;
+        for (_, requests, errors) in self.seconds.iter().filter(|(second, ..)| recent(*second)) {
+            totals.requests += u64::from(*requests);
+            totals.errors += u64::from(*errors);
+            any |= *requests > 0;
+        }
         for (slot, histogram) in &self.latency {
             if recent(slot * SLOT_SECONDS) || recent(slot * SLOT_SECONDS + SLOT_SECONDS - 1) {
-                for (total, count) in merged.iter_mut().zip(histogram.iter()) {
+                for (total, count) in totals.latency.iter_mut().zip(histogram.iter()) {
                     *total += u64::from(*count);
                 }
             }
         }
+        any
+    }
+}
+
+impl Totals {
+    fn summary(&self) -> TrafficSummary {
+        let (requests, errors) = (self.requests, self.errors);
         TrafficSummary {
             requests,
             requests_per_second: requests as f64 / WINDOW_SECONDS as f64,
@@ -102,8 +127,8 @@ impl Series {
             } else {
                 errors as f64 / requests as f64
             },
-            p50_ms: percentile(&merged, 0.50),
-            p99_ms: percentile(&merged, 0.99),
+            p50_ms: percentile(&self.latency, 0.50),
+            p99_ms: percentile(&self.latency, 0.99),
         }
     }
 }
@@ -132,49 +157,74 @@ fn percentile(histogram: &[u64; BUCKETS], q: f64) -> Option<f64> {
     None
 }
 
-fn second_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+/// The whole second of `time` since the epoch: the traffic's clock.
+pub fn second_of(time: SystemTime) -> u64 {
+    time.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-impl TrafficWindow {
-    /// Counts one request under its route and its replica, where it had them.
+pub fn second_now() -> u64 {
+    second_of(SystemTime::now())
+}
+
+impl ThreadTraffic {
+    /// Counts one request, ended in `second`, under its route and its replica, where it had
+    /// them.
     pub fn record(
-        &self,
+        &mut self,
+        second: u64,
         route: Option<&Arc<str>>,
         replica: Option<&Arc<str>>,
         error: bool,
         duration: Duration,
     ) {
-        let second = second_now();
-        let mut keys = super::lock(&self.series);
-        let keys = &mut *keys;
-        for (map, key) in [(&mut keys.routes, route), (&mut keys.replicas, replica)] {
+        for (map, key) in [(&mut self.routes, route), (&mut self.replicas, replica)] {
             if let Some(key) = key {
-                map.entry(key.clone())
-                    .or_insert_with(Series::new)
-                    .record(second, error, duration);
+                // Looked up by reference first: the key is cloned only for a new entry.
+                match map.get_mut(key) {
+                    Some(series) => series.record(second, error, duration),
+                    None => {
+                        let mut series = Series::new();
+                        series.record(second, error, duration);
+                        map.insert(key.clone(), series);
+                    }
+                }
             }
         }
     }
 
-    /// The last minute of every route and every replica that had traffic in it, by name.
+    /// Adds this thread's last minute into `totals`. Keys quiet for a whole minute are
+    /// forgotten, so replicas that left do not pile up.
+    pub fn add_to(&mut self, now: u64, totals: &mut TrafficTotals) {
+        for (map, sums) in [
+            (&mut self.routes, &mut totals.routes),
+            (&mut self.replicas, &mut totals.replicas),
+        ] {
+            map.retain(|key, series| {
+                let mut added = Totals::default();
+                let active = series.add_to(now, &mut added);
+                if active {
+                    let sum = sums.entry(key.clone()).or_default();
+                    sum.requests += added.requests;
+                    sum.errors += added.errors;
+                    for (total, count) in sum.latency.iter_mut().zip(added.latency.iter()) {
+                        *total += count;
+                    }
+                }
+                active
+            });
+        }
+    }
+}
+
+impl TrafficTotals {
+    /// The summaries of every route and every replica, by name.
     pub fn summaries(&self) -> (Named, Named) {
-        let now = second_now();
-        let mut keys = super::lock(&self.series);
-        let keys = &mut *keys;
-        let summaries = |map: &mut HashMap<Arc<str>, Series>| {
-            // Keys quiet for a whole minute are forgotten, so replicas that left do not pile up.
-            map.retain(|_, s| s.summary(now).requests > 0);
-            let mut all: Vec<_> = map
-                .iter()
-                .map(|(k, s)| (k.clone(), s.summary(now)))
-                .collect();
-            all.sort_by(|a, b| a.0.cmp(&b.0));
-            all
+        let named = |sums: &BTreeMap<Arc<str>, Totals>| {
+            sums.iter()
+                .map(|(key, totals)| (key.clone(), totals.summary()))
+                .collect()
         };
-        (summaries(&mut keys.routes), summaries(&mut keys.replicas))
+        (named(&self.routes), named(&self.replicas))
     }
 }
 
@@ -183,14 +233,26 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_minute_of_requests_gives_their_rate_errors_and_percentiles() {
-        let window = TrafficWindow::default();
+    fn a_minute_of_requests_on_two_threads_gives_their_rate_errors_and_percentiles() {
+        let mut threads = [ThreadTraffic::default(), ThreadTraffic::default()];
         let (route, replica): (Arc<str>, Arc<str>) = ("user/login".into(), "a".into());
+        let now = second_now();
         for n in 0..100u64 {
             let duration = Duration::from_millis(if n < 98 { 2 } else { 400 });
-            window.record(Some(&route), Some(&replica), n % 10 == 0, duration);
+            let second = now - n % 50;
+            threads[n as usize % 2].record(
+                second,
+                Some(&route),
+                Some(&replica),
+                n % 10 == 0,
+                duration,
+            );
         }
-        let (routes, replicas) = window.summaries();
+        let mut totals = TrafficTotals::default();
+        for thread in &mut threads {
+            thread.add_to(now, &mut totals);
+        }
+        let (routes, replicas) = totals.summaries();
         assert_eq!((routes.len(), replicas.len()), (1, 1));
         let (key, route) = &routes[0];
         assert_eq!(&**key, "user/login");
@@ -202,6 +264,16 @@ mod tests {
         let p99 = route.p99_ms.unwrap();
         assert!((400.0..480.0).contains(&p99), "{p99}");
         assert_eq!(replicas[0].1, *route);
+
+        let mut later = TrafficTotals::default();
+        for thread in &mut threads {
+            thread.add_to(now + 61, &mut later);
+        }
+        assert_eq!(
+            later.summaries(),
+            (vec![], vec![]),
+            "a quiet minute forgets its keys"
+        );
     }
 
     #[test]
