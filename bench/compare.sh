@@ -37,7 +37,10 @@
 #   --callgrind        instead of the timed rounds, run every proxy under valgrind's callgrind and
 #                      print the instructions each executes per request (GET and POST, 4 connections,
 #                      --duration s each): unlike req/s and CPU time, these counts repeat from run to
-#                      run whatever else the machine does. Installs valgrind from Debian if missing.
+#                      run whatever else the machine does. Then the gateway's instructions by phase of
+#                      the request path (bench/callgrind-phases.py); with --tracing also a traced
+#                      gateway with the dashboard off (`goms+trace-nodash`), and what tracing and the
+#                      dashboard cost. Installs valgrind from Debian if missing.
 #
 # Everything it starts (upstream nginx, etcd, gateway, front nginx, HAProxy) is stopped by PID in an
 # EXIT trap, even on failure. It never signals processes by name: other nginx/etcd may be running.
@@ -413,6 +416,16 @@ if [ "$TRACING" = 1 ] && [ "$TRACE_AVAILABLE" = 1 ]; then
         ${GATEWAY_TRACE_ARGS[@]+"${GATEWAY_TRACE_ARGS[@]}"}
     GWT_PID=$STARTED_PID; PIDS+=("$GWT_PID")
 fi
+# --callgrind --tracing: the same traced gateway with the dashboard off, for what the
+# dashboard costs (gateway.dashboard: false).
+GWTN_PID=""
+if [ "$CALLGRIND" = 1 ] && [ -n "$GWT_PID" ]; then
+    free_port; GTNP=$FREE_PORT
+    start_gateway gateway-trace-nodash "$GTNP" ${GATEWAY_TRACE_ENV[@]+"${GATEWAY_TRACE_ENV[@]}"} \
+        GOMS__GATEWAY__DASHBOARD=false "GOMS__TRACE__SPOOL_DIR=$T/spool-trace-nodash" -- \
+        ${GATEWAY_TRACE_ARGS[@]+"${GATEWAY_TRACE_ARGS[@]}"}
+    GWTN_PID=$STARTED_PID; PIDS+=("$GWTN_PID")
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Front end 2: nginx, one worker, upstream block with keep-alive, round robin (its default).
@@ -524,6 +537,10 @@ URL[direct]="http://127.0.0.1:$U1"; PID_OF[direct]=""
 if [ -n "$GWT_PID" ]; then
     FRONTENDS=(goms goms+trace nginx haproxy direct)
     URL[goms+trace]="http://127.0.0.1:$GTP"; PID_OF[goms+trace]=$GWT_PID
+fi
+if [ -n "$GWTN_PID" ]; then
+    FRONTENDS=(goms goms+trace goms+trace-nodash "${FRONTENDS[@]:2}")
+    URL[goms+trace-nodash]="http://127.0.0.1:$GTNP"; PID_OF[goms+trace-nodash]=$GWTN_PID
 fi
 if [ "$TLS" = 1 ]; then
     FRONTENDS+=(goms+tls nginx+tls)
@@ -638,7 +655,8 @@ callgrind_total() { # callgrind_total NAME: the instruction total of NAME's newe
     awk '/^totals:/ { print $2; exit }' "$f"
 }
 if [ "$CALLGRIND" = 1 ]; then
-    declare -A CG_NAME=([goms]=gateway [goms+trace]=gateway-trace [pingora]=pingora [nginx]=nginx [haproxy]=haproxy)
+    declare -A CG_NAME=([goms]=gateway [goms+trace]=gateway-trace [goms+trace-nodash]=gateway-trace-nodash [pingora]=pingora [nginx]=nginx [haproxy]=haproxy)
+    declare -A CG_DUMP
     CG_OUT=$T/instructions.tsv
     printf 'scenario\tfrontend\trequests\tinstructions_per_request\n' > "$CG_OUT"
     for scen in get post; do
@@ -649,6 +667,7 @@ if [ "$CALLGRIND" = 1 ]; then
             requests=$(run_wrk "$fe" "$scen" 4 "$DURATION" | awk '{ print $1 }')
             callgrind_control --dump "${PID_OF[$fe]}" > /dev/null 2>&1
             total=$(callgrind_total "${CG_NAME[$fe]}")
+            CG_DUMP[$scen/$fe]="$(ls -t "$T/callgrind-${CG_NAME[$fe]}.out".* | head -n 1) $requests"
             printf '%s\t%s\t%s\t%s\n' "$scen" "$fe" "$requests" $(( total / requests )) >> "$CG_OUT"
             log "callgrind: $scen via $fe: $requests requests, $(( total / requests )) instructions/request"
         done
@@ -661,6 +680,20 @@ if [ "$CALLGRIND" = 1 ]; then
     awk -F'\t' 'NR > 1 { row[NR] = $0; if ($2 == "nginx") base[$1] = $4 }
         END { for (i = 2; i <= NR; i++) { split(row[i], f, "\t")
             printf "| %s | %s | %d | %d | %.2f |\n", (f[1] == "get" ? "GET small" : "POST 1 KiB"), f[2], f[3], f[4], f[4] / base[f[1]] } }' "$CG_OUT"
+    # Where the gateway's instructions go, and what tracing and the dashboard cost.
+    phase_fe=goms; [ -z "$GWT_PID" ] || phase_fe=goms+trace
+    for scen in get post; do
+        echo
+        # shellcheck disable=SC2086 # "dump requests"
+        python3 "$REPO/bench/callgrind-phases.py" ${CG_DUMP[$scen/$phase_fe]} "$phase_fe, ${scen^^}"
+    done
+    if [ -n "$GWTN_PID" ]; then
+        echo
+        awk -F'\t' 'NR > 1 { n[$1 "/" $2] = $4 }
+            END { for (s = 1; s <= 2; s++) { scen = (s == 1 ? "get" : "post")
+                on = n[scen "/goms+trace"]; off = n[scen "/goms"]; nodash = n[scen "/goms+trace-nodash"]
+                printf "%s: tracing adds %.1f%% to the instructions of tracing off (target: at most 15%%); the dashboard is %.1f%% of the traced total (target: at most 3%%); traced total %d%s\n", toupper(scen), 100 * (on - off) / off, 100 * (on - nodash) / on, on, (scen == "get" ? " (target: at most 94,800, a bare pingora proxy'"'"'s GET)" : "") } }' "$CG_OUT"
+    fi
     [ -z "$OUT_DIR" ] || { mkdir -p "$OUT_DIR"; cp "$CG_OUT" "$T"/callgrind-*.out.* "$OUT_DIR/"; }
     exit 0
 fi

@@ -459,3 +459,23 @@ async fn a_timeline_answers_within_seconds_when_elasticsearch_black_holes() {
     assert!(error.contains("did not answer within 2 s"), "{trace}");
     assert_eq!(trace["gateway"]["status"], 200);
 }
+
+/// `gateway.dashboard: false` turns the page and its recording off; the rest of the admin
+/// listener stays.
+#[tokio::test]
+async fn a_gateway_with_the_dashboard_off_says_so_at_ui() {
+    let etcd = Etcd::start().await;
+    let (_routes_folder, routes) = route_file(ROUTES);
+    let env = [("GOMS__GATEWAY__DASHBOARD", "false")];
+    let gateway = Goms::gateway_with(&etcd.endpoint(), &routes, &[], &env).await;
+    let marker = "admin (/cluster, /metrics) on ";
+    gateway.wait_for_line(marker, Duration::from_secs(20)).await;
+    let admin = format!("http://{}", gateway.logged_addr(marker));
+    let client = http();
+    let ui = client.get(format!("{admin}/ui")).send().await.unwrap();
+    assert_eq!(ui.status(), 404);
+    let body = ui.text().await.unwrap();
+    assert!(body.contains("gateway.dashboard: false"), "{body}");
+    let cluster = client.get(format!("{admin}/cluster")).send().await.unwrap();
+    assert_eq!(cluster.status(), 200);
+}

@@ -255,6 +255,10 @@ pub struct GatewayConfig {
     /// to its events in Discover. Default none: no link.
     #[serde(default)]
     pub kibana_url: Option<String>,
+    /// The dashboard (`/ui` on the admin listener) and what it records of each request.
+    /// Default on; off, `/ui` answers 404 and the request path records nothing for it.
+    #[serde(default = "default_true")]
+    pub dashboard: bool,
     /// Limits on what a client may send, in the class of Envoy's and nginx's defaults.
     #[serde(default)]
     pub limits: LimitsConfig,

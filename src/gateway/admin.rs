@@ -42,7 +42,8 @@ pub struct AdminEndpoints {
     /// etcd's endpoints, for the messages that blame it.
     pub etcd: String,
     /// `/ui` and what it shows; served on the admin listener only.
-    pub dashboard: Arc<Dashboard>,
+    /// `None` with `gateway.dashboard: false`.
+    pub dashboard: Option<Arc<Dashboard>>,
 }
 
 /// A complete answer of an admin endpoint.
@@ -175,26 +176,27 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> http::Response<Vec<u8>> {
         let path = session.req_header().uri.path().to_string();
         let query = session.req_header().uri.query().map(str::to_string);
-        if path == "/ui" || path.starts_with("/ui/") {
+        let dashboard = self.0.dashboard.as_ref();
+        if let Some(dashboard) = dashboard.filter(|_| path == "/ui" || path.starts_with("/ui/")) {
             let members = self.0.members.borrow().clone();
             let sources = Sources {
                 members: &members,
                 upstreams: &self.0.upstreams,
                 routes: &self.0.routes,
             };
-            if let Some(page) = self
-                .0
-                .dashboard
-                .answer(&path, query.as_deref(), sources)
-                .await
-            {
+            if let Some(page) = dashboard.answer(&path, query.as_deref(), sources).await {
                 return respond(page.status, page.content_type, page.body);
             }
         }
         let answer = self.0.answer(&path).unwrap_or_else(|| {
+            let msg = if dashboard.is_none() && path.starts_with("/ui") {
+                "the dashboard is off on this gateway (gateway.dashboard: false)"
+            } else {
+                "the admin listener serves /ui, /cluster, /metrics, /healthz and /readyz"
+            };
             let envelope = ErrorEnvelope {
                 code: 404,
-                msg: "the admin listener serves /ui, /cluster, /metrics, /healthz and /readyz",
+                msg,
                 status: false,
                 request_id: "",
             };

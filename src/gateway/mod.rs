@@ -252,11 +252,13 @@ pub fn run(
         registry_status: registry_status.clone(),
         certificates: certificates.clone(),
         etcd: config.etcd_addr.join(","),
-        dashboard: Arc::new(dashboard::Dashboard::new(
-            &config.es_addr,
-            &config.trace_consumer.index_prefix,
-            gateway.kibana_url.clone(),
-        )),
+        dashboard: gateway.dashboard.then(|| {
+            Arc::new(dashboard::Dashboard::new(
+                &config.es_addr,
+                &config.trace_consumer.index_prefix,
+                gateway.kibana_url.clone(),
+            ))
+        }),
     });
 
     let drain = Drain::new();

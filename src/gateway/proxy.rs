@@ -741,8 +741,11 @@ impl ProxyHttp for GatewayProxy {
             elapsed_ms = duration.as_millis() as u64,
             "request finished"
         );
+        let Some(dashboard) = self.admin.dashboard.as_ref() else {
+            return;
+        };
         let route = ctx.route.as_ref();
-        self.admin.dashboard.record(FinishedRequest {
+        dashboard.record(FinishedRequest {
             method: header.method.clone(),
             uri: header.uri.clone(),
             service: route.map(|r| r.service.clone()),

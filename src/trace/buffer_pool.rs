@@ -3,7 +3,7 @@
 //!
 //! A fresh buffer of half a megabyte is not free even with a fast allocator: mimalloc hands
 //! such sizes out from pages the kernel has to fault in and zero as they are first written,
-//! a large share of the publisher thread's time (`docs/benchmarks.md`). A buffer that is
+//! a large share of the publisher thread's time (`docs/benchmarks-archive.md`). A buffer that is
 //! reused stays mapped.
 
 use std::sync::Mutex;

@@ -1,21 +1,21 @@
 //! How trace events travel in AMQP messages: several events per message, one JSON document
 //! per line (NDJSON, `application/x-ndjson`).
 //!
-//! Most of the broker's cost for small messages is per message: one event per message held
-//! the broker to about 16,000 events/s on a core, less than two events per gateway request at full
-//! load. A message of up to [`MAX_EVENTS_PER_MESSAGE`] events (and [`MAX_MESSAGE_BYTES`])
+//! Most of the broker's cost for small messages is per message: with one event per message
+//! the broker could not keep up with a gateway at full load. A message of up to
+//! [`MAX_EVENTS_PER_MESSAGE`] events (and [`MAX_MESSAGE_BYTES`])
 //! cuts that cost by the batch size while keeping each event a complete document with its
 //! own `eventId`, so the consumer still indexes, retries and dead-letters event by event. A
 //! message that holds a single JSON object (one line) is a valid message too.
 //!
 //! Why 1,024: larger messages cost RabbitMQ less CPU per traced request than 128-event ones
-//! (`docs/benchmarks.md`). A consumer's prefetch counts messages, so it is low (32) to match:
+//! (`docs/benchmarks-archive.md` has the rounds that measured both). A consumer's prefetch counts messages, so it is low (32) to match:
 //! otherwise one consumer holds a whole backlog and the others idle.
 //!
 //! A message body may be compressed, as its AMQP `content-encoding` says ([`compress`],
 //! [`decode`]). Publishers compress with LZ4 by default: past the per-message cost, the
 //! broker's cost follows the bytes it receives, stores and delivers, and trace events
-//! compress about fivefold for a fraction of that cost. Consumers read both kinds, so
+//! compress well for a fraction of that cost (figures in `docs/benchmarks-archive.md`). Consumers read both kinds, so
 //! messages from older publishers and hand-made ones stay valid.
 
 use std::borrow::Cow;
@@ -66,8 +66,8 @@ pub fn compress(compression: TraceCompression, lines: Cow<'_, [u8]>) -> Cow<'_, 
 
 /// Makes the publisher's message bodies as configured. LZ4 bodies are written into buffers
 /// kept for reuse: [`BodyEncoder::recycle`] takes them back once the bodies are sent. A
-/// batch's messages are all compressed before any is sent, because the broker spends about
-/// twice the CPU per event on messages that arrive one by one (`docs/benchmarks.md`), so
+/// batch's messages are all compressed before any is sent, because the broker spends more
+/// CPU per event on messages that arrive one by one (`docs/benchmarks-archive.md`), so
 /// each needs a buffer of its own.
 pub struct BodyEncoder {
     compression: TraceCompression,
@@ -91,9 +91,8 @@ impl Body<'_> {
     }
 }
 
-/// Compressed bodies' buffers kept. A batch at 30,000 requests/s (12,000 events) is about a
-/// dozen messages; batches in flight hold buffers only until they are sent, not until they are
-/// confirmed.
+/// Compressed bodies' buffers kept: enough for the messages of a batch at full load; batches
+/// in flight hold buffers only until they are sent, not until they are confirmed.
 const SPARE_BODY_BUFFERS: usize = 24;
 
 impl BodyEncoder {

@@ -6,7 +6,7 @@
 //! to a message's limits ([`EncodedEvents::has_room_for`]), which [`framing::encode`] sends
 //! without copying. Emitting costs an uncontended lock and a shared counter; no allocation,
 //! no channel, and no free on the publisher's thread: the request path's share of tracing is
-//! writing the JSON (`docs/benchmarks.md` has the profile).
+//! writing the JSON (`docs/benchmarks.md` has the phases of a request's cost).
 //!
 //! Each unit also writes its lines into a slot of the node's [`journal`](super::journal),
 //! a memory-mapped file that outlives the process, until its events are confirmed or
@@ -19,9 +19,9 @@
 //! The bound counts entries (one [`EventQueue::push`]: a gateway request's two events, or one
 //! event) across all shards. A push past it is refused and the caller spools the events. The
 //! push that fills the queue halfway wakes the publisher ([`EventQueue::half_full`]), which
-//! otherwise looks only at its interval: at 40,000 requests/s a 10,000-entry queue fills in
-//! 250 ms, barely more than the default 200 ms interval, so without the wake requests would
-//! spool events themselves whenever the publisher's thread ran late.
+//! otherwise looks only at its interval: at full load the default queue fills in little more
+//! than the default interval, so without the wake requests would spool events themselves
+//! whenever the publisher's thread ran late.
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -12,8 +12,8 @@ use super::event_count;
 use crate::trace::framing::{BodyEncoder, EncodedEvents};
 use crate::trace::queue::EventQueue;
 
-/// Most batches sent and not yet confirmed. The broker's confirms usually take tens of
-/// milliseconds but now and then over half a second under load (docs/benchmarks.md).
+/// Most batches sent and not yet confirmed. The broker's confirms are usually quick but now
+/// and then take hundreds of times longer under load (docs/benchmarks-archive.md).
 /// Waiting for each batch's confirms before sending the next would let the in-process queue
 /// fill meanwhile and push events into the spool, which writes to disk on the request path.
 const MAX_IN_FLIGHT: usize = 8;

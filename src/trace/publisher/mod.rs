@@ -56,7 +56,7 @@ pub struct PublisherSettings {
     /// How long events gather before they are sent and confirmed, unless the queue is
     /// already half full (`trace.publishInterval`). The broker's cost is per confirmed batch (it writes and
     /// syncs the messages before it confirms them), so fewer, larger batches cost it less CPU
-    /// per event (docs/benchmarks.md has the figures). The publisher polls the queue: only
+    /// per event (docs/benchmarks-archive.md has the figures). The publisher polls the queue: only
     /// the request that fills it halfway wakes the publisher's thread.
     pub publish_interval: Duration,
     /// How message bodies are compressed (`trace.compression`; see [`framing`](super::framing)).
