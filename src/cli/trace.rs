@@ -9,7 +9,7 @@ use anyhow::{bail, Context};
 use serde_json::Value;
 
 use crate::config::GomsConfig;
-use crate::indexer::TraceIndex;
+use crate::trace::search::TraceIndex;
 
 const BAR_WIDTH: usize = 40;
 

@@ -30,7 +30,7 @@ use lapin::types::FieldTable;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info, warn};
 
-use super::elasticsearch::{BulkItem, ItemOutcome, SinkError, TraceIndex};
+use super::elasticsearch::{BulkItem, EsError, ItemOutcome, TraceIndex};
 use super::settings::ConsumerSettings;
 use crate::diagnostics::Repeats;
 use crate::trace::framing::{self, DecodeError};
@@ -139,7 +139,7 @@ pub async fn run(
     settings: ConsumerSettings,
     stats: &ConsumerStats,
     mut shutdown: watch::Receiver<bool>,
-) -> Result<(), SinkError> {
+) -> Result<(), EsError> {
     let index = TraceIndex::new(&settings.es_addr, &settings.index_prefix)?;
     let (go_ahead, may_consume) = oneshot::channel();
     tokio::spawn(install_template(

@@ -26,6 +26,7 @@ pub mod framing;
 mod journal;
 mod publisher;
 mod queue;
+pub mod search;
 mod spool;
 
 pub use context::{request_id_or_new, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER};

@@ -28,10 +28,10 @@ use traffic::{ThreadTraffic, TrafficTotals};
 
 use super::route_store::RouteStore;
 use super::upstreams::Upstreams;
-use crate::indexer::TraceIndex;
 use crate::per_thread::PerThread;
 use crate::registry::Members;
 use crate::trace::rfc3339;
+use crate::trace::search::TraceIndex;
 
 const PAGE: &str = include_str!("page.html");
 /// The service that gateways register as.
