@@ -22,7 +22,6 @@ use std::borrow::Cow;
 
 use super::buffer_pool::BufferPool;
 use super::event::TraceEvent;
-use super::journal::Slot;
 pub use crate::config::TraceCompression;
 
 /// MIME type of a trace message.
@@ -204,10 +203,18 @@ pub struct EncodedEvents {
     copy: JournalCopy,
 }
 
-/// A unit's slot in the journal, if it has one. A clone has none (only the queued unit is
-/// kept), and two units compare by their events alone.
+/// Somewhere a unit keeps a copy of its lines for as long as it lives: the queue's slot in
+/// the journal. Framing knows only this, so that the journal builds on framing and not the
+/// other way round.
+pub trait KeepsCopy: Send + Sync + std::fmt::Debug {
+    /// Copies `lines`, appended to the unit that now holds `count` events in all.
+    fn copy(&mut self, lines: &[u8], appended: usize, count: usize);
+}
+
+/// A unit's copy, if it has one. A clone has none (only the queued unit is kept), and two
+/// units compare by their events alone.
 #[derive(Debug, Default)]
-struct JournalCopy(Option<Slot>);
+struct JournalCopy(Option<Box<dyn KeepsCopy>>);
 
 impl Clone for JournalCopy {
     fn clone(&self) -> Self {
@@ -253,7 +260,7 @@ impl EncodedEvents {
     }
 
     /// Copies these events, and every later append, into `slot` until they are dropped.
-    pub(super) fn keep_copy_in(&mut self, mut slot: Slot) {
+    pub(super) fn keep_copy_in(&mut self, mut slot: Box<dyn KeepsCopy>) {
         if !self.lines.is_empty() {
             slot.copy(&self.lines, self.count, self.count);
         }

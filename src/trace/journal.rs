@@ -26,9 +26,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
-use super::framing::{self, EncodedEvents, MESSAGE_BUFFER_BYTES};
+use super::framing::{self, EncodedEvents, KeepsCopy, MESSAGE_BUFFER_BYTES};
 use super::lock;
-use super::publisher::PublisherStats;
+use super::stats::PublisherStats;
 
 /// Units that can be queued or in flight with a copy at once: a busy gateway holds a few per
 /// emitting thread, plus up to 8 batches awaiting confirms.
@@ -200,10 +200,10 @@ pub struct Slot {
     full: bool,
 }
 
-impl Slot {
+impl KeepsCopy for Slot {
     /// Copies `lines`, appended to the unit that now holds `count` events in all, then
     /// updates the header.
-    pub fn copy(&mut self, lines: &[u8], appended: usize, count: usize) {
+    fn copy(&mut self, lines: &[u8], appended: usize, count: usize) {
         if self.full || self.len + lines.len() > MESSAGE_BUFFER_BYTES {
             self.full = true;
             self.journal.count_unjournaled(appended);

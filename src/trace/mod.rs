@@ -3,16 +3,23 @@
 //! or losing an event.
 //!
 //! # Layout
+//! Imports point one way, down this list: a module uses only those above it.
 //! - [`context`](TraceContext): `X-Request-Id` and the W3C trace context.
 //! - `event`: the trace event document ([`TraceEvent`]), header redaction and body capping.
-//! - `queue`: the bounded in-process queue the request path writes events into.
-//! - `publisher`: queue -> RabbitMQ (confirms), with `spool` on disk while the broker is
-//!   away; [`TraceSink`] is the request path's end of it.
+//! - `stats`: what the pipeline did with events ([`PublisherStats`]), counted by all below.
+//! - `buffer_pool`: large buffers the queue and the publisher reuse.
 //! - [`framing`]: several events per AMQP message, one JSON document per line; the format
 //!   the publisher writes and the [`indexer`](crate::indexer) reads.
-//! - [`amqp`]: connection and queue topology shared by the publisher and the indexer.
 //! - `journal`: the queue's copy in a memory-mapped file, which outlives a SIGKILLed process.
-//! - `buffer_pool`: large buffers the queue and the publisher reuse.
+//! - `spool`: segments on disk while the broker is away, and the lock that says whose a
+//!   node's spool folder is.
+//! - `queue`: the bounded in-process queue the request path writes events into.
+//! - `adoption`: the spool folders of nodes that are gone, taken over by a live node.
+//! - `publisher`: queue -> RabbitMQ (confirms), with the spool while the broker is away;
+//!   [`TraceSink`] is the request path's end of it.
+//! - [`amqp`]: connection and queue topology shared by the publisher and the indexer.
+//! - [`search`]: a request's events read back from Elasticsearch, and the client the indexer
+//!   shares.
 //!
 //! Tracing never blocks or fails a request: the request path only calls
 //! [`TraceSink::emit`] or [`TraceSink::emit_with`], which never wait.
@@ -28,6 +35,7 @@ mod publisher;
 mod queue;
 pub mod search;
 mod spool;
+mod stats;
 
 pub use context::{request_id_or_new, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 pub use event::{
@@ -35,10 +43,10 @@ pub use event::{
     RequestInfo, Timing, TraceEvent, TraceTiming, ALWAYS_REDACTED, REDACTED,
 };
 pub use publisher::{
-    remove_spool_if_empty, Publisher, PublisherSettings, PublisherStats, RunningPublisher,
-    TraceSink,
+    remove_spool_if_empty, Publisher, PublisherSettings, RunningPublisher, TraceSink,
 };
 pub use spool::SpoolError;
+pub use stats::PublisherStats;
 
 pub use crate::config::rfc3339;
 use crate::config::GomsConfig;
@@ -95,11 +103,7 @@ impl PublisherSettings {
 /// publisher share the queue's shards and the spool; a panic while one of them held the lock
 /// (a bug) leaves at worst part of a line, which the consumer dead-letters, and stopping
 /// tracing for good over it would lose every later event.
-fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use crate::per_thread::lock;
 
 /// Milliseconds as a float with microsecond precision, for `durationMs`.
 pub fn millis(duration: std::time::Duration) -> f64 {

@@ -118,7 +118,7 @@ impl EventQueue {
     fn new_unit(&self, buffer: Vec<u8>) -> EncodedEvents {
         let mut unit = EncodedEvents::reusing(buffer);
         if let Some(slot) = self.journal.as_ref().and_then(Journal::acquire) {
-            unit.keep_copy_in(slot);
+            unit.keep_copy_in(Box::new(slot));
         }
         unit
     }

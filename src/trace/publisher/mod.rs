@@ -27,7 +27,7 @@ mod replay;
 mod sink;
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -35,11 +35,13 @@ use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
-use super::adoption::{self, FolderLock};
+use super::adoption;
 use super::framing::{BodyEncoder, EncodedEvents, TraceCompression};
 use super::journal::Journal;
 use super::queue::EventQueue;
+use super::spool::FolderLock;
 use super::spool::{Spool, SpoolError, SET_ASIDE_FOR};
+pub use super::stats::PublisherStats;
 use crate::config::QueueType;
 use connection::Connection;
 use in_flight::{InFlight, SentBatch, Settled};
@@ -70,29 +72,6 @@ pub struct PublisherSettings {
     /// every minute ([`adoption`](super::adoption)); set by
     /// [`for_node`](PublisherSettings::for_node), which makes `spool_dir` a node's folder.
     pub adopt_orphans: bool,
-}
-
-/// Counters exported at `/metrics` (`goms_trace_events_*_total`).
-#[derive(Debug, Default)]
-pub struct PublisherStats {
-    pub emitted: AtomicU64,
-    pub published: AtomicU64,
-    pub spooled: AtomicU64,
-    /// Of `spooled`: events the request path wrote to the spool itself because the
-    /// in-process queue was full. The publisher keeps the queue drained even while the broker
-    /// is away, so this stays 0 unless the publisher falls behind.
-    pub overflowed: AtomicU64,
-    pub dropped: AtomicU64,
-    /// Events queued without a copy in the journal (every slot in use, or a unit larger
-    /// than a slot): a SIGKILL before they are confirmed or spooled loses them.
-    pub unjournaled: AtomicU64,
-    /// Events a previous run of this node held in memory when it died, found in the journal
-    /// and spooled for replay.
-    pub recovered: AtomicU64,
-    /// Events moved into this node's spool from the folders of nodes that are gone.
-    pub adopted: AtomicU64,
-    /// Folders of nodes that are gone, adopted whole and removed.
-    pub folders_adopted: AtomicU64,
 }
 
 /// The publisher loop, prepared but not yet running: [`Publisher::run`] drives it inside
@@ -238,69 +217,6 @@ pub fn remove_spool_if_empty(dir: &std::path::Path) {
     // remove_dir refuses a folder that is not empty, which is the check itself.
     if std::fs::remove_dir(dir).is_ok() {
         info!(message = "Removed the empty trace spool folder.", dir = %dir.display());
-    }
-}
-
-impl PublisherStats {
-    /// Appends `goms_trace_events_*_total` in Prometheus' text format: what the publisher
-    /// did with events.
-    pub fn render_prometheus(&self, out: &mut String) {
-        use std::fmt::Write;
-        let counters = [
-            (
-                "emitted",
-                "Trace events produced on the request path.",
-                &self.emitted,
-            ),
-            (
-                "published",
-                "Trace events confirmed by the broker.",
-                &self.published,
-            ),
-            (
-                "spooled",
-                "Trace events written to the disk spool.",
-                &self.spooled,
-            ),
-            (
-                "overflowed",
-                "Of the spooled events, those the request path wrote itself because the in-process queue was full.",
-                &self.overflowed,
-            ),
-            (
-                "dropped",
-                "Trace events lost because the spool was full or unwritable.",
-                &self.dropped,
-            ),
-            (
-                "unjournaled",
-                "Trace events queued without a copy in the journal, which a SIGKILL would lose.",
-                &self.unjournaled,
-            ),
-            (
-                "recovered",
-                "Trace events a previous run of this node held in memory when it died, found in the journal and spooled.",
-                &self.recovered,
-            ),
-            (
-                "adopted",
-                "Trace events taken over from the spool folders of nodes that are gone, replayed with this node's.",
-                &self.adopted,
-            ),
-        ];
-        for (name, help, counter) in counters {
-            let name = format!("goms_trace_events_{name}_total");
-            let _ = writeln!(out, "# HELP {name} {help}");
-            let _ = writeln!(out, "# TYPE {name} counter");
-            let _ = writeln!(out, "{name} {}", counter.load(Ordering::Relaxed));
-        }
-        let _ = writeln!(out, "# HELP goms_trace_spool_folders_adopted_total Spool folders of nodes that are gone, adopted whole and removed.");
-        let _ = writeln!(out, "# TYPE goms_trace_spool_folders_adopted_total counter");
-        let _ = writeln!(
-            out,
-            "goms_trace_spool_folders_adopted_total {}",
-            self.folders_adopted.load(Ordering::Relaxed)
-        );
     }
 }
 

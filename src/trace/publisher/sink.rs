@@ -5,12 +5,12 @@ use std::sync::{Arc, Mutex};
 
 use tracing::error;
 
-use super::PublisherStats;
 use crate::trace::event::TraceEvent;
 use crate::trace::framing::EncodedEvents;
 use crate::trace::lock;
 use crate::trace::queue::EventQueue;
 use crate::trace::spool::Spool;
+use crate::trace::stats::PublisherStats;
 
 /// The request path's handle: cheap to clone, never blocks on the broker.
 #[derive(Clone)]

@@ -20,6 +20,9 @@ use serde::de::IgnoredAny;
 
 use super::framing::{self, EncodedEvents};
 
+mod lock;
+pub use lock::{FolderLock, FolderLockError, LOCK_FILE};
+
 /// A segment is closed and a new one started past this size, so replay works in bounded steps.
 const SEGMENT_BYTES: u64 = 4 * 1024 * 1024;
 /// How long replay leaves alone a segment that could not be read or deleted.
@@ -35,7 +38,7 @@ pub enum SpoolError {
     },
     /// The node's folder is another live process's.
     #[error(transparent)]
-    Lock(#[from] super::adoption::FolderLockError),
+    Lock(#[from] FolderLockError),
 }
 
 pub struct Spool {
