@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::config::GomsConfig;
-use crate::gateway::cluster::cluster_document;
+use crate::gateway::admin::cluster::cluster_document;
 use crate::registry::{list_members, EtcdEndpoints};
 
 const TIMEOUT: Duration = Duration::from_secs(5);

@@ -2,33 +2,33 @@
 //! in etcd.
 //!
 //! # Layout
-//! - [`route_store`]: the route table in force and its live reload.
-//! - [`upstreams`]: per-service round-robin balancers fed by the etcd watcher.
-//! - [`proxy`]: the pingora filters, i.e. the request path itself.
-//! - [`admin`]: `/cluster`, `/metrics`, `/healthz` on the admin listener, and who may read
-//!   them on the public port.
-//! - [`cluster`]: the Go original's `/cluster` document.
+//! The top level is the request path, in the order a request meets it; [`proxy`] holds the
+//! pingora filters that call each phase.
+//! - [`tls`]: the HTTPS listener's certificates, chosen by SNI and reloaded from disk.
 //! - [`limits`]: what a client may send (header size and count, target, body, framing).
 //! - [`forwarded`]: who the client is, and the `X-Forwarded-*` headers a replica gets.
-//! - [`tls`]: the HTTPS listener's certificates, chosen by SNI and reloaded from disk.
-//! - [`metrics`]: Prometheus counters at `/metrics`.
-//! - [`respond`]: responses the gateway writes itself (the Go original's JSON envelope).
+//! - [`route_store`]: the route table in force and its live reload; the route match.
+//! - [`registry_view`]: whether the registry was listed yet and is current (holds, 503s).
+//! - [`upstreams`]: per-service round-robin balancers fed by the etcd watcher; the pick.
 //! - [`record`]: what the gateway learns about a request while it passes.
-//! - [`trace_events`]: the gateway's `request.start` / `request.end` trace events, written
-//!   by [`json`], the request path's JSON writer.
+//! - [`respond`]: answers the gateway writes itself (the Go original's JSON envelope).
+//! - The end of a request: [`trace_events`] (its `request.start` / `request.end` events,
+//!   written by a JSON writer of their own), [`metrics`] (the counters) and [`request_log`]
+//!   (what the dashboard shows).
+//! - [`admin`]: the admin surface (`/cluster`, `/metrics`, `/healthz`, `/readyz`, `/ui`). It
+//!   reads what the request path records; the request path never reaches into it.
 //!
 //! Threads: pingora gives the proxy and the registry link each their own tokio runtime;
 //! they share only lock-free snapshots ([`arc_swap`]) and atomics.
 
 pub mod admin;
-pub mod cluster;
-pub mod dashboard;
 pub mod forwarded;
-pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod record;
+pub mod registry_view;
+pub mod request_log;
 pub mod respond;
 pub mod route_store;
 pub mod tls;
@@ -59,6 +59,8 @@ use admin::{AdminApp, AdminEndpoints};
 use metrics::GatewayMetrics;
 use pingora::services::listening::ConnectionLimit;
 use proxy::GatewayProxy;
+use registry_view::RegistryView;
+use request_log::RequestLog;
 use route_store::{route_source, RouteStore};
 use trace_events::GatewayTracer;
 use upstreams::Upstreams;
@@ -241,19 +243,24 @@ pub fn run(
     if let (Some(bound), Some(listener)) = (tls_bound, listeners.tls) {
         server.add_listener_fd(bound.to_string(), listener.into_raw_fd());
     }
-    let admin = Arc::new(AdminEndpoints {
+    let request_log = gateway.dashboard.then(|| Arc::new(RequestLog::default()));
+    let registry = Arc::new(RegistryView {
         members: members_rx,
+        loaded: registry_loaded.clone(),
+        status: registry_status.clone(),
+        etcd: config.etcd_addr.join(","),
+    });
+    let admin = Arc::new(AdminEndpoints {
+        registry: registry.clone(),
         upstreams: upstreams.clone(),
         routes: routes.clone(),
         metrics: metrics.clone(),
         trace: trace.clone(),
         allow: gateway.admin_allow.clone(),
-        registry_loaded: registry_loaded.clone(),
-        registry_status: registry_status.clone(),
         certificates: certificates.clone(),
-        etcd: config.etcd_addr.join(","),
-        dashboard: gateway.dashboard.then(|| {
-            Arc::new(dashboard::Dashboard::new(
+        dashboard: request_log.clone().map(|log| {
+            Arc::new(admin::dashboard::Dashboard::new(
+                log,
                 &config.es_addr,
                 &config.trace_consumer.index_prefix,
                 gateway.kibana_url.clone(),
@@ -268,6 +275,8 @@ pub fn run(
             routes: routes.clone(),
             upstreams: upstreams.clone(),
             admin: admin.clone(),
+            registry,
+            request_log,
             call_service_key: key_header(&call_service_key)?,
             connect_timeout: gateway.connect_timeout,
             limits: gateway.limits.clone(),

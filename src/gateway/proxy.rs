@@ -21,11 +21,12 @@ use pingora::{Error, ErrorSource, ErrorType};
 use tracing::debug;
 
 use super::admin::AdminEndpoints;
-use super::dashboard::FinishedRequest;
 use super::forwarded::{self, Client};
 use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
 use super::record::{Attempt, RequestRecord};
+use super::registry_view::RegistryView;
+use super::request_log::{FinishedRequest, RequestLog};
 use super::respond::{write_body, write_error, Hsts};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
@@ -50,6 +51,11 @@ pub struct GatewayProxy {
     pub upstreams: Arc<Upstreams>,
     /// `/cluster`, `/metrics` and `/healthz`, as the public port serves them.
     pub admin: Arc<AdminEndpoints>,
+    /// Whether the registry was listed yet and is current, for holds and 503s.
+    pub registry: Arc<RegistryView>,
+    /// Where each request that ends is recorded for the dashboard; `None` with
+    /// `gateway.dashboard: false`.
+    pub request_log: Option<Arc<RequestLog>>,
     /// The shared key, parsed once; marked sensitive so HTTP/2 never indexes it.
     pub call_service_key: http::HeaderValue,
     pub connect_timeout: Duration,
@@ -428,11 +434,11 @@ impl ProxyHttp for GatewayProxy {
             .await?;
             return Ok(true);
         }
-        self.admin.first_listing(FIRST_LISTING_WAIT).await;
+        self.registry.first_listing(FIRST_LISTING_WAIT).await;
         let upstream = self.upstreams.get(&route.service).filter(|u| !u.is_empty());
         let Some(upstream) = upstream else {
             self.metrics.count_status(503);
-            let message = self.admin.no_replica_because(&route.service);
+            let message = self.registry.no_replica_because(&route.service);
             write_error(session, 503, &message, ctx.request_id()).await?;
             return Ok(true);
         };
@@ -741,11 +747,11 @@ impl ProxyHttp for GatewayProxy {
             elapsed_ms = duration.as_millis() as u64,
             "request finished"
         );
-        let Some(dashboard) = self.admin.dashboard.as_ref() else {
+        let Some(request_log) = self.request_log.as_ref() else {
             return;
         };
         let route = ctx.route.as_ref();
-        dashboard.record(FinishedRequest {
+        request_log.record(FinishedRequest {
             method: header.method.clone(),
             uri: header.uri.clone(),
             service: route.map(|r| r.service.clone()),

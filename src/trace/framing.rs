@@ -199,7 +199,7 @@ pub struct EncodedEvents {
     lines: Vec<u8>,
     count: usize,
     /// Where the queue keeps a copy that outlives the process, until these are confirmed or
-    /// spooled (see [`journal`](super::journal)).
+    /// spooled (see `trace::journal`).
     copy: JournalCopy,
 }
 
@@ -241,7 +241,7 @@ impl EncodedEvents {
         encoded
     }
 
-    /// Takes lines written by hand (the gateway's [`json`](super::json) writer). The
+    /// Takes lines written by hand (the gateway's JSON writer, `gateway::trace_events::json`). The
     /// caller guarantees that each of the `count` lines is one complete JSON document.
     pub fn from_lines(lines: Vec<u8>, count: usize) -> Self {
         let mut encoded = EncodedEvents::default();

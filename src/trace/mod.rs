@@ -81,7 +81,7 @@ pub fn publisher_settings(config: &GomsConfig) -> PublisherSettings {
 
 impl PublisherSettings {
     /// Gives the node its own spool subfolder, and has it adopt the sibling folders of nodes
-    /// that are gone (see [`adoption`]).
+    /// that are gone (see `trace::adoption`).
     pub fn for_node(mut self, node_label: &str) -> Self {
         let folder: String = node_label
             .chars()

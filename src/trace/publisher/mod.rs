@@ -66,10 +66,10 @@ pub struct PublisherSettings {
     pub spool_dir: PathBuf,
     pub spool_max_bytes: u64,
     /// Keep a copy of the queue in `spool_dir`'s journal, so that a SIGKILLed node's next
-    /// start replays what it held in memory (`trace.journal`; see [`journal`](super::journal)).
+    /// start replays what it held in memory (`trace.journal`; see `trace::journal`).
     pub journal: bool,
     /// Adopt the folders of `spool_dir`'s parent whose node is gone, at the start and then
-    /// every minute ([`adoption`](super::adoption)); set by
+    /// every minute (see `trace::adoption`); set by
     /// [`for_node`](PublisherSettings::for_node), which makes `spool_dir` a node's folder.
     pub adopt_orphans: bool,
 }

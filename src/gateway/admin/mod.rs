@@ -1,30 +1,41 @@
-//! The gateway's own endpoints: `/cluster`, `/metrics` and `/healthz`. The admin listener
-//! (`gateway.adminAddr`, loopback by default) serves them to whoever reaches it; on the public
-//! port `/healthz` answers everyone, for load balancers, while `/cluster` (node addresses) and
-//! `/metrics` answer only clients in `gateway.adminAllow`.
+//! The gateway's admin surface: `/cluster`, `/metrics`, `/healthz`, `/readyz` and the
+//! dashboard (`/ui`). The admin listener (`gateway.adminAddr`, loopback by default) serves
+//! them to whoever reaches it; on the public port `/healthz` and `/readyz` answer everyone,
+//! for load balancers, while `/cluster` (node addresses) and `/metrics` answer only clients
+//! in `gateway.adminAllow`, and `/ui` is not served.
+//!
+//! It reads what the request path records (the counters of [`GatewayMetrics`], the
+//! [`RequestLog`](super::request_log::RequestLog), the registry view and the balancers); the
+//! request path never reaches into it, and only hands it the requests for these paths.
+//!
+//! - [`cluster`]: the Go original's `/cluster` document.
+//! - [`dashboard`]: `/ui` and its JSON.
+//! - [`metrics`] renders `/metrics`.
+//! - this file: the endpoints, who may read them, and the listener's HTTP app.
 
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use pingora::apps::http_app::ServeHttp;
 use pingora::protocols::http::ServerSession;
-use tokio::sync::watch;
+pub mod cluster;
+pub mod dashboard;
+pub mod metrics;
 
-use super::cluster::cluster_document;
-use super::dashboard::{Dashboard, Sources};
 use super::metrics::GatewayMetrics;
+use super::registry_view::RegistryView;
 use super::respond::ErrorEnvelope;
 use super::route_store::RouteStore;
 use super::upstreams::Upstreams;
 use crate::config::AllowList;
-use crate::registry::{Members, RegistryStatus};
 use crate::trace::TraceSink;
+use cluster::cluster_document;
+use dashboard::{Dashboard, Sources};
 
 /// What the admin endpoints read; shared by the proxy and the admin listener.
 pub struct AdminEndpoints {
-    pub members: watch::Receiver<Arc<Members>>,
+    pub registry: Arc<RegistryView>,
     pub upstreams: Arc<Upstreams>,
     pub routes: Arc<RouteStore>,
     pub metrics: Arc<GatewayMetrics>,
@@ -33,14 +44,6 @@ pub struct AdminEndpoints {
     /// For the trace publisher's counters.
     pub trace: TraceSink,
     pub allow: AllowList,
-    /// Set once the gateway has listed the registry: until then it knows no replica, and
-    /// a 503 says why.
-    pub registry_loaded: Arc<AtomicBool>,
-    /// Whether the registry view is current: routing goes on with the last one through an
-    /// etcd outage, and answers say so.
-    pub registry_status: Arc<RegistryStatus>,
-    /// etcd's endpoints, for the messages that blame it.
-    pub etcd: String,
     /// `/ui` and what it shows; served on the admin listener only.
     /// `None` with `gateway.dashboard: false`.
     pub dashboard: Option<Arc<Dashboard>>,
@@ -65,7 +68,7 @@ impl AdminEndpoints {
             "/healthz" => Some(json(br#"{"status":true}"#.to_vec())),
             "/readyz" => Some(self.readiness()),
             "/cluster" => {
-                let members = self.members.borrow().clone();
+                let members = self.registry.members.borrow().clone();
                 let document = cluster_document(&members, Some(&self.upstreams));
                 Some(json(
                     serde_json::to_vec_pretty(&document).expect("cluster document serialises"),
@@ -94,62 +97,13 @@ impl AdminEndpoints {
         matches!(path, "/healthz" | "/readyz") || client.is_some_and(|ip| self.allow.allows(ip))
     }
 
-    pub fn registry_loaded(&self) -> bool {
-        self.registry_loaded.load(Ordering::Acquire)
-    }
-
-    /// Holds a request that came before the first membership listing until it is in, for at
-    /// most `limit`: a gateway that has just started would otherwise answer 503 for its first
-    /// milliseconds, as if no replica were registered. Envoy holds its listeners back until
-    /// its clusters are initialised in the same way (`initial_fetch_timeout`).
-    pub async fn first_listing(&self, limit: std::time::Duration) {
-        if self.registry_loaded() {
-            return;
-        }
-        let mut members = self.members.clone();
-        let _ = tokio::time::timeout(limit, members.wait_for(|_| self.registry_loaded())).await;
-    }
-
-    /// Why the gateway cannot route yet, or `None` once it can.
-    pub fn not_ready_because(&self) -> Option<String> {
-        (!self.registry_loaded()).then(|| {
-            format!(
-                "the gateway has not read the registry yet: etcd at {} has not answered",
-                self.etcd
-            )
-        })
-    }
-
-    /// Why the registry view may be out of date (etcd unreachable since a load), or `None`
-    /// while it is current.
-    pub fn stale_because(&self) -> Option<String> {
-        let (length, error) = self.registry_status.unreachable()?;
-        Some(format!(
-            "the registry view is {}s old: {error}",
-            length.as_secs()
-        ))
-    }
-
-    /// The 503 of a route whose service has no replica: before the first listing and
-    /// through an outage it names etcd, since the registry may well hold replicas.
-    pub fn no_replica_because(&self, service: &str) -> String {
-        if let Some(reason) = self.not_ready_because() {
-            return reason;
-        }
-        match self.stale_because() {
-            Some(stale) => format!(
-                "no replica of service `{service}` was registered when etcd last answered; {stale}"
-            ),
-            None => format!("no replica of service `{service}` is registered"),
-        }
-    }
-
     /// `/readyz`: 200 once the gateway has a view of the registry, 503 with the reason
     /// before; `/healthz` only says that the process runs. A view that went stale in an
     /// etcd outage stays ready (routing on the last known replicas beats routing on none,
     /// and every gateway would go unready at once), and the answer says it is stale.
     fn readiness(&self) -> Answer {
-        let (status, document) = match (self.not_ready_because(), self.stale_because()) {
+        let registry = &self.registry;
+        let (status, document) = match (registry.not_ready_because(), registry.stale_because()) {
             (Some(reason), _) => (503, serde_json::json!({"ready": false, "reason": reason})),
             (None, Some(stale)) => (
                 200,
@@ -178,7 +132,7 @@ impl ServeHttp for AdminApp {
         let query = session.req_header().uri.query().map(str::to_string);
         let dashboard = self.0.dashboard.as_ref();
         if let Some(dashboard) = dashboard.filter(|_| path == "/ui" || path.starts_with("/ui/")) {
-            let members = self.0.members.borrow().clone();
+            let members = self.0.registry.members.borrow().clone();
             let sources = Sources {
                 members: &members,
                 upstreams: &self.0.upstreams,

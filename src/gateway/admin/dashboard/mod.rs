@@ -2,33 +2,25 @@
 //! embedded in the binary, and the JSON it reads under `/ui/api/` (documented in
 //! `docs/dashboard.md`, for scripts too). Only admin-listener clients reach it.
 //!
-//! - `recent`: the last 1,000 requests this gateway handled, for the list and the timelines.
-//! - `traffic`: requests/s, error rate and p50/p99 per route and per replica over a minute.
-//! - this file: what the request path records, and the endpoints.
-//!
-//! Each request thread records into a view of its own ([`PerThread`]): the request path takes
-//! no lock another thread wants. The endpoints merge the views when they are read.
+//! It reads what the request path records ([`RequestLog`]): the last 1,000 requests for the
+//! list and the timelines, and requests/s, error rate and p50/p99 per route and replica over
+//! a minute. It never writes there.
 //!
 //! The service side of a timeline comes from Elasticsearch (`esAddr`, `trace_logs*` by
 //! `requestId`); when Elasticsearch cannot be reached, the answer says so and holds the
 //! gateway's part.
 
-mod recent;
-mod traffic;
-
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde_json::{json, Value};
 
-pub use recent::{FinishedRequest, RequestFilter, SeenAttempt, SeenRequest};
-pub use traffic::TrafficSummary;
-use traffic::{ThreadTraffic, TrafficTotals};
-
-use super::route_store::RouteStore;
-use super::upstreams::Upstreams;
-use crate::per_thread::PerThread;
+use crate::gateway::request_log::recent::{self, RequestFilter};
+use crate::gateway::request_log::traffic::TrafficSummary;
+use crate::gateway::request_log::{Failure, RequestLog};
+use crate::gateway::route_store::RouteStore;
+use crate::gateway::upstreams::Upstreams;
 use crate::registry::Members;
 use crate::trace::rfc3339;
 use crate::trace::search::TraceIndex;
@@ -39,38 +31,10 @@ const GATEWAYS: &str = "gateway";
 
 /// What the dashboard keeps, and where it looks for the services' events.
 pub struct Dashboard {
-    threads: PerThread<ThreadView>,
+    log: Arc<RequestLog>,
     index: Option<TraceIndex>,
     es_addr: String,
     kibana_url: Option<String>,
-}
-
-/// What one request thread recorded.
-#[derive(Default)]
-struct ThreadView {
-    recent: recent::Ring,
-    traffic: ThreadTraffic,
-    /// The last failed attempt at each replica.
-    last_failure: HashMap<Arc<str>, Failure>,
-}
-
-/// A failed attempt, kept as it was: it is put in words when the topology is read.
-#[derive(Clone)]
-struct Failure {
-    at: SystemTime,
-    status: Option<u16>,
-    error: Option<String>,
-}
-
-impl Failure {
-    fn why(&self) -> String {
-        // A status says it in a word; pingora's error text for it is a dump.
-        match (self.status, &self.error) {
-            (Some(status), _) => format!("answered {status}"),
-            (None, Some(error)) => error.trim().to_string(),
-            (None, None) => "failed".into(),
-        }
-    }
 }
 
 /// One answer of the dashboard.
@@ -98,64 +62,18 @@ pub struct Sources<'a> {
 }
 
 impl Dashboard {
-    pub fn new(es_addr: &str, index_prefix: &str, kibana_url: Option<String>) -> Dashboard {
+    pub fn new(
+        log: Arc<RequestLog>,
+        es_addr: &str,
+        index_prefix: &str,
+        kibana_url: Option<String>,
+    ) -> Dashboard {
         Dashboard {
-            threads: PerThread::default(),
+            log,
             index: TraceIndex::new(es_addr, index_prefix).ok(),
             es_addr: es_addr.to_string(),
             kibana_url: kibana_url.map(|url| url.trim_end_matches('/').to_string()),
         }
-    }
-
-    /// Records a request that ended: into this thread's ring, the traffic of its route and
-    /// replica, and the replicas' last failures.
-    pub fn record(&self, finished: FinishedRequest) {
-        let ended = finished.record.received_at + finished.duration;
-        let mut view = self.threads.local();
-        let view = &mut *view;
-        view.traffic.record(
-            traffic::second_of(ended),
-            finished.route.as_ref(),
-            finished.replica(),
-            finished.is_error(),
-            finished.duration,
-        );
-        let failed = finished
-            .record
-            .attempts
-            .iter()
-            .filter(|a| a.error.is_some() || a.status.is_some_and(|s| s >= 500));
-        for attempt in failed {
-            let failure = Failure {
-                at: finished.record.received_at,
-                status: attempt.status,
-                error: attempt.error.clone(),
-            };
-            view.last_failure.insert(attempt.node_id.clone(), failure);
-        }
-        view.recent.push(finished);
-    }
-
-    /// The last failure of each replica, whichever thread saw it.
-    fn last_failures(&self) -> HashMap<Arc<str>, Failure> {
-        let mut latest: HashMap<Arc<str>, Failure> = HashMap::new();
-        self.threads.each(|view| {
-            for (replica, failure) in &view.last_failure {
-                let newer = latest.get(replica).is_none_or(|kept| kept.at < failure.at);
-                if newer {
-                    latest.insert(replica.clone(), failure.clone());
-                }
-            }
-        });
-        latest
-    }
-
-    /// The kept requests that match, newest first, from every thread.
-    fn requests(&self, filter: &RequestFilter) -> Vec<SeenRequest> {
-        let mut seen = Vec::new();
-        self.threads
-            .each(|view| seen.extend(view.recent.matching(filter)));
-        recent::newest_first(seen)
     }
 
     /// The answer for a `/ui` path (with its query), or `None` when it is none of the
@@ -203,7 +121,7 @@ impl Dashboard {
                 "retries": route.retries,
             }));
         }
-        let last_failure = self.last_failures();
+        let last_failure = self.log.last_failures();
         let now = SystemTime::now();
         for (name, nodes) in &sources.members.services {
             if name == GATEWAYS {
@@ -263,11 +181,7 @@ impl Dashboard {
     }
 
     pub fn traffic_document(&self) -> Value {
-        let now = traffic::second_now();
-        let mut totals = TrafficTotals::default();
-        self.threads
-            .each(|view| view.traffic.add_to(now, &mut totals));
-        let (routes, replicas) = totals.summaries();
+        let (routes, replicas) = self.log.traffic().summaries();
         let as_map =
             |summaries: Vec<(Arc<str>, TrafficSummary)>| -> BTreeMap<String, TrafficSummary> {
                 summaries
@@ -290,7 +204,7 @@ impl Dashboard {
                 _ => {}
             }
         }
-        let requests = self.requests(&filter);
+        let requests = self.log.requests(&filter);
         json!({"kept": recent::KEPT, "requests": requests})
     }
 
@@ -301,7 +215,7 @@ impl Dashboard {
             request_id: Some(request_id.to_string()),
             ..RequestFilter::default()
         };
-        let gateway = self.requests(&by_id).into_iter().next();
+        let gateway = self.log.requests(&by_id).into_iter().next();
         let (events, elasticsearch) = match &self.index {
             None => (
                 Vec::new(),

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
-use super::upstreams::Upstreams;
+use crate::gateway::upstreams::Upstreams;
 use crate::registry::Members;
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -12,9 +12,11 @@ use std::time::{Instant, SystemTime};
 use pingora::http::RequestHeader;
 use uuid::Uuid;
 
-use super::json::{self, Object};
+pub mod json;
+
 use super::record::RequestRecord;
 use crate::trace::{rfc3339, BodyCapture, BodyKind, Redactor, REDACTED};
+use json::Object;
 
 /// Who emits: the gateway's node identity and project label.
 pub struct GatewayTracer {
