@@ -392,3 +392,78 @@ async fn a_client_that_stalls_in_the_handshake_is_cut_off_by_the_header_timeout(
         started.elapsed()
     );
 }
+
+/// HTTP/2 by ALPN on the TLS listener. curl multiplexes 20 requests over one connection;
+/// each is routed, balanced across both replicas like separate requests, answered with its
+/// id, traced and recorded by the dashboard, and a POST's body arrives.
+#[tokio::test]
+async fn http2_streams_on_one_connection_are_routed_and_balanced_like_requests() {
+    let stage = Stage::start().await;
+    let _second = Goms::service(&stage._etcd, free_port(), &[]);
+    wait_for_nodes(stage.admin_port, "user", 2).await;
+    let emitted_before = metric(&stage.metrics().await, "goms_trace_events_emitted_total");
+    let root = stage.files.join("a.crt").display().to_string();
+    let resolve = format!("a.test:{}:127.0.0.1", stage.https_port);
+    let url = stage.url("a.test", "/api/user/login");
+    let mut curl = Command::new("curl");
+    curl.args(["-sS", "--http2", "--parallel", "--parallel-max", "20"])
+        .args(["--cacert", &root, "--resolve", &resolve])
+        .args([
+            "-w",
+            "%{http_version} %{http_code} %{num_connects} %header{x-served-by} %header{x-request-id}\n",
+        ]);
+    for _ in 0..20 {
+        curl.args(["-o", "/dev/null", &url]);
+    }
+    let output = curl.output().expect("curl runs");
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let answers: Vec<Vec<&str>> = text.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(answers.len(), 20, "{text}");
+    assert!(
+        answers
+            .iter()
+            .all(|a| a[0] == "2" && a[1] == "200" && !a[4].is_empty()),
+        "every answer over HTTP/2, 200, with an id:\n{text}"
+    );
+    let connections: u32 = answers.iter().map(|a| a[2].parse::<u32>().unwrap()).sum();
+    assert_eq!(
+        connections, 1,
+        "the 20 requests shared one connection:\n{text}"
+    );
+    let replicas: std::collections::HashSet<&str> = answers.iter().map(|a| a[3]).collect();
+    assert_eq!(replicas.len(), 2, "both replicas served:\n{text}");
+
+    let post = Command::new("curl")
+        .args(["-sS", "--http2", "--cacert", &root, "--resolve", &resolve])
+        .args(["-d", "username=test", "-d", "password=test", &url])
+        .output()
+        .expect("curl runs");
+    let body = String::from_utf8_lossy(&post.stdout);
+    assert!(
+        body.contains("\"code\":0") && body.contains("test"),
+        "{body}"
+    );
+
+    eventually("40 more trace events", Duration::from_secs(10), || async {
+        metric(&stage.metrics().await, "goms_trace_events_emitted_total") >= emitted_before + 42.0
+    })
+    .await;
+    let id = answers[0][4];
+    let listed = http()
+        .get(format!(
+            "http://127.0.0.1:{}/ui/api/requests?requestId={id}",
+            stage.admin_port
+        ))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(listed.contains("\"method\":\"GET\""), "{listed}");
+}

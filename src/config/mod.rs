@@ -293,6 +293,10 @@ pub struct TlsConfig {
         deserialize_with = "duration_text"
     )]
     pub reload_interval: Duration,
+    /// Offer HTTP/2 by ALPN (`h2`, then `http/1.1`). Default true; routes, the key, ids,
+    /// retries, limits, trace events and the dashboard work the same over both.
+    #[serde(default = "default_true")]
+    pub http2: bool,
 }
 
 /// A certificate chain and its private key, both PEM files.
@@ -334,6 +338,11 @@ pub struct LimitsConfig {
     /// past it is closed at accept and counted (`goms_gateway_connections_refused_total`).
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
+    /// Requests in flight at once on one HTTP/2 connection (its `SETTINGS_MAX_CONCURRENT_STREAMS`).
+    /// Default 128, as nginx's. A client that resets streams faster than the gateway accepts
+    /// them (rapid reset, CVE-2023-44487) is sent `GOAWAY` whatever this says.
+    #[serde(default = "default_max_concurrent_streams")]
+    pub max_concurrent_streams: u32,
 }
 
 /// Settings of `goms service` and of services built on the SDK.
@@ -519,6 +528,9 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_max_connections() -> usize {
     10_000
+}
+fn default_max_concurrent_streams() -> u32 {
+    128
 }
 /// A list of `{cert, key}`, or (as `GOMS__GATEWAY__TLS__CERTIFICATES` writes it) one string
 /// of `cert:key` pairs separated by `,`.
@@ -763,6 +775,9 @@ impl GomsConfig {
         }
         if self.gateway.threads == 0 {
             return Err("gateway.threads must be at least 1".into());
+        }
+        if self.gateway.limits.max_concurrent_streams == 0 {
+            return Err("gateway.limits.maxConcurrentStreams must be at least 1".into());
         }
         if self.trace.queue_capacity == 0 {
             return Err("trace.queueCapacity must be at least 1".into());

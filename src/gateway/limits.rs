@@ -222,6 +222,18 @@ pub fn declared_body(header: &RequestHeader) -> Option<u64> {
         .ok()
 }
 
+/// The HTTP/2 server's limits: streams at once per connection, and the header list a client
+/// may send (`gateway.limits.headerBytes`, as for HTTP/1). The `h2` crate refuses a
+/// connection that resets more streams than it accepts (rapid reset, CVE-2023-44487) with
+/// `GOAWAY`; its bound on pending resets is kept at its default, 20.
+pub fn h2_options(limits: &LimitsConfig) -> pingora::protocols::http::v2::server::H2Options {
+    let mut options = pingora::protocols::http::v2::server::H2Options::new();
+    options
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        .max_header_list_size(u32::try_from(limits.header_bytes).unwrap_or(u32::MAX));
+    options
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -302,6 +302,11 @@ pub fn run(
         // The header timeout bounds the handshake too: a client that connects and then stalls
         // holds a connection no longer over TLS than without (vendor patch 11).
         settings.set_handshake_timeout(gateway.limits.header_timeout);
+        if tls.http2 {
+            settings.enable_h2();
+            proxy.app_logic_mut().expect("a new service").h2_options =
+                Some(limits::h2_options(&gateway.limits));
+        }
         proxy.add_tls_with_settings(&bound.to_string(), None, settings);
         server.add_service(background_service(
             "certificate reload",
