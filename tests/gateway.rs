@@ -648,3 +648,50 @@ async fn forwarding_headers_are_believed_only_from_trusted_proxies() {
     assert_eq!(echoed(&body, "X-Forwarded-Proto"), "https");
     assert_eq!(echoed(&body, "X-Forwarded-Host"), "shop.example");
 }
+
+/// `gateway.http2Cleartext` (h2c): HTTP/2 with prior knowledge on the plain port, beside HTTP/1; off by
+/// default, where such a client gets no HTTP/2 answer.
+#[tokio::test]
+async fn h2c_on_the_plain_port_is_served_only_when_switched_on() {
+    let etcd = Etcd::start().await;
+    let _service = Goms::service(&etcd, free_port(), &[]);
+    let (_folder, routes) = route_file(ROUTES);
+    let on = Goms::gateway_with(
+        &etcd.endpoint(),
+        &routes,
+        &[],
+        &[("GOMS__GATEWAY__HTTP2_CLEARTEXT", "true")],
+    )
+    .await;
+    let off = Goms::gateway(&etcd, &routes, &[]).await;
+    let h2c = |port: u16| {
+        let output = std::process::Command::new("curl")
+            .args([
+                "-sS",
+                "--http2-prior-knowledge",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+            ])
+            .args(["-w", "%{http_version} %{http_code}"])
+            .arg(format!("http://127.0.0.1:{port}/api/user/login"))
+            .output()
+            .expect("curl runs");
+        String::from_utf8_lossy(&output.stdout).to_string()
+    };
+    wait_for_nodes(on.port(), "user", 1).await;
+    assert_eq!(h2c(on.port()), "2 200");
+    wait_for_nodes(off.port(), "user", 1).await;
+    let refused = h2c(off.port());
+    assert!(
+        !refused.starts_with("2 2"),
+        "h2c was served while off: {refused}"
+    );
+    let http1 = http()
+        .get(format!("http://127.0.0.1:{}/api/user/login", on.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(http1.status(), 200, "HTTP/1 still served beside h2c");
+}

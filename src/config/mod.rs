@@ -255,6 +255,12 @@ pub struct GatewayConfig {
     /// to its events in Discover. Default none: no link.
     #[serde(default)]
     pub kibana_url: Option<String>,
+    /// HTTP/2 with prior knowledge (h2c) on the plain port, beside HTTP/1 (`http2Cleartext`;
+    /// `h2c` would not survive the environment's case conversion). Default false: a
+    /// plain port that is reached through proxies and load balancers speaks HTTP/1 only.
+    /// Over TLS, HTTP/2 is offered by ALPN (`gateway.tls.http2`).
+    #[serde(default)]
+    pub http2_cleartext: bool,
     /// The dashboard (`/ui` on the admin listener) and what it records of each request.
     /// Default on; off, `/ui` answers 404 and the request path records nothing for it.
     #[serde(default = "default_true")]

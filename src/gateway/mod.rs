@@ -289,10 +289,14 @@ pub fn run(
         },
     );
     let refusals = metrics.clone();
-    proxy.app_logic_mut().expect("a new service").server_options =
-        Some(limits::server_options(&gateway.limits, move || {
-            refusals.refused.count(limits::Refusal::HeaderTimeout)
-        }));
+    let app = proxy.app_logic_mut().expect("a new service");
+    let mut options = limits::server_options(&gateway.limits, move || {
+        refusals.refused.count(limits::Refusal::HeaderTimeout)
+    });
+    options.h2c = gateway.http2_cleartext;
+    app.server_options = Some(options);
+    // Whichever way HTTP/2 comes (ALPN on the TLS listener, h2c on the plain port).
+    app.h2_options = Some(limits::h2_options(&gateway.limits));
     proxy.set_connection_limit(connections);
     proxy.add_tcp(&listen);
     if let (Some(bound), Some(store), Some(tls)) = (tls_bound, &certificates, &gateway.tls) {
@@ -304,8 +308,6 @@ pub fn run(
         settings.set_handshake_timeout(gateway.limits.header_timeout);
         if tls.http2 {
             settings.enable_h2();
-            proxy.app_logic_mut().expect("a new service").h2_options =
-                Some(limits::h2_options(&gateway.limits));
         }
         proxy.add_tls_with_settings(&bound.to_string(), None, settings);
         server.add_service(background_service(
