@@ -345,8 +345,7 @@ pub struct LimitsConfig {
     #[serde(default = "default_max_connections")]
     pub max_connections: usize,
     /// Requests in flight at once on one HTTP/2 connection (its `SETTINGS_MAX_CONCURRENT_STREAMS`).
-    /// Default 128, as nginx's. A client that resets streams faster than the gateway accepts
-    /// them (rapid reset, CVE-2023-44487) is sent `GOAWAY` whatever this says.
+    /// Default 128, as nginx's.
     #[serde(default = "default_max_concurrent_streams")]
     pub max_concurrent_streams: u32,
 }

@@ -223,9 +223,9 @@ pub fn declared_body(header: &RequestHeader) -> Option<u64> {
 }
 
 /// The HTTP/2 server's limits: streams at once per connection, and the header list a client
-/// may send (`gateway.limits.headerBytes`, as for HTTP/1). The `h2` crate refuses a
-/// connection that resets more streams than it accepts (rapid reset, CVE-2023-44487) with
-/// `GOAWAY`; its bound on pending resets is kept at its default, 20.
+/// may send (`gateway.limits.headerBytes`, as for HTTP/1). The `h2` crate's own bound on
+/// streams reset before they were taken up (rapid reset, CVE-2023-44487) stays at its
+/// default.
 pub fn h2_options(limits: &LimitsConfig) -> pingora::protocols::http::v2::server::H2Options {
     let mut options = pingora::protocols::http::v2::server::H2Options::new();
     options
