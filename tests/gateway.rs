@@ -551,12 +551,19 @@ async fn transform_json_reencodes_form_bodies() {
 }
 
 /// A public port `p` for which `p`, `p + 1` and their default admin ports are all free now.
+/// A public port P with P, P + 1 and their admin ports (+ 1821) free, all below the
+/// ephemeral range (32768 and up here): a port in it can be taken at any moment as the
+/// local end of some process's outgoing connection, between this check and the bind.
 fn two_free_public_ports() -> u16 {
     let free = |port: u16| std::net::TcpListener::bind(("127.0.0.1", port)).is_ok();
-    (0..200)
-        .map(|_| free_port())
-        .find(|&p| p < 60000 && [p, p + 1, p + 1821, p + 1822].into_iter().all(free))
-        .expect("four free ports")
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos()) as usize
+        + std::process::id() as usize;
+    (0..500)
+        .map(|n| 20_000 + ((seed + n * 7_919) % 10_000) as u16)
+        .find(|&p| [p, p + 1, p + 1821, p + 1822].into_iter().all(free))
+        .expect("four free ports below the ephemeral range")
 }
 
 #[tokio::test]
