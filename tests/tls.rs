@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use support::{
-    eventually, free_port, http, metric, route_file, wait_for_nodes, Etcd, Goms, ROUTES,
+    eventually, free_port, http, metric, route_file, text_of, wait_for_nodes, Etcd, Goms, ROUTES,
 };
 
 /// A certificate and its key as PEM text.
@@ -454,16 +454,10 @@ async fn http2_streams_on_one_connection_are_routed_and_balanced_like_requests()
     })
     .await;
     let id = answers[0][4];
-    let listed = http()
-        .get(format!(
-            "http://127.0.0.1:{}/ui/api/requests?requestId={id}",
-            stage.admin_port
-        ))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let listed = text_of(http().get(format!(
+        "http://127.0.0.1:{}/ui/api/requests?requestId={id}",
+        stage.admin_port
+    )))
+    .await;
     assert!(listed.contains("\"method\":\"GET\""), "{listed}");
 }

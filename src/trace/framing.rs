@@ -204,8 +204,8 @@ pub struct EncodedEvents {
 }
 
 /// Somewhere a unit keeps a copy of its lines for as long as it lives: the queue's slot in
-/// the journal. Framing knows only this, so that the journal builds on framing and not the
-/// other way round.
+/// the journal. Framing sees only this trait, so that it does not depend on the journal,
+/// which depends on framing.
 pub trait KeepsCopy: Send + Sync + std::fmt::Debug {
     /// Copies `lines`, appended to the unit that now holds `count` events in all.
     fn copy(&mut self, lines: &[u8], appended: usize, count: usize);
