@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::framing;
-use super::journal::{Journal, JOURNAL_FILE};
+use super::journal::{Journal, JournalError, JOURNAL_FILE};
 use super::lock;
 use super::spool::{FolderLock, Spool, SpoolError, LOCK_FILE};
 use super::stats::PublisherStats;
@@ -113,6 +113,8 @@ enum AdoptError {
     },
     #[error(transparent)]
     Spool(#[from] SpoolError),
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 /// What adopting one folder moved.
@@ -169,11 +171,7 @@ fn adopt_journal(
     if !path.exists() {
         return Ok(0);
     }
-    let (journal, recovered) =
-        Journal::open(dir, stats.clone()).map_err(|error| AdoptError::Io {
-            path: path.clone(),
-            source: std::io::Error::other(error.to_string()),
-        })?;
+    let (journal, recovered) = Journal::open(dir, stats.clone())?;
     let events: u64 = recovered.units.iter().map(|unit| unit.count() as u64).sum();
     if events > 0 {
         let appended = lock(spool).append(&recovered.units)?;
