@@ -47,6 +47,33 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A host port for a container to publish on, which stays its own for the container's life.
+///
+/// It is picked below the kernel's ephemeral range (32768 and up), so no outgoing connection
+/// of a gateway or a test can take it between this check and Docker's bind; Docker itself
+/// does not look whether another process holds a port before it hands it to docker-proxy.
+pub fn container_host_port() -> u16 {
+    static PICKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos()) as usize
+        + std::process::id() as usize * 31;
+    let free = |port: u16| std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
+    (0..2_000)
+        .map(|n| n + PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 104_729)
+        .map(|n| 30_000 + ((seed + n * 7_919) % 2_700) as u16)
+        .find(|&port| free(port))
+        .expect("a free port between 30000 and 32700")
+}
+
+/// Whether a container failed to start only because its host port was taken meanwhile.
+fn port_taken(error: &testcontainers::TestcontainersError) -> bool {
+    error.to_string().contains("port is already allocated")
+}
+
+/// How often a container's start is tried when its host port keeps being taken.
+const CONTAINER_START_TRIES: usize = 5;
+
 /// `name:tag` as testcontainers wants it; a registry port is not a tag.
 pub fn split_image(reference: &str) -> (String, String) {
     match reference.rsplit_once(':') {
@@ -64,7 +91,20 @@ pub struct Etcd {
 
 impl Etcd {
     pub async fn start() -> Etcd {
-        let port = free_port();
+        for _ in 1..CONTAINER_START_TRIES {
+            let port = container_host_port();
+            match Self::try_launch(port).await {
+                Ok(container) => {
+                    return Etcd {
+                        port,
+                        container: Some(container),
+                    }
+                }
+                Err(error) if port_taken(&error) => continue,
+                Err(error) => Self::failed(error),
+            }
+        }
+        let port = container_host_port();
         let container = Self::launch(port).await;
         Etcd {
             port,
@@ -72,7 +112,30 @@ impl Etcd {
         }
     }
 
+    /// Starts etcd on `port`, which it must keep: a port taken meanwhile is waited out.
     async fn launch(port: u16) -> ContainerAsync<GenericImage> {
+        let mut tries = 1;
+        loop {
+            match Self::try_launch(port).await {
+                Ok(container) => return container,
+                Err(error) if port_taken(&error) && tries < CONTAINER_START_TRIES => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => Self::failed(error),
+            }
+        }
+    }
+
+    fn failed(error: testcontainers::TestcontainersError) -> ! {
+        let reference =
+            std::env::var("GOMS_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_ETCD_IMAGE.to_string());
+        panic!("etcd container `{reference}` did not start (set GOMS_ETCD_IMAGE, or run scripts/test.sh which builds offline images): {error}")
+    }
+
+    async fn try_launch(
+        port: u16,
+    ) -> Result<ContainerAsync<GenericImage>, testcontainers::TestcontainersError> {
         let reference =
             std::env::var("GOMS_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_ETCD_IMAGE.to_string());
         let (name, tag) = split_image(&reference);
@@ -90,9 +153,6 @@ impl Etcd {
             .with_startup_timeout(Duration::from_secs(60))
             .start()
             .await
-            .unwrap_or_else(|error| {
-                panic!("etcd container `{reference}` did not start (set GOMS_ETCD_IMAGE, or run scripts/test.sh which builds offline images): {error}")
-            })
     }
 
     pub fn endpoint(&self) -> String {
@@ -573,20 +633,25 @@ pub struct RabbitMq {
 
 impl RabbitMq {
     pub async fn start() -> RabbitMq {
-        let port = free_port();
         let reference = std::env::var("GOMS_RABBITMQ_IMAGE")
             .unwrap_or_else(|_| DEFAULT_RABBITMQ_IMAGE.to_string());
         let (name, tag) = split_image(&reference);
-        let container = GenericImage::new(name, tag)
-            .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
-            .with_exposed_port(5672.tcp())
-            .with_mapped_port(port, 5672.tcp())
-            .with_startup_timeout(Duration::from_secs(120))
-            .start()
-            .await
-            .unwrap_or_else(|error| {
-                panic!("RabbitMQ container `{reference}` did not start (set GOMS_RABBITMQ_IMAGE, or run scripts/test.sh): {error}")
-            });
+        let mut tries = 1;
+        let (port, container) = loop {
+            let port = container_host_port();
+            let started = GenericImage::new(name.clone(), tag.clone())
+                .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+                .with_exposed_port(5672.tcp())
+                .with_mapped_port(port, 5672.tcp())
+                .with_startup_timeout(Duration::from_secs(120))
+                .start()
+                .await;
+            match started {
+                Ok(container) => break (port, container),
+                Err(error) if port_taken(&error) && tries < CONTAINER_START_TRIES => tries += 1,
+                Err(error) => panic!("RabbitMQ container `{reference}` did not start (set GOMS_RABBITMQ_IMAGE, or run scripts/test.sh): {error}"),
+            }
+        };
         let broker = RabbitMq { port, container };
         broker.wait_ready().await;
         broker
