@@ -136,7 +136,10 @@ async fn post_is_not_retried_after_a_503_but_get_is() {
     let etcd = Etcd::start().await;
     let _healthy = Goms::service(&etcd, free_port(), &[]);
     let fake = fake_replica(&etcd, Behaviour::Unavailable).await;
-    let (_folder, routes) = route_file(ROUTES);
+    // Without ejection: five 503s in a row would take the fake replica out before any POST
+    // could reach it (tests/guards.rs covers ejection).
+    let (_folder, routes) =
+        route_file("services:\n  user:\n    login: /login\n    ejection: false\n");
     let gateway = Goms::gateway(&etcd, &routes, &[]).await;
     let port = gateway.port();
     wait_for_nodes(port, "user", 2).await;

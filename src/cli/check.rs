@@ -21,7 +21,7 @@ pub fn run(config: Option<&Path>, routes: Option<&Path>) -> anyhow::Result<()> {
     }
     if let Some(path) = routes {
         let spec = load_routes_file(&path)?;
-        let count: usize = spec.0.values().map(|r| r.len()).sum();
+        let count: usize = spec.0.values().map(|s| s.routes.len()).sum();
         println!(
             "{}: ok ({} services, {count} routes)",
             path.display(),

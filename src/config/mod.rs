@@ -11,6 +11,7 @@
 
 mod allow;
 mod error;
+pub mod policy;
 pub mod routes;
 mod time;
 
@@ -22,9 +23,10 @@ use serde::{Deserialize, Deserializer};
 
 pub use allow::{AllowList, Cidr};
 pub use error::ConfigError;
+pub use policy::{EjectionPolicy, RetryBudgetPolicy, ServicePolicy};
 pub use routes::{
     load_routes_file, parse_duration, parse_routes, Route, RouteDefaults, RouteTable,
-    ServiceRoutes, Transform,
+    ServiceRoutes, ServiceSpec, Transform,
 };
 pub use time::{now_rfc3339, parse_rfc3339, rfc3339, rfc3339_from_unix};
 
@@ -842,7 +844,7 @@ mod tests {
         assert_eq!(config.etcd_addr, vec!["192.168.125.181:2379"]);
         assert_eq!(config.amqp_addr, "amqp://guest:guest@192.168.125.181:5672");
         assert_eq!(
-            config.services.unwrap().0["order"]["submit"].path,
+            config.services.unwrap().0["order"].routes["submit"].path,
             "/order/submit"
         );
     }

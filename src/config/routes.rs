@@ -15,6 +15,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::error::ConfigError;
+use super::policy::{ServicePolicy, SETTING_KEYS};
 
 /// The whole route file: one top-level key, `services`, exactly as goms wrote it.
 #[derive(Debug, Clone, Deserialize)]
@@ -23,9 +24,16 @@ pub struct RoutesFile {
     pub services: ServiceRoutes,
 }
 
-/// `service name -> route name -> route`, in file order of names (sorted), duplicates refused.
+/// `service name -> its routes and settings`, sorted by name, duplicates refused.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct ServiceRoutes(pub BTreeMap<String, BTreeMap<String, RouteSpec>>);
+pub struct ServiceRoutes(pub BTreeMap<String, ServiceSpec>);
+
+/// One service of the route file: `route name -> route`, and the service's settings.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ServiceSpec {
+    pub routes: BTreeMap<String, RouteSpec>,
+    pub policy: ServicePolicy,
+}
 
 /// One route as written: either the Go original's short form (`login: "/login"`) or the
 /// extended map.
@@ -256,7 +264,7 @@ struct RoutesSeed<'a> {
 }
 
 impl<'de> de::DeserializeSeed<'de> for RoutesSeed<'_> {
-    type Value = BTreeMap<String, RouteSpec>;
+    type Value = ServiceSpec;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
         deserializer.deserialize_any(self)
@@ -264,7 +272,7 @@ impl<'de> de::DeserializeSeed<'de> for RoutesSeed<'_> {
 }
 
 impl<'de> Visitor<'de> for RoutesSeed<'_> {
-    type Value = BTreeMap<String, RouteSpec>;
+    type Value = ServiceSpec;
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         write!(
@@ -283,16 +291,30 @@ impl<'de> Visitor<'de> for RoutesSeed<'_> {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut routes = BTreeMap::new();
+        let mut policy = ServicePolicy::default();
+        let mut settings: Vec<String> = Vec::new();
         let service = self.service;
         while let Some(name) = map.next_key_seed(UniqueName {
             kind: "route",
             taken: &|name: &str| {
-                routes
-                    .contains_key(name)
-                    .then(|| format!("duplicate route `{name}` in service `{service}`"))
+                if settings.iter().any(|s| s == name) {
+                    Some(format!("duplicate setting `{name}` in service `{service}`"))
+                } else {
+                    routes
+                        .contains_key(name)
+                        .then(|| format!("duplicate route `{name}` in service `{service}`"))
+                }
             },
         })? {
-            routes.insert(name, map.next_value::<RouteSpec>()?);
+            if SETTING_KEYS.contains(&name.as_str()) {
+                map.next_value_seed(SettingSeed {
+                    key: &name,
+                    policy: &mut policy,
+                })?;
+                settings.push(name);
+            } else {
+                routes.insert(name, map.next_value::<RouteSpec>()?);
+            }
         }
         if routes.is_empty() {
             return Err(de::Error::custom(format!(
@@ -300,7 +322,21 @@ impl<'de> Visitor<'de> for RoutesSeed<'_> {
                 self.service
             )));
         }
-        Ok(routes)
+        Ok(ServiceSpec { routes, policy })
+    }
+}
+
+/// Reads the value of one of a service's settings into its [`ServicePolicy`].
+struct SettingSeed<'a> {
+    key: &'a str,
+    policy: &'a mut ServicePolicy,
+}
+
+impl<'de> de::DeserializeSeed<'de> for SettingSeed<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        self.policy.set(self.key, deserializer)
     }
 }
 
@@ -435,6 +471,8 @@ pub struct Route {
     /// Largest request body, in bytes (413 past it).
     pub max_body_bytes: u64,
     pub transform: Transform,
+    /// The settings of the route's service, shared by all its routes.
+    pub policy: Arc<ServicePolicy>,
 }
 
 impl Route {
@@ -464,9 +502,11 @@ impl RouteTable {
         let services = spec
             .0
             .iter()
-            .map(|(service, routes)| {
+            .map(|(service, spec)| {
                 let service_name: Arc<str> = Arc::from(service.as_str());
-                let routes = routes
+                let policy = Arc::new(spec.policy.clone());
+                let routes = spec
+                    .routes
                     .iter()
                     .map(|(name, route)| {
                         let resolved = Route {
@@ -485,6 +525,7 @@ impl RouteTable {
                             retries: route.retries.unwrap_or(defaults.retries),
                             max_body_bytes: route.max_body_bytes.unwrap_or(defaults.max_body_bytes),
                             transform: route.transform,
+                            policy: policy.clone(),
                         };
                         (name.clone(), Arc::new(resolved))
                     })
@@ -557,8 +598,8 @@ mod tests {
     #[test]
     fn goms_short_form_parses() {
         let routes = parse("services:\n  user:\n    register: \"/register\"\n    login: \"/login\"\n  order:\n    submit: \"/order/submit\"\n").unwrap();
-        assert_eq!(routes.0["user"]["login"].path, "/login");
-        assert_eq!(routes.0["order"]["submit"].path, "/order/submit");
+        assert_eq!(routes.0["user"].routes["login"].path, "/login");
+        assert_eq!(routes.0["order"].routes["submit"].path, "/order/submit");
     }
 
     #[test]
@@ -567,7 +608,7 @@ mod tests {
             "services:\n  user:\n    login:\n      path: /login\n      methods: [get, POST]\n      timeout: 2s\n      retries: 1\n      transform: json\n",
         )
         .unwrap();
-        let login = &routes.0["user"]["login"];
+        let login = &routes.0["user"].routes["login"];
         assert_eq!(
             login.methods.as_deref(),
             Some(&["GET".to_string(), "POST".to_string()][..])
@@ -620,6 +661,76 @@ mod tests {
     fn bad_yaml_names_its_line() {
         let error = error_text("services:\n  user:\n    login: \"/login\n");
         assert!(error.starts_with("services.yml:"), "{error}");
+    }
+
+    #[test]
+    fn service_settings_sit_beside_the_routes_and_default_what_they_leave_out() {
+        let routes = parse(
+            "services:\n  user:\n    login: /login\n    maxInFlight: 200\n    ejection:\n      baseTime: 10s\n    retryBudget: {percent: 50}\n  order:\n    submit: /submit\n    ejection: false\n",
+        )
+        .unwrap();
+        let user = &routes.0["user"];
+        assert_eq!(user.routes.keys().collect::<Vec<_>>(), ["login"]);
+        assert_eq!(user.policy.max_in_flight, Some(200));
+        let ejection = user.policy.ejection.unwrap();
+        assert_eq!(ejection.base_time, Duration::from_secs(10));
+        assert_eq!(ejection.consecutive_failures, 5);
+        assert_eq!(user.policy.retry_budget.percent, 50);
+        assert_eq!(user.policy.retry_budget.min_per_second, 10);
+        assert_eq!(routes.0["order"].policy.ejection, None);
+        assert_eq!(routes.0["order"].policy.max_in_flight, None);
+    }
+
+    #[test]
+    fn invalid_service_settings_name_their_line() {
+        let cases = [
+            (
+                "    maxInFlight: 0\n",
+                "services.yml:4:",
+                "`maxInFlight` must be a whole number from 1",
+            ),
+            ("    maxInFlight: -3\n", "services.yml:4:", "(got -3)"),
+            (
+                "    ejection:\n      consecutiveFailures: 0\n",
+                "services.yml:5:",
+                "`ejection.consecutiveFailures` must be",
+            ),
+            (
+                "    ejection:\n      maxPercent: 0\n",
+                "services.yml:",
+                "between 1 and 100",
+            ),
+            (
+                "    ejection:\n      baseTime: 1m\n      maxTime: 30s\n",
+                "services.yml:",
+                "shorter than `baseTime`",
+            ),
+            (
+                "    ejection:\n      baseTme: 1s\n",
+                "services.yml:5:",
+                "did you mean `baseTime`",
+            ),
+            (
+                "    retryBudget: {percent: 0}\n",
+                "services.yml:",
+                "between 1 and 1000",
+            ),
+            (
+                "    retryBudget: {window: 2m}\n",
+                "services.yml:",
+                "between 1s and 60s",
+            ),
+            (
+                "    maxInFlight: 1\n    maxInFlight: 2\n",
+                "services.yml:5:",
+                "duplicate setting",
+            ),
+        ];
+        for (setting, position, reason) in cases {
+            let error = error_text(&format!("services:\n  user:\n    login: /login\n{setting}"));
+            assert!(error.starts_with(position), "{setting:?}: {error}");
+            assert!(error.contains(reason), "{setting:?}: {error}");
+        }
     }
 
     #[test]

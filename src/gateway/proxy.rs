@@ -27,10 +27,11 @@ use super::metrics::GatewayMetrics;
 use super::record::{Attempt, RequestRecord};
 use super::registry_view::RegistryView;
 use super::request_log::{FinishedRequest, RequestLog};
-use super::respond::{write_body, write_error, Hsts};
+use super::respond::{write_body, write_error, write_error_with, Hsts};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
-use super::upstreams::{NodeState, ServiceUpstream, Upstreams};
+use super::upstreams::ejection::{Ticks, Verdict};
+use super::upstreams::{Pick, ServiceSlot, ServiceUpstream, Upstreams};
 use crate::config::{AllowList, LimitsConfig, Route, Transform};
 use crate::registry::drain::InFlight;
 use crate::registry::Drain;
@@ -114,11 +115,13 @@ fn is_https(session: &Session) -> bool {
 pub struct RequestCtx {
     /// Held while the request is in flight.
     _in_flight: Option<InFlight>,
+    /// The request's place under its service's `maxInFlight`.
+    _service_slot: Option<ServiceSlot>,
     record: Option<RequestRecord>,
     route: Option<Arc<Route>>,
     upstream: Option<Arc<ServiceUpstream>>,
     tried: Vec<SocketAddr>,
-    current: Option<Arc<NodeState>>,
+    current: Option<Pick>,
     /// Set when the replica answered and the answer went to the client.
     answered: bool,
     /// Form body collected for `transform: json`; `None` when the body passes untouched.
@@ -141,20 +144,42 @@ impl RequestCtx {
         self.tried.len() <= retries
     }
 
-    fn can_move_on(&self) -> bool {
+    /// Whether another attempt may follow: the route allows one, a replica not tried yet may
+    /// take it, and the service's retry budget has one left (taken out here).
+    fn may_retry(&self) -> bool {
+        let (Some(route), Some(upstream)) = (self.route.as_ref(), self.upstream.as_ref()) else {
+            return false;
+        };
+        let now = Ticks::now();
         self.attempts_left()
-            && self
-                .upstream
-                .as_ref()
-                .is_some_and(|u| u.has_untried(&self.tried))
+            && upstream.has_untried(&self.tried, &route.policy, now)
+            && upstream
+                .retry_budget
+                .try_withdraw(now, &route.policy.retry_budget)
     }
 
-    /// Ends the current attempt: releases the in-flight slot and stamps the record.
+    /// Ends the current attempt: releases the in-flight slot, tells the replica's passive
+    /// health how it went, and stamps the record.
     fn finish_attempt(&mut self, status: Option<u16>, error: Option<String>) {
-        if let Some(node) = self.current.take() {
-            node.in_flight.fetch_sub(1, Ordering::Relaxed);
-            if error.is_some() {
-                node.failures.fetch_add(1, Ordering::Relaxed);
+        if let Some(pick) = self.current.take() {
+            pick.node.in_flight.fetch_sub(1, Ordering::Relaxed);
+            let answered: String;
+            let verdict = match (status, error.as_deref()) {
+                (Some(code @ 500..), _) => {
+                    answered = format!("answered {code}");
+                    Verdict::Failed(&answered)
+                }
+                (Some(_), None) => Verdict::Succeeded,
+                // The gateway's own refusal mid-request (a body past maxBodyBytes).
+                (Some(_), Some(_)) => Verdict::Unknown,
+                (None, Some(error)) => Verdict::Failed(error),
+                (None, None) => Verdict::Unknown,
+            };
+            if matches!(verdict, Verdict::Failed(_)) {
+                pick.node.failures.fetch_add(1, Ordering::Relaxed);
+            }
+            if let (Some(upstream), Some(route)) = (self.upstream.as_ref(), self.route.as_ref()) {
+                upstream.record_verdict(&pick, verdict, &route.policy);
             }
         }
         if let Some(attempt) = self.record.as_mut().and_then(|r| r.attempts.last_mut()) {
@@ -283,6 +308,30 @@ impl GatewayProxy {
         self.metrics.count_status(refusal.status());
         session.set_keepalive(None);
         write_error(session, refusal.status(), refusal.message(), request_id).await
+    }
+
+    /// Answers at once when the route's service has `maxInFlight` requests in progress: a
+    /// 503 with `Retry-After`, so that clients back off instead of queueing at the gateway.
+    async fn refuse_over_cap(
+        &self,
+        session: &mut Session,
+        route: &Route,
+        request_id: &str,
+    ) -> pingora::Result<()> {
+        self.metrics.count_status(503);
+        let message = format!(
+            "service `{}` has its maxInFlight of {} requests in progress; retry later",
+            route.service,
+            route.policy.max_in_flight.unwrap_or_default()
+        );
+        write_error_with(
+            session,
+            503,
+            &message,
+            request_id,
+            &[(http::header::RETRY_AFTER, "1")],
+        )
+        .await
     }
 
     /// With `gateway.tls.redirect`, sends a plain request to HTTPS with a 308 (which keeps the
@@ -442,6 +491,15 @@ impl ProxyHttp for GatewayProxy {
             write_error(session, 503, &message, ctx.request_id()).await?;
             return Ok(true);
         };
+        let Some(slot) = upstream.admit(route.policy.max_in_flight) else {
+            self.refuse_over_cap(session, &route, ctx.request_id())
+                .await?;
+            return Ok(true);
+        };
+        ctx._service_slot = Some(slot);
+        upstream
+            .retry_budget
+            .deposit(Ticks::now(), &route.policy.retry_budget);
         // As nginx does, the gateway asks for the body itself once it will forward it: the
         // replica gets the body without `Expect`, so an answer it gives early (a 413) comes
         // while the body is on its way, not while the client waits for a `100 Continue`.
@@ -484,9 +542,10 @@ impl ProxyHttp for GatewayProxy {
         let (Some(route), Some(upstream)) = (ctx.route.clone(), ctx.upstream.clone()) else {
             return Err(gateway_error(503, "no replica"));
         };
-        let node = upstream
-            .select(&ctx.tried)
+        let pick = upstream
+            .select(&ctx.tried, &route.policy, Ticks::now())
             .ok_or_else(|| gateway_error(503, "no healthy replica left"))?;
+        let node = pick.node.clone();
         if !ctx.tried.is_empty() {
             self.metrics.retries.fetch_add(1, Ordering::Relaxed);
         }
@@ -510,7 +569,7 @@ impl ProxyHttp for GatewayProxy {
         peer.options.write_timeout = Some(route.timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
         peer.group_key = this_thread_pool_key();
-        ctx.current = Some(node);
+        ctx.current = Some(pick);
         Ok(Box::new(peer))
     }
 
@@ -597,7 +656,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> pingora::Result<()> {
         let status = upstream_response.status.as_u16();
         let unavailable = matches!(status, 502..=504);
-        if unavailable && is_idempotent(&session.req_header().method) && ctx.can_move_on() {
+        if unavailable && is_idempotent(&session.req_header().method) && ctx.may_retry() {
             // Turned into a retryable error so pingora asks `upstream_peer` for the next replica.
             let mut error = Error::explain(
                 ErrorType::HTTPStatus(status),
@@ -638,7 +697,7 @@ impl ProxyHttp for GatewayProxy {
     ) -> Box<Error> {
         ctx.finish_attempt(None, Some(error.to_string()));
         // Nothing reached the replica: moving on is safe for every method.
-        error.set_retry(ctx.can_move_on());
+        error.set_retry(ctx.may_retry());
         error
     }
 
@@ -662,9 +721,14 @@ impl ProxyHttp for GatewayProxy {
             _ => None,
         };
         ctx.finish_attempt(status, Some(error.to_string()));
+        // A status error was raised by a filter here, which already decided whether to retry
+        // (and took that retry out of the budget): deciding again would take a second one.
+        if status.is_some() {
+            return error;
+        }
         let replayable = is_idempotent(&session.req_header().method)
             && !session.as_ref().retry_buffer_truncated();
-        error.set_retry(replayable && ctx.can_move_on());
+        error.set_retry(replayable && ctx.may_retry());
         error
     }
 
@@ -717,6 +781,8 @@ impl ProxyHttp for GatewayProxy {
 
     /// The end of every request: one record feeds the metrics, the trace and the dashboard.
     async fn logging(&self, session: &mut Session, error: Option<&Error>, ctx: &mut RequestCtx) {
+        // A client that went away says nothing about the replica.
+        let error = error.filter(|e| e.esource() != &ErrorSource::Downstream);
         ctx.finish_attempt(None, error.map(|e| e.to_string()));
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         if ctx.answered {

@@ -25,6 +25,17 @@ pub async fn write_error(
     message: &str,
     request_id: &str,
 ) -> pingora::Result<()> {
+    write_error_with(session, status, message, request_id, &[]).await
+}
+
+/// [`write_error`] with extra headers, such as `Retry-After`.
+pub async fn write_error_with(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    request_id: &str,
+    extra: &[(http::header::HeaderName, &'static str)],
+) -> pingora::Result<()> {
     let envelope = ErrorEnvelope {
         code: status,
         msg: message,
@@ -32,7 +43,15 @@ pub async fn write_error(
         request_id,
     };
     let body = serde_json::to_vec(&envelope).expect("envelope serialises");
-    write_json(session, status, body, Some(request_id)).await
+    write_response(
+        session,
+        status,
+        "application/json",
+        body,
+        Some(request_id),
+        extra,
+    )
+    .await
 }
 
 /// The `Strict-Transport-Security` value for this request's answers, set in the request's
@@ -59,8 +78,22 @@ pub async fn write_body(
     body: Vec<u8>,
     request_id: Option<&str>,
 ) -> pingora::Result<()> {
-    let mut header = ResponseHeader::build(status, Some(4))?;
+    write_response(session, status, content_type, body, request_id, &[]).await
+}
+
+async fn write_response(
+    session: &mut Session,
+    status: u16,
+    content_type: &str,
+    body: Vec<u8>,
+    request_id: Option<&str>,
+    extra: &[(http::header::HeaderName, &'static str)],
+) -> pingora::Result<()> {
+    let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
+    for (name, value) in extra {
+        header.insert_header(name.clone(), *value)?;
+    }
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     if let Some(request_id) = request_id {
         header.insert_header(REQUEST_ID_HEADER, request_id)?;

@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 
 use serde::{Deserialize, Serialize};
 
+use crate::gateway::upstreams::ejection::Ticks;
 use crate::gateway::upstreams::Upstreams;
 use crate::registry::Members;
 
@@ -29,6 +30,15 @@ pub struct ServiceEntry {
     pub request_finish: u64,
     #[serde(rename = "NodeDetail")]
     pub node_detail: Vec<NodeDetail>,
+    /// Requests to the service in progress at this gateway.
+    #[serde(rename = "InFlight", default)]
+    pub in_flight: u32,
+    /// Requests answered 503 at once because the service's `maxInFlight` were in progress.
+    #[serde(rename = "RefusedOverMaxInFlight", default)]
+    pub refused_over_max_in_flight: u64,
+    /// Retries not made because the service's retry budget was spent.
+    #[serde(rename = "RetriesOverBudget", default)]
+    pub retries_over_budget: u64,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -45,11 +55,29 @@ pub struct NodeDetail {
     pub in_flight: i64,
     pub requests: u64,
     pub failures: u64,
+    /// `serving`, or `ejected` while outlier ejection keeps the replica out (its trial request
+    /// included); absent where this document came straight from etcd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// Why and for how long the replica is ejected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ejection: Option<EjectionDetail>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EjectionDetail {
+    pub reason: String,
+    /// 0 once the ejection is over and the replica waits for, or is serving, its trial request.
+    pub time_left_ms: u64,
+    /// Ejections since the replica last passed a trial; each lasts twice the one before.
+    pub ejections_in_a_row: u32,
 }
 
 /// Builds the document from etcd membership and, in a gateway, its live counters.
 pub fn cluster_document(members: &Members, upstreams: Option<&Upstreams>) -> ClusterDocument {
     let mut services = BTreeMap::new();
+    let now = Ticks::now();
     for (name, nodes) in &members.services {
         let upstream = upstreams.and_then(|u| u.get(name));
         let states = upstream.as_ref().map(|u| u.nodes()).unwrap_or_default();
@@ -71,6 +99,21 @@ pub fn cluster_document(members: &Members, upstreams: Option<&Upstreams>) -> Clu
                     in_flight: state.map_or(0, |s| s.in_flight.load(Ordering::Relaxed)),
                     requests: state.map_or(0, |s| s.requests.load(Ordering::Relaxed)),
                     failures: state.map_or(0, |s| s.failures.load(Ordering::Relaxed)),
+                    state: state.map(|s| {
+                        if s.outlier.is_ejected() {
+                            "ejected"
+                        } else {
+                            "serving"
+                        }
+                        .to_string()
+                    }),
+                    ejection: state
+                        .and_then(|s| s.outlier.view(now))
+                        .map(|view| EjectionDetail {
+                            reason: view.reason,
+                            time_left_ms: view.time_left.as_millis() as u64,
+                            ejections_in_a_row: view.ejections_in_a_row,
+                        }),
                 }
             })
             .collect();
@@ -83,6 +126,13 @@ pub fn cluster_document(members: &Members, upstreams: Option<&Upstreams>) -> Clu
                     .as_ref()
                     .map_or(0, |u| u.finished.load(Ordering::Relaxed)),
                 node_detail,
+                in_flight: upstream.as_ref().map_or(0, |u| u.in_flight()),
+                refused_over_max_in_flight: upstream
+                    .as_ref()
+                    .map_or(0, |u| u.refused_over_cap.load(Ordering::Relaxed)),
+                retries_over_budget: upstream
+                    .as_ref()
+                    .map_or(0, |u| u.retry_budget.refused.load(Ordering::Relaxed)),
             },
         );
     }

@@ -93,6 +93,7 @@ impl GatewayMetrics {
             routes.current().route_count(),
         );
         render_upstreams(&mut out, upstreams);
+        render_services(&mut out, upstreams);
         out
     }
 }
@@ -109,6 +110,50 @@ fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std:
     let _ = writeln!(out, "{name} {value}");
 }
 
+/// Per-service guards: `goms_service_*{service}`.
+fn render_services(out: &mut String, upstreams: &Upstreams) {
+    let families = [
+        (
+            "in_flight",
+            "gauge",
+            "Requests to a service in progress at this gateway.",
+        ),
+        (
+            "refused_over_max_in_flight_total",
+            "counter",
+            "Requests answered 503 at once because the service's maxInFlight were in progress.",
+        ),
+        (
+            "retries_over_budget_total",
+            "counter",
+            "Retries not made because the service's retry budget was spent.",
+        ),
+    ];
+    for (name, kind, help) in families {
+        family(out, &format!("goms_service_{name}"), kind, help);
+    }
+    for upstream in upstreams.all() {
+        let samples = [
+            ("in_flight", u64::from(upstream.in_flight())),
+            (
+                "refused_over_max_in_flight_total",
+                upstream.refused_over_cap.load(Ordering::Relaxed),
+            ),
+            (
+                "retries_over_budget_total",
+                upstream.retry_budget.refused.load(Ordering::Relaxed),
+            ),
+        ];
+        for (name, value) in samples {
+            let _ = writeln!(
+                out,
+                "goms_service_{name}{{service=\"{}\"}} {value}",
+                upstream.name
+            );
+        }
+    }
+}
+
 /// Per-replica counters: `goms_upstream_*{service,node}`.
 fn render_upstreams(out: &mut String, upstreams: &Upstreams) {
     let families = [
@@ -123,6 +168,16 @@ fn render_upstreams(out: &mut String, upstreams: &Upstreams) {
             "healthy",
             "gauge",
             "Last TCP health check of a replica (1 healthy).",
+        ),
+        (
+            "ejected",
+            "gauge",
+            "Whether outlier ejection keeps a replica out (1 ejected).",
+        ),
+        (
+            "ejections_total",
+            "counter",
+            "Times a replica was ejected for failing.",
         ),
     ];
     for (name, kind, help) in families {
@@ -142,6 +197,11 @@ fn render_upstreams(out: &mut String, upstreams: &Upstreams) {
                 ),
                 ("in_flight", node.in_flight.load(Ordering::Relaxed)),
                 ("healthy", i64::from(upstream.is_healthy(&node))),
+                ("ejected", i64::from(node.outlier.is_ejected())),
+                (
+                    "ejections_total",
+                    node.outlier.ejections_total.load(Ordering::Relaxed) as i64,
+                ),
             ];
             for (name, value) in samples {
                 let _ = writeln!(out, "goms_upstream_{name}{{{labels}}} {value}");

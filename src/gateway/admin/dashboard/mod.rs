@@ -144,7 +144,11 @@ impl Dashboard {
                         "version": info.version,
                         "zone": info.zone,
                         "weight": info.weight,
-                        "health": if healthy { "healthy" } else { "failing" },
+                        "health": match (healthy, state.is_some_and(|s| s.outlier.is_ejected())) {
+                            (_, true) => "ejected",
+                            (true, false) => "healthy",
+                            (false, false) => "failing",
+                        },
                         "lastError": failure.map(Failure::why),
                         "lastErrorAt": failure.map(|failure| rfc3339(failure.at)),
                         "joinedAt": info.started_at,

@@ -1,0 +1,322 @@
+//! The per-service settings of the route file: what a service's replicas may cost the gateway
+//! and its clients. They sit in a service's map beside its routes, under names no route may
+//! take ([`SETTING_KEYS`]):
+//!
+//! ```yaml
+//! services:
+//!   user:
+//!     login: /login
+//!     maxInFlight: 200
+//!     ejection: {consecutiveFailures: 5, baseTime: 30s, maxTime: 5m, maxPercent: 50}
+//!     retryBudget: {percent: 20, minPerSecond: 10, window: 10s}
+//! ```
+//!
+//! Every value is checked while it is read, so a refusal names its `file:line`.
+
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer};
+use serde::Deserialize;
+
+use super::routes::DurationText;
+
+/// Keys of a service's map that are settings, not routes.
+pub const SETTING_KEYS: &[&str] = &["ejection", "retryBudget", "maxInFlight"];
+
+/// One service's settings, with defaults for what the file leaves out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServicePolicy {
+    /// Passive health: replicas that keep failing are taken out for a while. `None` with
+    /// `ejection: false`.
+    pub ejection: Option<EjectionPolicy>,
+    /// How many retries the service's requests may add.
+    pub retry_budget: RetryBudgetPolicy,
+    /// Requests to the service in progress at once; `None` for no cap.
+    pub max_in_flight: Option<u32>,
+}
+
+impl Default for ServicePolicy {
+    fn default() -> Self {
+        ServicePolicy {
+            ejection: Some(EjectionPolicy::default()),
+            retry_budget: RetryBudgetPolicy::default(),
+            max_in_flight: None,
+        }
+    }
+}
+
+impl ServicePolicy {
+    /// Applies the value of setting `key` (one of [`SETTING_KEYS`]) read from `deserializer`.
+    pub(crate) fn set<'de, D: Deserializer<'de>>(
+        &mut self,
+        key: &str,
+        deserializer: D,
+    ) -> Result<(), D::Error> {
+        match key {
+            "ejection" => self.ejection = EjectionSetting::deserialize(deserializer)?.0,
+            "retryBudget" => self.retry_budget = RetryBudgetPolicy::deserialize(deserializer)?,
+            "maxInFlight" => {
+                self.max_in_flight = Some(at_least_one("maxInFlight", deserializer)?);
+            }
+            other => unreachable!("`{other}` is not in SETTING_KEYS"),
+        }
+        Ok(())
+    }
+}
+
+/// Outlier ejection, Envoy's `consecutive_5xx`: failures are 5xx answers, connect errors and
+/// timeouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EjectionPolicy {
+    /// Failures in a row that eject a replica.
+    pub consecutive_failures: u32,
+    /// How long the first ejection lasts; each one after it lasts twice the one before.
+    pub base_time: Duration,
+    /// The longest an ejection lasts.
+    pub max_time: Duration,
+    /// The largest share of a service's replicas ejected at once, in percent.
+    pub max_percent: u32,
+}
+
+impl Default for EjectionPolicy {
+    fn default() -> Self {
+        EjectionPolicy {
+            consecutive_failures: 5,
+            base_time: Duration::from_secs(30),
+            max_time: Duration::from_secs(300),
+            max_percent: 50,
+        }
+    }
+}
+
+impl EjectionPolicy {
+    /// How long ejection number `count` (1 for the first) lasts.
+    pub fn ejection_time(&self, count: u32) -> Duration {
+        let factor = 1u32
+            .checked_shl(count.saturating_sub(1))
+            .unwrap_or(u32::MAX);
+        self.base_time
+            .checked_mul(factor)
+            .unwrap_or(self.max_time)
+            .min(self.max_time)
+    }
+}
+
+/// `ejection: false`, or the map of [`EjectionPolicy`] fields.
+struct EjectionSetting(Option<EjectionPolicy>);
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EjectionFields {
+    #[serde(default, deserialize_with = "optional_at_least_one")]
+    consecutive_failures: Option<u32>,
+    #[serde(default)]
+    base_time: Option<DurationText>,
+    #[serde(default)]
+    max_time: Option<DurationText>,
+    #[serde(default)]
+    max_percent: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for EjectionSetting {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(EjectionVisitor)
+    }
+}
+
+struct EjectionVisitor;
+
+impl<'de> de::Visitor<'de> for EjectionVisitor {
+    type Value = EjectionSetting;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("`false`, `true` or a map {consecutiveFailures, baseTime, maxTime, maxPercent}")
+    }
+
+    fn visit_bool<E: de::Error>(self, on: bool) -> Result<EjectionSetting, E> {
+        Ok(EjectionSetting(on.then(EjectionPolicy::default)))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<EjectionSetting, A::Error> {
+        let fields = EjectionFields::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        let defaults = EjectionPolicy::default();
+        let policy = EjectionPolicy {
+            consecutive_failures: fields
+                .consecutive_failures
+                .unwrap_or(defaults.consecutive_failures),
+            base_time: fields.base_time.map_or(defaults.base_time, |t| t.0),
+            max_time: fields.max_time.as_ref().map_or(defaults.max_time, |t| t.0),
+            max_percent: fields.max_percent.unwrap_or(defaults.max_percent),
+        };
+        check_ejection(&policy, fields.max_time.is_some()).map_err(de::Error::custom)?;
+        Ok(EjectionSetting(Some(policy)))
+    }
+}
+
+fn check_ejection(policy: &EjectionPolicy, max_time_given: bool) -> Result<(), String> {
+    if policy.base_time.is_zero() {
+        return Err("`ejection.baseTime` must be longer than 0".into());
+    }
+    if !(1..=100).contains(&policy.max_percent) {
+        return Err(format!(
+            "`ejection.maxPercent` must be between 1 and 100 (got {})",
+            policy.max_percent
+        ));
+    }
+    if policy.max_time < policy.base_time {
+        return Err(if max_time_given {
+            format!(
+                "`ejection.maxTime` ({:?}) is shorter than `baseTime` ({:?})",
+                policy.max_time, policy.base_time
+            )
+        } else {
+            format!(
+                "`ejection.baseTime` ({:?}) is longer than the default `maxTime` ({:?}); set `maxTime` too",
+                policy.base_time, policy.max_time
+            )
+        });
+    }
+    Ok(())
+}
+
+/// Linkerd's retry budget: retries may add `percent` of a service's requests over a sliding
+/// `window`, and `minPerSecond` retries a second are always allowed, so a service with little
+/// traffic can still retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryBudgetPolicy {
+    pub percent: u32,
+    pub min_per_second: u32,
+    pub window: Duration,
+}
+
+impl Default for RetryBudgetPolicy {
+    fn default() -> Self {
+        RetryBudgetPolicy {
+            percent: 20,
+            min_per_second: 10,
+            window: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The window's bounds: below a second the budget follows single bursts; past a minute it
+/// remembers an outage long after it ended.
+const BUDGET_WINDOW: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(60));
+
+impl<'de> Deserialize<'de> for RetryBudgetPolicy {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // Checked inside the visitor, where the YAML reader still knows the map's position.
+        deserializer.deserialize_map(RetryBudgetVisitor)
+    }
+}
+
+struct RetryBudgetVisitor;
+
+impl<'de> de::Visitor<'de> for RetryBudgetVisitor {
+    type Value = RetryBudgetPolicy;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a map {percent, minPerSecond, window}")
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RetryBudgetPolicy, A::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields, rename_all = "camelCase")]
+        struct Fields {
+            #[serde(default)]
+            percent: Option<u32>,
+            #[serde(default)]
+            min_per_second: Option<u32>,
+            #[serde(default)]
+            window: Option<DurationText>,
+        }
+        let fields = Fields::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        let defaults = RetryBudgetPolicy::default();
+        let policy = RetryBudgetPolicy {
+            percent: fields.percent.unwrap_or(defaults.percent),
+            min_per_second: fields.min_per_second.unwrap_or(defaults.min_per_second),
+            window: fields.window.map_or(defaults.window, |w| w.0),
+        };
+        if !(1..=1000).contains(&policy.percent) {
+            return Err(de::Error::custom(format!(
+                "`retryBudget.percent` must be between 1 and 1000 (got {}); to stop retries, set a route's `retries: 0`",
+                policy.percent
+            )));
+        }
+        if policy.window < BUDGET_WINDOW.0 || policy.window > BUDGET_WINDOW.1 {
+            return Err(de::Error::custom(format!(
+                "`retryBudget.window` must be between 1s and 60s (got {:?})",
+                policy.window
+            )));
+        }
+        Ok(policy)
+    }
+}
+
+/// A count that must be at least one, read as a signed number so that `-1` gets this message
+/// rather than serde's "expected u32", and refused inside the visitor so that the message
+/// carries the number's line.
+fn at_least_one<'de, D: Deserializer<'de>>(
+    name: &'static str,
+    deserializer: D,
+) -> Result<u32, D::Error> {
+    deserializer.deserialize_i64(AtLeastOne(name))
+}
+
+fn optional_at_least_one<'de, D: Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u32>, D::Error> {
+    at_least_one("ejection.consecutiveFailures", deserializer).map(Some)
+}
+
+struct AtLeastOne(&'static str);
+
+impl AtLeastOne {
+    fn refuse<E: de::Error>(&self, got: impl fmt::Display) -> E {
+        E::custom(format!(
+            "`{}` must be a whole number from 1 to {} (got {got})",
+            self.0,
+            u32::MAX
+        ))
+    }
+}
+
+impl de::Visitor<'_> for AtLeastOne {
+    type Value = u32;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "a whole number of at least 1 for `{}`", self.0)
+    }
+
+    fn visit_i64<E: de::Error>(self, value: i64) -> Result<u32, E> {
+        u32::try_from(value)
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| self.refuse(value))
+    }
+
+    fn visit_u64<E: de::Error>(self, value: u64) -> Result<u32, E> {
+        u32::try_from(value)
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or_else(|| self.refuse(value))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_ejection_lasts_twice_the_one_before_up_to_the_maximum() {
+        let policy = EjectionPolicy {
+            base_time: Duration::from_secs(30),
+            max_time: Duration::from_secs(300),
+            ..EjectionPolicy::default()
+        };
+        let times: Vec<u64> = (1..=6).map(|n| policy.ejection_time(n).as_secs()).collect();
+        assert_eq!(times, [30, 60, 120, 240, 300, 300]);
+        assert_eq!(policy.ejection_time(200), Duration::from_secs(300));
+    }
+}

@@ -1,0 +1,273 @@
+//! What keeps one bad or busy service from costing everyone: outlier ejection of a replica
+//! that keeps failing, the retry budget, and `maxInFlight` (the route file's per-service
+//! settings, on `/cluster` and `/metrics`). Real etcd, real gateway, replicas written here.
+
+mod support;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use support::{eventually, http, metric, register_replica, route_file, wait_for_nodes, Etcd, Goms};
+
+/// A replica written in the test that answers every request with `status`, after waiting for
+/// `gate` when one is given; it counts what it got.
+struct Replica {
+    id: String,
+    hits: Arc<AtomicUsize>,
+}
+
+async fn replica(
+    etcd: &Etcd,
+    name: &str,
+    status: StatusCode,
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+) -> Replica {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counted = hits.clone();
+    let answer = format!("{name} answers {status}");
+    let app = axum::Router::new().fallback(move || {
+        let (counted, gate, answer) = (counted.clone(), gate.clone(), answer.clone());
+        async move {
+            counted.fetch_add(1, Ordering::SeqCst);
+            if let Some(gate) = gate {
+                let _pass = gate.acquire().await.expect("the gate stays open");
+            }
+            (status, answer)
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    register_replica(etcd, "user", name, addr, "").await;
+    Replica {
+        id: name.to_string(),
+        hits,
+    }
+}
+
+/// The `NodeDetail` entry of replica `id` in the gateway's `/cluster`.
+async fn node_detail(port: u16, id: &str) -> serde_json::Value {
+    let cluster: serde_json::Value = http()
+        .get(format!("http://127.0.0.1:{port}/cluster"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    cluster["services"]["user"]["NodeDetail"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["id"] == id).cloned())
+        .unwrap_or_else(|| panic!("{id} missing from /cluster: {cluster}"))
+}
+
+async fn metrics(port: u16) -> String {
+    http()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_replica_that_keeps_failing_is_ejected_until_its_time_is_up_then_gets_one_trial() {
+    let etcd = Etcd::start().await;
+    let good = [
+        replica(&etcd, "good-1", StatusCode::OK, None).await,
+        replica(&etcd, "good-2", StatusCode::OK, None).await,
+    ];
+    let bad = replica(&etcd, "bad", StatusCode::INTERNAL_SERVER_ERROR, None).await;
+    let (_folder, routes) = route_file(
+        "services:\n  user:\n    login: /login\n    ejection:\n      consecutiveFailures: 5\n      baseTime: 3s\n",
+    );
+    let gateway = Goms::gateway(&etcd, &routes, &[]).await;
+    let port = gateway.port();
+    wait_for_nodes(port, "user", 3).await;
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}/api/user/login");
+    let get = || async { client.get(&url).send().await.unwrap().status().as_u16() };
+
+    // A 500 is not retried (the replica may have acted on the request): the client sees each
+    // of the first five, and then no more.
+    let mut answers = Vec::new();
+    while bad.hits.load(Ordering::SeqCst) < 5 {
+        answers.push(get().await);
+        assert!(
+            answers.len() < 100,
+            "the bad replica got under 5 of 100 requests"
+        );
+    }
+    assert_eq!(answers.iter().filter(|s| **s == 500).count(), 5);
+    let ejected = node_detail(port, "bad").await;
+    assert_eq!(ejected["state"], "ejected", "{ejected}");
+    let reason = ejected["ejection"]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("5 failures in a row") && reason.contains("500"),
+        "{ejected}"
+    );
+    assert!(
+        ejected["ejection"]["timeLeftMs"].as_u64() > Some(0),
+        "{ejected}"
+    );
+    let exposition = metrics(port).await;
+    assert_eq!(
+        metric(
+            &exposition,
+            "goms_upstream_ejected{service=\"user\",node=\"bad\"}"
+        ),
+        1.0
+    );
+
+    for _ in 0..30 {
+        assert_eq!(get().await, 200, "an ejected replica gets no request");
+    }
+    assert_eq!(bad.hits.load(Ordering::SeqCst), 5);
+    assert!(
+        good.iter().all(|r| r.hits.load(Ordering::SeqCst) >= 15),
+        "the load is shared"
+    );
+
+    // Its time is up: one request, and only one, is sent to it as a trial. It fails, so the
+    // replica is out again, for twice as long.
+    eventually("the ejection ends", Duration::from_secs(20), || async {
+        node_detail(port, "bad").await["ejection"]["timeLeftMs"] == 0
+    })
+    .await;
+    let answers: Vec<u16> = {
+        let mut answers = Vec::new();
+        for _ in 0..20 {
+            answers.push(get().await);
+        }
+        answers
+    };
+    assert_eq!(
+        bad.hits.load(Ordering::SeqCst),
+        6,
+        "exactly one trial request"
+    );
+    assert_eq!(
+        answers.iter().filter(|s| **s == 500).count(),
+        1,
+        "{answers:?}"
+    );
+    let again = node_detail(port, "bad").await;
+    assert_eq!(again["state"], "ejected", "{again}");
+    assert_eq!(again["ejection"]["ejectionsInARow"], 2, "{again}");
+    assert!(
+        again["ejection"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("trial")),
+        "{again}"
+    );
+    let exposition = metrics(port).await;
+    assert_eq!(
+        metric(
+            &exposition,
+            "goms_upstream_ejections_total{service=\"user\",node=\"bad\"}"
+        ),
+        2.0
+    );
+    assert_eq!(node_detail(port, &good[0].id).await["state"], "serving");
+}
+
+#[tokio::test]
+async fn with_every_replica_failing_the_retry_budget_holds_upstream_load_to_its_share() {
+    let etcd = Etcd::start().await;
+    let replicas = [
+        replica(&etcd, "down-1", StatusCode::SERVICE_UNAVAILABLE, None).await,
+        replica(&etcd, "down-2", StatusCode::SERVICE_UNAVAILABLE, None).await,
+        replica(&etcd, "down-3", StatusCode::SERVICE_UNAVAILABLE, None).await,
+    ];
+    // No floor, and no ejection, so that the budget alone decides: 20% of the requests.
+    let (_folder, routes) = route_file(
+        "services:\n  user:\n    login:\n      path: /login\n      retries: 2\n    ejection: false\n    retryBudget:\n      percent: 20\n      minPerSecond: 0\n",
+    );
+    let gateway = Goms::gateway(&etcd, &routes, &[]).await;
+    let port = gateway.port();
+    wait_for_nodes(port, "user", 3).await;
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}/api/user/login");
+
+    let requests = 200;
+    for _ in 0..requests {
+        let response = client.get(&url).send().await.unwrap();
+        assert_eq!(response.status(), 503, "the replicas' answer is passed on");
+    }
+    let attempts: usize = replicas.iter().map(|r| r.hits.load(Ordering::SeqCst)).sum();
+    // Without the budget, each request would make three attempts (600).
+    assert!(
+        (requests * 115 / 100..=requests * 120 / 100).contains(&attempts),
+        "{requests} requests made {attempts} attempts; the budget allows 1.2 times"
+    );
+    let over_budget = metric(
+        &metrics(port).await,
+        "goms_service_retries_over_budget_total{service=\"user\"}",
+    );
+    assert!(
+        over_budget >= (requests - (attempts - requests)) as f64,
+        "{over_budget}"
+    );
+}
+
+#[tokio::test]
+async fn past_max_in_flight_a_service_answers_503_at_once_with_retry_after() {
+    let etcd = Etcd::start().await;
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let held = replica(&etcd, "slow", StatusCode::OK, Some(gate.clone())).await;
+    let (_folder, routes) =
+        route_file("services:\n  user:\n    login: /login\n    maxInFlight: 2\n");
+    let gateway = Goms::gateway(&etcd, &routes, &[]).await;
+    let port = gateway.port();
+    wait_for_nodes(port, "user", 1).await;
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}/api/user/login");
+
+    let in_progress: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(client.get(&url).send()))
+        .collect();
+    eventually(
+        "two requests reach the replica",
+        Duration::from_secs(10),
+        || async { held.hits.load(Ordering::SeqCst) == 2 },
+    )
+    .await;
+    let refused = client.get(&url).send().await.unwrap();
+    assert_eq!(refused.status(), 503);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], 503);
+    assert!(
+        body["msg"]
+            .as_str()
+            .is_some_and(|m| m.contains("maxInFlight")),
+        "{body}"
+    );
+    assert_eq!(
+        held.hits.load(Ordering::SeqCst),
+        2,
+        "the refused request never reached it"
+    );
+
+    gate.add_permits(1_000);
+    for request in in_progress {
+        assert_eq!(request.await.unwrap().unwrap().status(), 200);
+    }
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+    let exposition = metrics(port).await;
+    assert_eq!(
+        metric(
+            &exposition,
+            "goms_service_refused_over_max_in_flight_total{service=\"user\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(&exposition, "goms_service_in_flight{service=\"user\"}"),
+        0.0
+    );
+}
