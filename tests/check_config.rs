@@ -80,6 +80,16 @@ fn route_file_errors_name_file_and_line() {
             "services.yml:2:",
             "YAML indentation cannot use tabs",
         ),
+        (
+            "services:\n  user:\n    login: /login\n    maxInFlight: 0\n",
+            "services.yml:4:",
+            "`maxInFlight` must be a whole number from 1",
+        ),
+        (
+            "services:\n  user:\n    login: /login\n    ejection:\n      maxPercent: 150\n",
+            "services.yml:",
+            "`ejection.maxPercent` must be between 1 and 100",
+        ),
     ];
     for (text, position, reason) in cases {
         let path = write(&folder, "services.yml", text);

@@ -227,6 +227,21 @@ async fn past_max_in_flight_a_service_answers_503_at_once_with_retry_after() {
     let client = http();
     let url = format!("http://127.0.0.1:{port}/api/user/login");
 
+    // A live edit to an invalid cap is refused with its line; the cap of 2 stays in force.
+    std::fs::write(
+        &routes,
+        "services:\n  user:\n    login: /login\n    maxInFlight: 0\n",
+    )
+    .unwrap();
+    gateway
+        .wait_for_line("services.yml:4:", Duration::from_secs(10))
+        .await;
+    assert!(
+        gateway.has_line("`maxInFlight` must be a whole number from 1"),
+        "{}",
+        gateway.output()
+    );
+
     let in_progress: Vec<_> = (0..2)
         .map(|_| tokio::spawn(client.get(&url).send()))
         .collect();
@@ -269,5 +284,80 @@ async fn past_max_in_flight_a_service_answers_503_at_once_with_retry_after() {
     assert_eq!(
         metric(&exposition, "goms_service_in_flight{service=\"user\"}"),
         0.0
+    );
+}
+
+#[tokio::test]
+async fn past_its_rate_limit_a_client_gets_429_with_the_drafts_headers_and_another_client_does_not()
+{
+    let etcd = Etcd::start().await;
+    let _replica = replica(&etcd, "r", StatusCode::OK, None).await;
+    // Per minute, so that the bucket does not refill during the test.
+    let (_folder, routes) = route_file(
+        "services:\n  user:\n    login: /login\n    open:\n      path: /login\n      rateLimit: false\n    rateLimit: {requests: 5, per: 1m, key: \"header:x-api-key\"}\n",
+    );
+    let gateway = Goms::gateway(&etcd, &routes, &[]).await;
+    let port = gateway.port();
+    wait_for_nodes(port, "user", 1).await;
+    let client = http();
+    let send = |route: &'static str, key: &'static str| {
+        client
+            .get(format!("http://127.0.0.1:{port}/api/user/{route}"))
+            .header("x-api-key", key)
+            .send()
+    };
+
+    let mut answers = Vec::new();
+    for _ in 0..10 {
+        answers.push(send("login", "alpha").await.unwrap());
+    }
+    let statuses: Vec<u16> = answers.iter().map(|r| r.status().as_u16()).collect();
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429, 429, 429, 429, 429]);
+    let served = &answers[0];
+    assert_eq!(served.headers()["ratelimit-policy"], "\"route\";q=5;w=60");
+    assert_eq!(served.headers()["ratelimit"], "\"route\";r=4;t=12");
+    let refused = answers.pop().unwrap();
+    assert_eq!(
+        refused.headers()["ratelimit"]
+            .to_str()
+            .unwrap()
+            .split(';')
+            .nth(1),
+        Some("r=0")
+    );
+    let retry_after: u64 = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=12).contains(&retry_after), "{retry_after}");
+    let body: serde_json::Value = refused.json().await.unwrap();
+    assert_eq!(body["code"], 429);
+
+    assert_eq!(
+        send("login", "beta").await.unwrap().status(),
+        200,
+        "another key has its own bucket"
+    );
+    for _ in 0..10 {
+        let open = send("open", "alpha").await.unwrap();
+        assert_eq!(
+            open.status(),
+            200,
+            "a route with rateLimit: false is never limited"
+        );
+        assert!(open.headers().get("ratelimit").is_none());
+    }
+    let exposition = metrics(port).await;
+    assert_eq!(
+        metric(
+            &exposition,
+            "goms_route_rate_limited_total{route=\"user/login\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        metric(&exposition, "goms_gateway_responses_total{code=\"429\"}"),
+        5.0
     );
 }

@@ -22,7 +22,7 @@ use serde::Deserialize;
 use super::routes::DurationText;
 
 /// Keys of a service's map that are settings, not routes.
-pub const SETTING_KEYS: &[&str] = &["ejection", "retryBudget", "maxInFlight"];
+pub const SETTING_KEYS: &[&str] = &["ejection", "retryBudget", "maxInFlight", "rateLimit"];
 
 /// One service's settings, with defaults for what the file leaves out.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +34,8 @@ pub struct ServicePolicy {
     pub retry_budget: RetryBudgetPolicy,
     /// Requests to the service in progress at once; `None` for no cap.
     pub max_in_flight: Option<u32>,
+    /// The rate limit of each of the service's routes that sets none of its own.
+    pub rate_limit: Option<RateLimitPolicy>,
 }
 
 impl Default for ServicePolicy {
@@ -42,6 +44,7 @@ impl Default for ServicePolicy {
             ejection: Some(EjectionPolicy::default()),
             retry_budget: RetryBudgetPolicy::default(),
             max_in_flight: None,
+            rate_limit: None,
         }
     }
 }
@@ -59,6 +62,7 @@ impl ServicePolicy {
             "maxInFlight" => {
                 self.max_in_flight = Some(at_least_one("maxInFlight", deserializer)?);
             }
+            "rateLimit" => self.rate_limit = RateLimitSetting::deserialize(deserializer)?.0,
             other => unreachable!("`{other}` is not in SETTING_KEYS"),
         }
         Ok(())
@@ -252,6 +256,106 @@ impl<'de> de::Visitor<'de> for RetryBudgetVisitor {
         }
         Ok(policy)
     }
+}
+
+/// A token bucket per key: `requests` every `per`, with room for `burst` at once (default
+/// `requests`). Past it, a 429 with `Retry-After` and the IETF draft's `RateLimit` headers.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RateLimitPolicy {
+    pub requests: u32,
+    pub per: Duration,
+    pub burst: u32,
+    pub key: RateLimitKey,
+}
+
+/// Whose requests share a bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum RateLimitKey {
+    /// The client's address, after `gateway.trustedProxies`.
+    Ip,
+    /// The value of a request header (lowercase name); a request without it counts by address.
+    Header(String),
+    /// Every request of the route: one bucket.
+    Route,
+}
+
+/// `rateLimit: false` (on a route: none, whatever its service sets), or the map.
+pub(crate) struct RateLimitSetting(pub Option<RateLimitPolicy>);
+
+impl<'de> Deserialize<'de> for RateLimitSetting {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(RateLimitVisitor)
+    }
+}
+
+struct RateLimitVisitor;
+
+impl<'de> de::Visitor<'de> for RateLimitVisitor {
+    type Value = RateLimitSetting;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("`false` or a map {requests, per, burst, key}")
+    }
+
+    fn visit_bool<E: de::Error>(self, on: bool) -> Result<RateLimitSetting, E> {
+        if on {
+            return Err(E::custom(
+                "`rateLimit: true` says no limit: write {requests: N, per: 1s}",
+            ));
+        }
+        Ok(RateLimitSetting(None))
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<RateLimitSetting, A::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            #[serde(deserialize_with = "requests_at_least_one")]
+            requests: u32,
+            #[serde(default)]
+            per: Option<DurationText>,
+            #[serde(default)]
+            burst: Option<u32>,
+            #[serde(default)]
+            key: Option<String>,
+        }
+        let fields = Fields::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        let per = fields.per.map_or(Duration::from_secs(1), |p| p.0);
+        if per < Duration::from_millis(1) || per > Duration::from_secs(86_400) {
+            return Err(de::Error::custom(format!(
+                "`rateLimit.per` must be between 1ms and 24h (got {per:?})"
+            )));
+        }
+        let burst = fields.burst.unwrap_or(fields.requests);
+        if burst == 0 {
+            return Err(de::Error::custom("`rateLimit.burst` must be at least 1"));
+        }
+        let key = parse_rate_limit_key(fields.key.as_deref().unwrap_or("ip"))
+            .map_err(de::Error::custom)?;
+        Ok(RateLimitSetting(Some(RateLimitPolicy {
+            requests: fields.requests,
+            per,
+            burst,
+            key,
+        })))
+    }
+}
+
+fn parse_rate_limit_key(text: &str) -> Result<RateLimitKey, String> {
+    match text.split_once(':') {
+        None if text == "ip" => Ok(RateLimitKey::Ip),
+        None if text == "route" => Ok(RateLimitKey::Route),
+        Some(("header", name)) if http::HeaderName::from_bytes(name.as_bytes()).is_ok() => {
+            Ok(RateLimitKey::Header(name.to_ascii_lowercase()))
+        }
+        _ => Err(format!(
+            "`rateLimit.key` must be `ip`, `route` or `header:NAME` (got `{text}`)"
+        )),
+    }
+}
+
+fn requests_at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u32, D::Error> {
+    at_least_one("rateLimit.requests", deserializer)
 }
 
 /// A count that must be at least one, read as a signed number so that `-1` gets this message

@@ -15,7 +15,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::error::ConfigError;
-use super::policy::{ServicePolicy, SETTING_KEYS};
+use super::policy::{RateLimitPolicy, RateLimitSetting, ServicePolicy, SETTING_KEYS};
 
 /// The whole route file: one top-level key, `services`, exactly as goms wrote it.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +51,9 @@ pub struct RouteSpec {
     pub max_body_bytes: Option<u64>,
     /// Body rewrite before forwarding.
     pub transform: Transform,
+    /// The route's own rate limit: `None` takes the service's, `Some(None)` is
+    /// `rateLimit: false` (none, whatever the service sets).
+    pub rate_limit: Option<Option<RateLimitPolicy>>,
 }
 
 /// How the gateway rewrites a request body before forwarding it.
@@ -85,6 +88,8 @@ struct ExtendedRoute {
     max_body_bytes: Option<u64>,
     #[serde(default)]
     transform: Transform,
+    #[serde(default, rename = "rateLimit")]
+    rate_limit: Option<RateLimitSetting>,
 }
 
 /// A route path, refused unless it starts with `/`.
@@ -182,6 +187,7 @@ impl<'de> Visitor<'de> for RouteSpecVisitor {
             retries: None,
             max_body_bytes: None,
             transform: Transform::None,
+            rate_limit: None,
         })
     }
 
@@ -205,6 +211,7 @@ impl<'de> Visitor<'de> for RouteSpecVisitor {
             retries: route.retries,
             max_body_bytes: route.max_body_bytes,
             transform: route.transform,
+            rate_limit: route.rate_limit.map(|setting| setting.0),
         })
     }
 }
@@ -473,6 +480,8 @@ pub struct Route {
     pub transform: Transform,
     /// The settings of the route's service, shared by all its routes.
     pub policy: Arc<ServicePolicy>,
+    /// The route's rate limit: its own, or else its service's.
+    pub rate_limit: Option<RateLimitPolicy>,
 }
 
 impl Route {
@@ -525,6 +534,10 @@ impl RouteTable {
                             retries: route.retries.unwrap_or(defaults.retries),
                             max_body_bytes: route.max_body_bytes.unwrap_or(defaults.max_body_bytes),
                             transform: route.transform,
+                            rate_limit: route
+                                .rate_limit
+                                .clone()
+                                .unwrap_or_else(|| spec.policy.rate_limit.clone()),
                             policy: policy.clone(),
                         };
                         (name.clone(), Arc::new(resolved))
@@ -682,6 +695,41 @@ mod tests {
     }
 
     #[test]
+    fn a_route_takes_its_services_rate_limit_unless_it_sets_its_own_or_none() {
+        let routes = parse(
+            "services:\n  user:\n    login: /login\n    open:\n      path: /open\n      rateLimit: false\n    own:\n      path: /own\n      rateLimit: {requests: 1, per: 1m}\n    rateLimit: {requests: 10, key: \"header:X-Api-Key\"}\n",
+        )
+        .unwrap();
+        let table = RouteTable::build(
+            &routes,
+            RouteDefaults {
+                max_body_bytes: 1 << 20,
+                timeout: Duration::from_secs(5),
+                retries: 2,
+            },
+        );
+        let limit = |route: &str| {
+            table
+                .resolve(&format!("/api/user/{route}"))
+                .unwrap()
+                .rate_limit
+                .clone()
+        };
+        let login = limit("login").unwrap();
+        assert_eq!(
+            (login.requests, login.burst, login.per),
+            (10, 10, Duration::from_secs(1))
+        );
+        assert_eq!(
+            login.key,
+            crate::config::RateLimitKey::Header("x-api-key".into())
+        );
+        assert_eq!(limit("open"), None);
+        assert_eq!(limit("own").unwrap().per, Duration::from_secs(60));
+        assert_eq!(limit("own").unwrap().key, crate::config::RateLimitKey::Ip);
+    }
+
+    #[test]
     fn invalid_service_settings_name_their_line() {
         let cases = [
             (
@@ -725,6 +773,17 @@ mod tests {
                 "services.yml:5:",
                 "duplicate setting",
             ),
+            (
+                "    rateLimit: {requests: 0}\n",
+                "services.yml:4:",
+                "`rateLimit.requests` must be",
+            ),
+            (
+                "    rateLimit: {requests: 5, key: cookie}\n",
+                "services.yml:4:",
+                "must be `ip`, `route` or `header:NAME`",
+            ),
+            ("    rateLimit: true\n", "services.yml:4:", "says no limit"),
         ];
         for (setting, position, reason) in cases {
             let error = error_text(&format!("services:\n  user:\n    login: /login\n{setting}"));

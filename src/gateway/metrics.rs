@@ -10,8 +10,8 @@ use pingora::services::listening::ConnectionLimit;
 use super::limits::RefusalCounts;
 
 /// Status codes tracked one by one; anything else is counted as `other`.
-pub(crate) const TRACKED_STATUS: [u16; 16] = [
-    200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 414, 431, 500, 502, 503, 504,
+pub(crate) const TRACKED_STATUS: [u16; 17] = [
+    200, 201, 204, 400, 401, 403, 404, 405, 408, 413, 414, 429, 431, 500, 502, 503, 504,
 ];
 
 pub struct GatewayMetrics {

@@ -26,6 +26,7 @@ pub mod forwarded;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
+pub mod rate_limit;
 pub mod record;
 pub mod registry_view;
 pub mod request_log;

@@ -24,6 +24,7 @@ use super::admin::AdminEndpoints;
 use super::forwarded::{self, Client};
 use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
+use super::rate_limit;
 use super::record::{Attempt, RequestRecord};
 use super::registry_view::RegistryView;
 use super::request_log::{FinishedRequest, RequestLog};
@@ -132,6 +133,8 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// Who sent the request, under `gateway.trustedProxies`.
     client: Option<Client>,
+    /// `RateLimit-Policy` and `RateLimit` for the answer, on a rate-limited route.
+    rate_limit_headers: Option<Vec<(http::header::HeaderName, http::HeaderValue)>>,
 }
 
 impl RequestCtx {
@@ -329,9 +332,43 @@ impl GatewayProxy {
             503,
             &message,
             request_id,
-            &[(http::header::RETRY_AFTER, "1")],
+            &[(
+                http::header::RETRY_AFTER,
+                http::HeaderValue::from_static("1"),
+            )],
         )
         .await
+    }
+
+    /// Takes the request out of its route's rate limit, if the route has one. A request past
+    /// it is answered 429 here (true); one within it keeps the bucket's state for its answer's
+    /// headers.
+    async fn rate_limited(
+        &self,
+        session: &mut Session,
+        route: &Route,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<bool> {
+        if route.rate_limit.is_none() {
+            return Ok(false);
+        }
+        let Some(limiter) = self.routes.rate_limits.get(&route.key) else {
+            return Ok(false);
+        };
+        let client = ctx.client.as_ref().map(|c| c.ip);
+        let decision = limiter.check(session.req_header(), client, Ticks::now());
+        let headers = rate_limit::headers(&limiter.policy, &decision);
+        if decision.allowed {
+            ctx.rate_limit_headers = Some(headers);
+            return Ok(false);
+        }
+        self.metrics.count_status(429);
+        let message = format!(
+            "route `{}` allows {} requests per {:?} to each client; retry in {} s",
+            route.key, limiter.policy.requests, limiter.policy.per, decision.retry_after_secs
+        );
+        write_error_with(session, 429, &message, ctx.request_id(), &headers).await?;
+        Ok(true)
     }
 
     /// With `gateway.tls.redirect`, sends a plain request to HTTPS with a 308 (which keeps the
@@ -470,6 +507,9 @@ impl ProxyHttp for GatewayProxy {
             let request_id = ctx.request_id().to_string();
             self.refuse(session, Refusal::BodyBytes, &request_id)
                 .await?;
+            return Ok(true);
+        }
+        if self.rate_limited(session, &route, ctx).await? {
             return Ok(true);
         }
         if !route.allows(&session.req_header().method) {
@@ -684,6 +724,9 @@ impl ProxyHttp for GatewayProxy {
         }
         if let Some(Hsts(hsts)) = session.req_header().extensions.get::<Hsts>() {
             response.insert_header(http::header::STRICT_TRANSPORT_SECURITY, hsts.clone())?;
+        }
+        for (name, value) in ctx.rate_limit_headers.take().into_iter().flatten() {
+            response.insert_header(name, value)?;
         }
         Ok(())
     }

@@ -34,7 +34,7 @@ pub async fn write_error_with(
     status: u16,
     message: &str,
     request_id: &str,
-    extra: &[(http::header::HeaderName, &'static str)],
+    extra: &[(http::header::HeaderName, http::HeaderValue)],
 ) -> pingora::Result<()> {
     let envelope = ErrorEnvelope {
         code: status,
@@ -87,12 +87,12 @@ async fn write_response(
     content_type: &str,
     body: Vec<u8>,
     request_id: Option<&str>,
-    extra: &[(http::header::HeaderName, &'static str)],
+    extra: &[(http::header::HeaderName, http::HeaderValue)],
 ) -> pingora::Result<()> {
     let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
     header.insert_header(http::header::CONTENT_TYPE, content_type)?;
     for (name, value) in extra {
-        header.insert_header(name.clone(), *value)?;
+        header.insert_header(name.clone(), value.clone())?;
     }
     header.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     if let Some(request_id) = request_id {

@@ -14,6 +14,7 @@ use notify::{EventKind, RecursiveMode, Watcher};
 use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
+use super::rate_limit::RateLimits;
 use crate::config::{ConfigError, RouteDefaults, RouteTable, ServiceRoutes};
 
 /// Where the routes came from.
@@ -27,6 +28,8 @@ pub enum RouteSource {
 
 pub struct RouteStore {
     table: ArcSwap<RouteTable>,
+    /// The buckets of the routes with a `rateLimit`, following the table.
+    pub rate_limits: RateLimits,
     source: RouteSource,
     defaults: RouteDefaults,
     /// Text of the last file accepted or refused, to skip no-op events.
@@ -49,8 +52,11 @@ impl RouteStore {
             RouteSource::Inline(spec) => (spec.clone(), String::new()),
         };
         let table = RouteTable::build(&spec, defaults);
+        let rate_limits = RateLimits::default();
+        rate_limits.follow(&table);
         Ok(RouteStore {
             table: ArcSwap::from_pointee(table),
+            rate_limits,
             source,
             defaults,
             last_text: std::sync::Mutex::new(text),
@@ -89,6 +95,7 @@ impl RouteStore {
             Ok(spec) => {
                 let table = RouteTable::build(&spec, self.defaults);
                 let routes = table.route_count();
+                self.rate_limits.follow(&table);
                 self.table.store(Arc::new(table));
                 info!(message = "Route file reloaded.", path = %path.display(), routes);
             }

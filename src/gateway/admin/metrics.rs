@@ -92,6 +92,19 @@ impl GatewayMetrics {
             "Routes in the table in force.",
             routes.current().route_count(),
         );
+        family(
+            &mut out,
+            "goms_route_rate_limited_total",
+            "counter",
+            "Requests answered 429 by a route's rateLimit, by route.",
+        );
+        for (route, limiter) in routes.rate_limits.all() {
+            let _ = writeln!(
+                out,
+                "goms_route_rate_limited_total{{route=\"{route}\"}} {}",
+                limiter.refused.load(Ordering::Relaxed)
+            );
+        }
         render_upstreams(&mut out, upstreams);
         render_services(&mut out, upstreams);
         out
