@@ -604,6 +604,12 @@ mod tests {
         parse_routes(Path::new("services.yml"), text)
     }
 
+    const DEFAULTS: RouteDefaults = RouteDefaults {
+        max_body_bytes: 1 << 20,
+        timeout: Duration::from_secs(5),
+        retries: 2,
+    };
+
     fn error_text(text: &str) -> String {
         parse(text).unwrap_err().to_string()
     }
@@ -700,14 +706,7 @@ mod tests {
             "services:\n  user:\n    login: /login\n    open:\n      path: /open\n      rateLimit: false\n    own:\n      path: /own\n      rateLimit: {requests: 1, per: 1m}\n    rateLimit: {requests: 10, key: \"header:X-Api-Key\"}\n",
         )
         .unwrap();
-        let table = RouteTable::build(
-            &routes,
-            RouteDefaults {
-                max_body_bytes: 1 << 20,
-                timeout: Duration::from_secs(5),
-                retries: 2,
-            },
-        );
+        let table = RouteTable::build(&routes, DEFAULTS);
         let limit = |route: &str| {
             table
                 .resolve(&format!("/api/user/{route}"))
@@ -795,14 +794,7 @@ mod tests {
     #[test]
     fn table_resolves_service_and_route() {
         let routes = parse("services:\n  user:\n    login: /login\n").unwrap();
-        let table = RouteTable::build(
-            &routes,
-            RouteDefaults {
-                max_body_bytes: 1 << 20,
-                timeout: Duration::from_secs(5),
-                retries: 2,
-            },
-        );
+        let table = RouteTable::build(&routes, DEFAULTS);
         assert_eq!(table.resolve("/api/user/login").unwrap().path, "/login");
         assert!(table.resolve("/api/user/logout").is_none());
         assert!(table.resolve("/api/order/login").is_none());
