@@ -156,11 +156,13 @@ def loopback(index):
     return f"127.0.{1 + index // 250}.{2 + index % 250}"
 
 
-def route_file(path, routes, extra=""):
+def route_file(path, routes, added=()):
+    """`routes` routes r0, r1, ... of service `bench`, then the `added` ones, and `probe/p`."""
     lines = ["services:", "  bench:"]
     lines += [f"    r{i}: /small" for i in range(routes)]
+    lines += [f"    {name}: /small" for name in added]
     lines += ["  probe:", "    p: /small"]
-    text = "\n".join(lines) + "\n" + extra
+    text = "\n".join(lines) + "\n"
     temporary = path + ".new"
     with open(temporary, "w") as out:
         out.write(text)
@@ -344,10 +346,10 @@ def main():
                    timeout=60)
         edits = []
         for attempt in range(5):
-            extra = f"  added{attempt}:\n    a: /small\n"
             started = time.monotonic()
-            route_file(stage.routes, routes, extra)
-            wait_until("the edited route", lambda: get(stage.port, f"/api/added{attempt}/a")[0] == 200,
+            route_file(stage.routes, routes, [f"added{attempt}"])
+            wait_until("the edited route",
+                       lambda: get(stage.port, f"/api/bench/added{attempt}")[0] == 200,
                        timeout=60, every=0.005)
             edits.append((time.monotonic() - started) * 1000)
         route_file(stage.routes, 10)
