@@ -341,3 +341,37 @@ async fn a_client_that_goes_away_is_counted_and_not_logged_as_an_error() {
         gateway.output()
     );
 }
+
+#[tokio::test]
+async fn a_replica_that_answers_requests_is_not_health_checked_and_an_idle_one_is() {
+    let etcd = Etcd::start().await;
+    let fake = fake_replica(&etcd, Behaviour::Answer).await;
+    let (_folder, routes) = route_file(ROUTES);
+    let gateway = Goms::gateway(&etcd, &routes, &["--threads", "1"]).await;
+    let port = gateway.port();
+    wait_for_nodes(port, "user", 1).await;
+    let client = http();
+    let url = format!("http://127.0.0.1:{port}/api/user/login");
+
+    // Requests every 100 ms for 3 s, six health-check intervals of the suites' 500 ms: each
+    // interval sees a success, so the TCP check opens nothing; the requests reuse one
+    // connection.
+    assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+    let before = fake.connections.load(Ordering::SeqCst);
+    for _ in 0..30 {
+        assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let while_busy = fake.connections.load(Ordering::SeqCst) - before;
+    assert!(
+        while_busy <= 1,
+        "{while_busy} connections opened while requests proved the replica up"
+    );
+
+    // Idle, it is checked again: a connection each interval.
+    let idle_since = fake.connections.load(Ordering::SeqCst);
+    support::eventually("health checks resume", Duration::from_secs(10), || async {
+        fake.connections.load(Ordering::SeqCst) >= idle_since + 2
+    })
+    .await;
+}

@@ -194,7 +194,7 @@ pub fn run(
     // pingora matches a listener to its service by this text.
     let (listen, admin_listen) = (bound.to_string(), admin_bound.to_string());
 
-    let upstreams = Arc::new(Upstreams::default());
+    let upstreams = Arc::new(Upstreams::new(gateway.health_check_interval));
     let registry_loaded = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let registry_status = Arc::new(RegistryStatus::default());
     let (members_tx, members_rx) = watch::channel(Arc::new(Members::default()));

@@ -164,6 +164,7 @@ impl RequestCtx {
     /// Ends the current attempt: releases the in-flight slot, tells the replica's passive
     /// health how it went, and stamps the record.
     fn finish_attempt(&mut self, status: Option<u16>, error: Option<String>) {
+        let finished = Instant::now();
         if let Some(pick) = self.current.take() {
             pick.node.in_flight.fetch_sub(1, Ordering::Relaxed);
             let answered: String;
@@ -178,8 +179,15 @@ impl RequestCtx {
                 (None, Some(error)) => Verdict::Failed(error),
                 (None, None) => Verdict::Unknown,
             };
-            if matches!(verdict, Verdict::Failed(_)) {
-                pick.node.failures.fetch_add(1, Ordering::Relaxed);
+            match verdict {
+                Verdict::Failed(_) => {
+                    pick.node.failures.fetch_add(1, Ordering::Relaxed);
+                }
+                Verdict::Succeeded => pick
+                    .node
+                    .last_success
+                    .store(Ticks::of(finished).0, Ordering::Relaxed),
+                Verdict::Unknown => {}
             }
             if let (Some(upstream), Some(route)) = (self.upstream.as_ref(), self.route.as_ref()) {
                 upstream.record_verdict(&pick, verdict, &route.policy);
@@ -187,7 +195,7 @@ impl RequestCtx {
         }
         if let Some(attempt) = self.record.as_mut().and_then(|r| r.attempts.last_mut()) {
             if attempt.finished.is_none() {
-                attempt.finished = Some(Instant::now());
+                attempt.finished = Some(finished);
                 attempt.status = status;
                 attempt.error = error;
             }

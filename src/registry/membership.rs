@@ -256,7 +256,11 @@ fn apply_events(known: &mut Members, events: &[etcd_client::Event]) -> bool {
             EventType::Put => {
                 if let Some(node) = decode(kv.key(), kv.value()) {
                     let (service, id) = (node.service.clone(), node.id.clone());
-                    let unchanged = known.nodes(&service).any(|n| *n == node);
+                    let unchanged = known
+                        .services
+                        .get(&service)
+                        .and_then(|nodes| nodes.get(&id))
+                        == Some(&node);
                     if known.insert(node) {
                         log_join(&service, &id);
                     }

@@ -20,9 +20,14 @@ pub struct Ticks(pub u64);
 impl Ticks {
     /// Now, on a clock that starts (at 1, so that 0 can mean "never") when first read.
     pub fn now() -> Ticks {
+        Ticks::of(Instant::now())
+    }
+
+    /// `instant` on the same clock, for a time a caller has read already.
+    pub fn of(instant: Instant) -> Ticks {
         static START: OnceLock<Instant> = OnceLock::new();
-        let start = START.get_or_init(Instant::now);
-        Ticks(start.elapsed().as_millis() as u64 + 1)
+        let start = *START.get_or_init(|| Instant::now().min(instant));
+        Ticks(instant.saturating_duration_since(start).as_millis() as u64 + 1)
     }
 
     pub fn after(self, duration: Duration) -> Ticks {

@@ -14,11 +14,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::lb::discovery::ServiceDiscovery;
-use pingora::lb::health_check::TcpHealthCheck;
+use pingora::lb::health_check::{HealthCheck, TcpHealthCheck};
 use pingora::lb::selection::RoundRobin;
 use pingora::lb::{Backend, Backends, LoadBalancer};
 use tracing::warn;
@@ -44,6 +45,46 @@ pub struct NodeState {
     pub failures: AtomicU64,
     /// Passive health: whether the replica is ejected.
     pub outlier: Outlier,
+    /// When an attempt at the replica last succeeded, in [`Ticks`]: a replica that answered
+    /// within the health check's interval is not connected to again to learn that it is up.
+    pub last_success: AtomicU64,
+    /// The replica as the balancer holds it, built once and not on every membership change.
+    backend: Backend,
+}
+
+/// The replicas of a service by address, as requests and the health check read them.
+type NodeMap = HashMap<SocketAddr, Arc<NodeState>>;
+
+/// The TCP health check, skipped for a replica that answered a request successfully within
+/// `fresh_within`: with traffic, most replicas prove themselves, and a gateway in front of a
+/// thousand replicas does not open a thousand connections a second to learn what it knows.
+struct PassiveFirstCheck {
+    tcp: TcpHealthCheck,
+    nodes: Arc<ArcSwap<NodeMap>>,
+    fresh_within: Duration,
+}
+
+#[async_trait]
+impl HealthCheck for PassiveFirstCheck {
+    async fn check(&self, target: &Backend) -> pingora::Result<()> {
+        let answered_lately = target
+            .addr
+            .as_inet()
+            .and_then(|addr| self.nodes.load().get(addr).cloned())
+            .is_some_and(|node| {
+                let last = node.last_success.load(Ordering::Relaxed);
+                last != 0
+                    && Ticks::now().0.saturating_sub(last) < self.fresh_within.as_millis() as u64
+            });
+        if answered_lately {
+            return Ok(());
+        }
+        self.tcp.check(target).await
+    }
+
+    fn health_threshold(&self, success: bool) -> usize {
+        self.tcp.health_threshold(success)
+    }
 }
 
 /// A replica drawn for an attempt.
@@ -58,7 +99,7 @@ pub struct ServiceUpstream {
     pub name: String,
     balancer: LoadBalancer<RoundRobin>,
     discovered: Arc<ArcSwap<BTreeSet<Backend>>>,
-    nodes: ArcSwap<HashMap<SocketAddr, Arc<NodeState>>>,
+    nodes: Arc<ArcSwap<NodeMap>>,
     /// Selections made, for the Go original's `PollNext`.
     picks: AtomicU64,
     /// Requests answered by a replica, the Go original's `RequestFinish`.
@@ -93,18 +134,23 @@ impl ServiceDiscovery for SnapshotDiscovery {
 }
 
 impl ServiceUpstream {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, health_interval: Duration) -> Self {
         let discovered = Arc::new(ArcSwap::from_pointee(BTreeSet::new()));
+        let nodes = Arc::new(ArcSwap::from_pointee(HashMap::new()));
         let mut backends = Backends::new(Box::new(SnapshotDiscovery(discovered.clone())));
-        let mut check = TcpHealthCheck::new();
-        check.consecutive_failure = 1;
-        check.consecutive_success = 1;
-        backends.set_health_check(check);
+        let mut tcp = *TcpHealthCheck::new();
+        tcp.consecutive_failure = 1;
+        tcp.consecutive_success = 1;
+        backends.set_health_check(Box::new(PassiveFirstCheck {
+            tcp,
+            nodes: nodes.clone(),
+            fresh_within: health_interval,
+        }));
         ServiceUpstream {
             name: name.to_string(),
             balancer: LoadBalancer::from_backends(backends),
             discovered,
-            nodes: ArcSwap::from_pointee(HashMap::new()),
+            nodes,
             picks: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             retry_budget: RetryBudget::default(),
@@ -232,10 +278,7 @@ impl ServiceUpstream {
     }
 
     pub fn is_healthy(&self, node: &NodeState) -> bool {
-        match Backend::new_with_weight(&node.addr.to_string(), node.info.weight.max(1) as usize) {
-            Ok(backend) => self.balancer.backends().ready(&backend),
-            Err(_) => false,
-        }
+        self.balancer.backends().ready(&node.backend)
     }
 
     pub fn poll_next(&self) -> u64 {
@@ -271,32 +314,29 @@ impl ServiceUpstream {
     /// Replaces the replica set; counters of replicas that stay are kept.
     async fn replace(&self, resolved: Vec<(NodeInfo, SocketAddr)>) {
         let previous = self.nodes.load_full();
-        let mut nodes = HashMap::new();
+        let mut nodes = HashMap::with_capacity(resolved.len());
         let mut backends = BTreeSet::new();
         for (info, addr) in resolved {
-            let weight = info.weight.max(1) as usize;
-            match Backend::new_with_weight(&addr.to_string(), weight) {
-                Ok(backend) => {
-                    backends.insert(backend);
-                }
-                Err(error) => {
-                    warn!(message = "Skipping a replica with an unusable address.", service = %self.name, %addr, %error);
-                    continue;
-                }
-            }
             let state = match previous.get(&addr) {
                 Some(existing) if existing.info == info => existing.clone(),
                 _ => Arc::new(NodeState {
                     id: Arc::from(info.id.as_str()),
                     addr_text: Arc::from(addr.to_string()),
+                    backend: Backend {
+                        addr: pingora::protocols::l4::socket::SocketAddr::Inet(addr),
+                        weight: info.weight.max(1) as usize,
+                        ext: Default::default(),
+                    },
                     info,
                     addr,
                     in_flight: AtomicI64::new(0),
                     requests: AtomicU64::new(0),
                     failures: AtomicU64::new(0),
                     outlier: Outlier::default(),
+                    last_success: AtomicU64::new(0),
                 }),
             };
+            backends.insert(state.backend.clone());
             nodes.insert(addr, state);
         }
         self.discovered.store(Arc::new(backends));
@@ -312,14 +352,29 @@ impl ServiceUpstream {
 }
 
 /// All services the gateway can route to.
-#[derive(Default)]
 pub struct Upstreams {
     services: ArcSwap<HashMap<String, Arc<ServiceUpstream>>>,
     /// The membership last applied, to tell which services a change touched.
     applied: ArcSwap<Members>,
+    /// `gateway.healthCheckInterval`: a replica that answered within it is not checked.
+    health_interval: Duration,
+}
+
+impl Default for Upstreams {
+    fn default() -> Self {
+        Upstreams::new(Duration::from_secs(1))
+    }
 }
 
 impl Upstreams {
+    pub fn new(health_interval: Duration) -> Self {
+        Upstreams {
+            services: ArcSwap::default(),
+            applied: ArcSwap::default(),
+            health_interval,
+        }
+    }
+
     pub fn get(&self, service: &str) -> Option<Arc<ServiceUpstream>> {
         self.services.load().get(service).cloned()
     }
@@ -345,7 +400,7 @@ impl Upstreams {
                 && previous.services.get(service) == Some(nodes);
             let upstream = existing
                 .cloned()
-                .unwrap_or_else(|| Arc::new(ServiceUpstream::new(service)));
+                .unwrap_or_else(|| Arc::new(ServiceUpstream::new(service, self.health_interval)));
             if !unchanged {
                 upstream.apply(nodes).await;
             }
@@ -449,7 +504,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_replica_that_left_is_not_drawn_while_the_balancer_catches_up() {
-        let upstream = ServiceUpstream::new("user");
+        let upstream = ServiceUpstream::new("user", Duration::from_secs(1));
         upstream.replace(vec![member(9001), member(9002)]).await;
         // The moment inside `replace` after the membership changed and before the
         // balancer's update finished: 9002 has left, the balancer still holds it.
