@@ -47,6 +47,10 @@ pub struct GomsConfig {
     /// No default: gateways and services refuse to start without one.
     #[serde(default)]
     pub call_service_key: Option<Secret>,
+    /// Keys that services and sidecars still accept while a new `callServiceKey` rolls out;
+    /// the gateway never sends them. Default none.
+    #[serde(default)]
+    pub previous_call_service_keys: Vec<Secret>,
     /// etcd endpoints, `host:port`; the Go original's `a|b` form is accepted too. Default
     /// `127.0.0.1:2379`.
     #[serde(default = "default_etcd_addr", deserialize_with = "etcd_endpoints")]
@@ -752,7 +756,8 @@ impl GomsConfig {
             .try_parsing(true)
             .list_separator(",")
             .with_list_parse_key("etcdAddr")
-            .with_list_parse_key("trace.redactHeaders");
+            .with_list_parse_key("trace.redactHeaders")
+            .with_list_parse_key("previousCallServiceKeys");
         let mut builder = config::Config::builder();
         if !text.trim().is_empty() {
             builder = builder.add_source(config::File::from_str(text, config::FileFormat::Yaml));

@@ -16,11 +16,34 @@ pub const CALL_SERVICE_KEY_HEADER: &str = "call-service-key";
 pub const SERVED_BY_HEADER: &str = "x-served-by";
 const REQUEST_ID_HEADER: &str = "x-request-id";
 
-/// What the middleware needs: the expected key and this node's id for `X-Served-By`.
+/// What the middleware needs: the keys it accepts and this node's id for `X-Served-By`.
 #[derive(Clone)]
 pub struct Guard {
-    pub key: Secret,
+    pub keys: AcceptedKeys,
     pub node_id: HeaderValue,
+}
+
+/// The keys a service accepts: `callServiceKey`, and the `previousCallServiceKeys` that
+/// gateways may still send while a new key rolls out.
+#[derive(Debug, Clone)]
+pub struct AcceptedKeys {
+    keys: Vec<Secret>,
+}
+
+impl AcceptedKeys {
+    pub fn new(current: Secret, previous: &[Secret]) -> Self {
+        let mut keys = vec![current];
+        keys.extend(previous.iter().filter(|k| !k.expose().is_empty()).cloned());
+        AcceptedKeys { keys }
+    }
+
+    /// Whether `presented` is one of the keys. Every key is compared, in constant time, so
+    /// the answer's timing says neither which key nor how much of one matched.
+    pub fn accept(&self, presented: &[u8]) -> bool {
+        self.keys.iter().fold(false, |matched, key| {
+            matched | keys_match(presented, key.expose().as_bytes())
+        })
+    }
 }
 
 /// Refuses requests without the right key (401 JSON); stamps `X-Served-By` on every answer.
@@ -30,7 +53,7 @@ pub async fn require_key(State(guard): State<Guard>, request: Request, next: Nex
         .get(CALL_SERVICE_KEY_HEADER)
         .map(HeaderValue::as_bytes)
         .unwrap_or_default();
-    let mut response = if keys_match(presented, guard.key.expose().as_bytes()) {
+    let mut response = if guard.keys.accept(presented) {
         next.run(request).await
     } else {
         let request_id = request
@@ -70,7 +93,22 @@ pub fn keys_match(presented: &[u8], expected: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::keys_match;
+    use super::{keys_match, AcceptedKeys};
+    use crate::config::Secret;
+
+    #[test]
+    fn the_current_key_and_every_previous_one_are_accepted_and_nothing_else() {
+        let keys = AcceptedKeys::new(
+            Secret::new("new"),
+            &[Secret::new("old"), Secret::new(""), Secret::new("older")],
+        );
+        for accepted in ["new", "old", "older"] {
+            assert!(keys.accept(accepted.as_bytes()), "{accepted}");
+        }
+        for refused in ["", "ne", "newer", "OLD"] {
+            assert!(!keys.accept(refused.as_bytes()), "{refused}");
+        }
+    }
 
     #[test]
     fn only_the_exact_key_matches() {

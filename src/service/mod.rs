@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::config::{ConfigError, GomsConfig, Secret};
+use crate::config::{ConfigError, GomsConfig};
 use crate::registry::{node, watch_members, EtcdEndpoints, NodeInfo, Registration};
 use crate::trace::{Publisher, PublisherSettings, Redactor, RunningPublisher, TraceSink};
 use std::sync::Arc;
@@ -59,7 +59,8 @@ pub struct ServiceOptions {
     pub zone: String,
     pub lease_ttl: Duration,
     pub etcd: EtcdEndpoints,
-    pub call_service_key: Secret,
+    /// `callServiceKey` and `previousCallServiceKeys`.
+    pub call_service_keys: auth::AcceptedKeys,
     pub drain_timeout: Duration,
     /// Where trace events go; `None` switches them off.
     pub trace: Option<TraceOptions>,
@@ -88,7 +89,10 @@ impl ServiceOptions {
             zone: service.zone.clone(),
             lease_ttl: config.lease_ttl(),
             etcd: EtcdEndpoints::new(config.etcd_addr.clone(), config.registry.etcd_timeout),
-            call_service_key: config.require_call_service_key()?.clone(),
+            call_service_keys: auth::AcceptedKeys::new(
+                config.require_call_service_key()?.clone(),
+                &config.previous_call_service_keys,
+            ),
             drain_timeout: service.drain_timeout,
             trace: config.trace.enabled.then(|| TraceOptions {
                 publisher: crate::trace::publisher_settings(config),
@@ -179,7 +183,7 @@ pub async fn serve(
     let port = listener.local_addr().map_err(ServiceError::Serve)?.port();
     let node = options.node_info(port);
     let guard = auth::Guard {
-        key: options.call_service_key.clone(),
+        keys: options.call_service_keys.clone(),
         node_id: HeaderValue::from_str(&node.id)
             .map_err(|_| ServiceError::NodeId(node.id.clone()))?,
     };

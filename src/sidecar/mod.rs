@@ -161,7 +161,7 @@ pub fn run(
         &server.configuration,
         SidecarProxy {
             app,
-            key: options.node.call_service_key.clone(),
+            keys: options.node.call_service_keys.clone(),
             node_id,
             tracer: tracer.clone(),
             app_connect_timeout: options.app_connect_timeout,

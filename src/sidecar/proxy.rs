@@ -14,11 +14,10 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora::services::listening::ConnectionLimit;
 use pingora::{Error, ErrorSource, ErrorType};
 
-use crate::config::Secret;
 use crate::registry::drain::InFlight;
 use crate::registry::Drain;
 use crate::service::auth::{
-    envelope, keys_match, refusal, CALL_SERVICE_KEY_HEADER, SERVED_BY_HEADER,
+    envelope, refusal, AcceptedKeys, CALL_SERVICE_KEY_HEADER, SERVED_BY_HEADER,
 };
 use crate::service::tracing_layer::{ServiceSpan, ServiceTracer};
 use crate::trace::{request_id_or_new, REQUEST_ID_HEADER};
@@ -26,7 +25,8 @@ use crate::trace::{request_id_or_new, REQUEST_ID_HEADER};
 /// Everything the filters share; one per sidecar.
 pub struct SidecarProxy {
     pub app: std::net::SocketAddr,
-    pub key: Secret,
+    /// `callServiceKey` and `previousCallServiceKeys`.
+    pub keys: AcceptedKeys,
     pub node_id: http::HeaderValue,
     pub tracer: ServiceTracer,
     pub app_connect_timeout: Duration,
@@ -98,7 +98,7 @@ impl ProxyHttp for SidecarProxy {
             .get(CALL_SERVICE_KEY_HEADER)
             .map(|v| v.as_bytes())
             .unwrap_or_default();
-        if !keys_match(presented, self.key.expose().as_bytes()) {
+        if !self.keys.accept(presented) {
             self.counters.refused.fetch_add(1, Ordering::Relaxed);
             let body = refusal(&ctx.request_id);
             // Its body, if any, was not read: the connection cannot carry another request.
