@@ -80,6 +80,10 @@ def rss_mib(pid):
     return 0.0
 
 
+def open_fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def get(port, path, timeout=2.0):
     """Status and body of a GET on 127.0.0.1:port; (0, error) when the connection fails."""
     try:
@@ -250,12 +254,14 @@ http {{
                    lambda: self.replica_count(service) == count, timeout=120, every=0.2)
 
     def load(self, path, duration):
-        """CPU µs per request, req/s and RSS of the gateway under one wrk run on `path`."""
+        """CPU µs per request, req/s, RSS and open descriptors (client and upstream connections
+        among them) of the gateway under one wrk run on `path`, as a table row's cells."""
         wrk(self.port, path, 1)  # warm-up: connections, pools
         before = cpu_seconds(self.gateway.pid)
         requests, rate = wrk(self.port, path, duration)
         cpu = cpu_seconds(self.gateway.pid) - before
-        return cpu * 1e6 / max(requests, 1), rate, rss_mib(self.gateway.pid)
+        return (f"{cpu * 1e6 / max(requests, 1):.1f}", f"{rate:,.0f}",
+                f"{rss_mib(self.gateway.pid):.1f}", str(open_fds(self.gateway.pid)))
 
     def stop(self):
         for process in reversed(self.processes):
@@ -328,15 +334,14 @@ def main():
             route_file(stage.routes, routes)
             wait_until(f"{routes} routes", lambda: get(stage.port, f"/api/bench/r{routes - 1}")[0] == 200,
                        timeout=60)
-            cpu, rate, rss = stage.load(f"/api/bench/r{routes // 2}", duration)
-            rows.append((f"{routes} routes, 3 replicas", f"{cpu:.1f}", f"{rate:,.0f}", f"{rss:.1f}"))
+            rows.append((f"{routes:,} routes, 3 replicas",
+                         *stage.load(f"/api/bench/r{routes // 2}", duration)))
             log(f"{rows[-1]}")
         route_file(stage.routes, 10)
         wait_until("10 routes", lambda: get(stage.port, "/api/bench/r10")[0] == 404, timeout=60)
         for replicas in replica_counts:
             stage.set_replicas("bench", replicas)
-            cpu, rate, rss = stage.load("/api/bench/r1", duration)
-            rows.append((f"10 routes, {replicas} replicas", f"{cpu:.1f}", f"{rate:,.0f}", f"{rss:.1f}"))
+            rows.append((f"10 routes, {replicas:,} replicas", *stage.load("/api/bench/r1", duration)))
             log(f"{rows[-1]}")
 
         # 3. A route-file edit to serving, with the largest route table.
@@ -383,8 +388,8 @@ def main():
 
     print(f"\ngoms gateway {args.goms_bin}, 2 threads; wrk -t2 -c16, {duration} s per run; "
           f"one nginx worker upstream\n")
-    print("| case | CPU µs/request | req/s | RSS MiB |")
-    print("| --- | ---: | ---: | ---: |")
+    print("| case | CPU µs/request | req/s | RSS MiB | open fds after |")
+    print("| --- | ---: | ---: | ---: | ---: |")
     for row in rows:
         print(f"| {' | '.join(row)} |")
     print()
