@@ -9,7 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::StatusCode;
-use support::{eventually, http, metric, register_replica, route_file, wait_for_nodes, Etcd, Goms};
+use support::{
+    eventually, http, metric, node_detail, register_replica, route_file, wait_for_nodes, Etcd, Goms,
+};
 
 /// A replica written in the test that answers every request with `status`, after waiting for
 /// `gate` when one is given; it counts what it got.
@@ -45,22 +47,6 @@ async fn replica(
         id: name.to_string(),
         hits,
     }
-}
-
-/// The `NodeDetail` entry of replica `id` in the gateway's `/cluster`.
-async fn node_detail(port: u16, id: &str) -> serde_json::Value {
-    let cluster: serde_json::Value = http()
-        .get(format!("http://127.0.0.1:{port}/cluster"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    cluster["services"]["user"]["NodeDetail"]
-        .as_array()
-        .and_then(|nodes| nodes.iter().find(|n| n["id"] == id).cloned())
-        .unwrap_or_else(|| panic!("{id} missing from /cluster: {cluster}"))
 }
 
 async fn metrics(port: u16) -> String {
@@ -103,7 +89,7 @@ async fn a_replica_that_keeps_failing_is_ejected_until_its_time_is_up_then_gets_
         );
     }
     assert_eq!(answers.iter().filter(|s| **s == 500).count(), 5);
-    let ejected = node_detail(port, "bad").await;
+    let ejected = node_detail(port, "user", "bad").await;
     assert_eq!(ejected["state"], "ejected", "{ejected}");
     let reason = ejected["ejection"]["reason"].as_str().unwrap_or_default();
     assert!(
@@ -135,7 +121,7 @@ async fn a_replica_that_keeps_failing_is_ejected_until_its_time_is_up_then_gets_
     // Its time is up: one request, and only one, is sent to it as a trial. It fails, so the
     // replica is out again, for twice as long.
     eventually("the ejection ends", Duration::from_secs(20), || async {
-        node_detail(port, "bad").await["ejection"]["timeLeftMs"] == 0
+        node_detail(port, "user", "bad").await["ejection"]["timeLeftMs"] == 0
     })
     .await;
     let answers: Vec<u16> = {
@@ -155,7 +141,7 @@ async fn a_replica_that_keeps_failing_is_ejected_until_its_time_is_up_then_gets_
         1,
         "{answers:?}"
     );
-    let again = node_detail(port, "bad").await;
+    let again = node_detail(port, "user", "bad").await;
     assert_eq!(again["state"], "ejected", "{again}");
     assert_eq!(again["ejection"]["ejectionsInARow"], 2, "{again}");
     assert!(
@@ -172,7 +158,10 @@ async fn a_replica_that_keeps_failing_is_ejected_until_its_time_is_up_then_gets_
         ),
         2.0
     );
-    assert_eq!(node_detail(port, &good[0].id).await["state"], "serving");
+    assert_eq!(
+        node_detail(port, "user", &good[0].id).await["state"],
+        "serving"
+    );
 }
 
 #[tokio::test]

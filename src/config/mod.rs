@@ -23,7 +23,10 @@ use serde::{Deserialize, Deserializer};
 
 pub use allow::{AllowList, Cidr};
 pub use error::ConfigError;
-pub use policy::{EjectionPolicy, RateLimitKey, RateLimitPolicy, RetryBudgetPolicy, ServicePolicy};
+pub use policy::{
+    Balance, EjectionPolicy, HashOn, RateLimitKey, RateLimitPolicy, RetryBudgetPolicy,
+    ServicePolicy,
+};
 pub use routes::{
     load_routes_file, parse_duration, parse_routes, Route, RouteDefaults, RouteTable,
     ServiceRoutes, ServiceSpec, Transform,

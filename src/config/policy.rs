@@ -9,6 +9,7 @@
 //!     maxInFlight: 200
 //!     ejection: {consecutiveFailures: 5, baseTime: 30s, maxTime: 5m, maxPercent: 50}
 //!     retryBudget: {percent: 20, minPerSecond: 10, window: 10s}
+//!     balance: least_request          # or round_robin (default), or {hash: "cookie:session"}
 //! ```
 //!
 //! Every value is checked while it is read, so a refusal names its `file:line`.
@@ -22,7 +23,13 @@ use serde::Deserialize;
 use super::routes::DurationText;
 
 /// Keys of a service's map that are settings, not routes.
-pub const SETTING_KEYS: &[&str] = &["ejection", "retryBudget", "maxInFlight", "rateLimit"];
+pub const SETTING_KEYS: &[&str] = &[
+    "ejection",
+    "retryBudget",
+    "maxInFlight",
+    "rateLimit",
+    "balance",
+];
 
 /// One service's settings, with defaults for what the file leaves out.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,6 +43,8 @@ pub struct ServicePolicy {
     pub max_in_flight: Option<u32>,
     /// The rate limit of each of the service's routes that sets none of its own.
     pub rate_limit: Option<RateLimitPolicy>,
+    /// How each of the service's routes that sets none of its own picks a replica.
+    pub balance: Balance,
 }
 
 impl Default for ServicePolicy {
@@ -45,6 +54,7 @@ impl Default for ServicePolicy {
             retry_budget: RetryBudgetPolicy::default(),
             max_in_flight: None,
             rate_limit: None,
+            balance: Balance::RoundRobin,
         }
     }
 }
@@ -63,6 +73,7 @@ impl ServicePolicy {
                 self.max_in_flight = Some(at_least_one("maxInFlight", deserializer)?);
             }
             "rateLimit" => self.rate_limit = RateLimitSetting::deserialize(deserializer)?.0,
+            "balance" => self.balance = Balance::deserialize(deserializer)?,
             other => unreachable!("`{other}` is not in SETTING_KEYS"),
         }
         Ok(())
@@ -255,6 +266,93 @@ impl<'de> de::Visitor<'de> for RetryBudgetVisitor {
             )));
         }
         Ok(policy)
+    }
+}
+
+/// How a request's replica is picked.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Each replica in turn, `weight` times (the default).
+    #[default]
+    RoundRobin,
+    /// Power of two choices: of two replicas drawn at random, the one with less load, where
+    /// load is requests in flight weighted by a decaying average of latency (go-zero's
+    /// p2c_ewma), divided by weight.
+    LeastRequest,
+    /// Consistent hashing (Ketama) on a key of the request, so the same key keeps its
+    /// replica while the replicas stay.
+    Hash(HashOn),
+}
+
+/// The request's part that [`Balance::Hash`] hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashOn {
+    /// A request header's value (lowercase name).
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+    /// The client's address, after `gateway.trustedProxies`.
+    Ip,
+}
+
+impl<'de> Deserialize<'de> for Balance {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(BalanceVisitor)
+    }
+}
+
+struct BalanceVisitor;
+
+impl<'de> de::Visitor<'de> for BalanceVisitor {
+    type Value = Balance;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("`round_robin`, `least_request` or {hash: header:NAME | cookie:NAME | ip}")
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Balance, E> {
+        match text {
+            "round_robin" => Ok(Balance::RoundRobin),
+            "least_request" => Ok(Balance::LeastRequest),
+            "hash" => Err(E::custom(
+                "`balance: hash` needs what to hash: write {hash: header:NAME}, {hash: cookie:NAME} or {hash: ip}",
+            )),
+            other => Err(E::custom(format!(
+                "`balance` must be `round_robin`, `least_request` or {{hash: ...}} (got `{other}`)"
+            ))),
+        }
+    }
+
+    fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Balance, A::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fields {
+            hash: String,
+        }
+        let fields = Fields::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        parse_hash_on(&fields.hash)
+            .map(Balance::Hash)
+            .map_err(de::Error::custom)
+    }
+}
+
+fn parse_hash_on(text: &str) -> Result<HashOn, String> {
+    let valid_header = |name: &str| http::HeaderName::from_bytes(name.as_bytes()).is_ok();
+    let valid_cookie = |name: &str| {
+        !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_graphic() && !b"()<>@,;:\\\"/[]?={}".contains(&b))
+    };
+    match text.split_once(':') {
+        None if text == "ip" => Ok(HashOn::Ip),
+        Some(("header", name)) if valid_header(name) => {
+            Ok(HashOn::Header(name.to_ascii_lowercase()))
+        }
+        Some(("cookie", name)) if valid_cookie(name) => Ok(HashOn::Cookie(name.to_string())),
+        _ => Err(format!(
+            "`balance.hash` must be `header:NAME`, `cookie:NAME` or `ip` (got `{text}`)"
+        )),
     }
 }
 

@@ -15,7 +15,7 @@ use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
 use super::error::ConfigError;
-use super::policy::{RateLimitPolicy, RateLimitSetting, ServicePolicy, SETTING_KEYS};
+use super::policy::{Balance, RateLimitPolicy, RateLimitSetting, ServicePolicy, SETTING_KEYS};
 
 /// The whole route file: one top-level key, `services`, exactly as goms wrote it.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,6 +54,8 @@ pub struct RouteSpec {
     /// The route's own rate limit: `None` takes the service's, `Some(None)` is
     /// `rateLimit: false` (none, whatever the service sets).
     pub rate_limit: Option<Option<RateLimitPolicy>>,
+    /// The route's own way to pick a replica; `None` takes the service's.
+    pub balance: Option<Balance>,
 }
 
 /// How the gateway rewrites a request body before forwarding it.
@@ -90,6 +92,8 @@ struct ExtendedRoute {
     transform: Transform,
     #[serde(default, rename = "rateLimit")]
     rate_limit: Option<RateLimitSetting>,
+    #[serde(default)]
+    balance: Option<Balance>,
 }
 
 /// A route path, refused unless it starts with `/`.
@@ -188,6 +192,7 @@ impl<'de> Visitor<'de> for RouteSpecVisitor {
             max_body_bytes: None,
             transform: Transform::None,
             rate_limit: None,
+            balance: None,
         })
     }
 
@@ -212,6 +217,7 @@ impl<'de> Visitor<'de> for RouteSpecVisitor {
             max_body_bytes: route.max_body_bytes,
             transform: route.transform,
             rate_limit: route.rate_limit.map(|setting| setting.0),
+            balance: route.balance,
         })
     }
 }
@@ -482,6 +488,8 @@ pub struct Route {
     pub policy: Arc<ServicePolicy>,
     /// The route's rate limit: its own, or else its service's.
     pub rate_limit: Option<RateLimitPolicy>,
+    /// How the route picks a replica: its own way, or else its service's.
+    pub balance: Balance,
 }
 
 impl Route {
@@ -538,6 +546,10 @@ impl RouteTable {
                                 .rate_limit
                                 .clone()
                                 .unwrap_or_else(|| spec.policy.rate_limit.clone()),
+                            balance: route
+                                .balance
+                                .clone()
+                                .unwrap_or_else(|| spec.policy.balance.clone()),
                             policy: policy.clone(),
                         };
                         (name.clone(), Arc::new(resolved))
@@ -729,6 +741,28 @@ mod tests {
     }
 
     #[test]
+    fn a_route_balances_as_its_service_says_unless_it_sets_its_own_way() {
+        let routes = parse(
+            "services:\n  user:\n    login: /login\n    cart:\n      path: /cart\n      balance: {hash: \"cookie:session\"}\n    balance: least_request\n  order:\n    submit: /submit\n    balance: {hash: \"header:X-User\"}\n  stock:\n    get: /get\n    peek:\n      path: /peek\n      balance: {hash: ip}\n",
+        )
+        .unwrap();
+        let table = RouteTable::build(&routes, DEFAULTS);
+        let balance = |path: &str| table.resolve(path).unwrap().balance.clone();
+        use crate::config::{Balance, HashOn};
+        assert_eq!(balance("/api/user/login"), Balance::LeastRequest);
+        assert_eq!(
+            balance("/api/user/cart"),
+            Balance::Hash(HashOn::Cookie("session".into()))
+        );
+        assert_eq!(
+            balance("/api/order/submit"),
+            Balance::Hash(HashOn::Header("x-user".into()))
+        );
+        assert_eq!(balance("/api/stock/get"), Balance::RoundRobin);
+        assert_eq!(balance("/api/stock/peek"), Balance::Hash(HashOn::Ip));
+    }
+
+    #[test]
     fn invalid_service_settings_name_their_line() {
         let cases = [
             (
@@ -783,6 +817,31 @@ mod tests {
                 "must be `ip`, `route` or `header:NAME`",
             ),
             ("    rateLimit: true\n", "services.yml:4:", "says no limit"),
+            (
+                "    balance: fastest\n",
+                "services.yml:4:",
+                "must be `round_robin`, `least_request` or {hash: ...} (got `fastest`)",
+            ),
+            (
+                "    balance: hash\n",
+                "services.yml:4:",
+                "needs what to hash",
+            ),
+            (
+                "    balance: {hash: \"query:id\"}\n",
+                "services.yml:4:",
+                "`header:NAME`, `cookie:NAME` or `ip` (got `query:id`)",
+            ),
+            (
+                "    balance: {hash: \"cookie:a b\"}\n",
+                "services.yml:4:",
+                "(got `cookie:a b`)",
+            ),
+            (
+                "    other:\n      path: /other\n      balance: {hsh: ip}\n",
+                "services.yml:6:",
+                "unknown field `hsh`",
+            ),
         ];
         for (setting, position, reason) in cases {
             let error = error_text(&format!("services:\n  user:\n    login: /login\n{setting}"));

@@ -31,9 +31,10 @@ use super::request_log::{FinishedRequest, RequestLog};
 use super::respond::{write_body, write_error, write_error_with, Hsts};
 use super::route_store::RouteStore;
 use super::trace_events::GatewayTracer;
+use super::upstreams::balance::{hash_key, nanos_of};
 use super::upstreams::ejection::{Ticks, Verdict};
-use super::upstreams::{Pick, ServiceSlot, ServiceUpstream, Upstreams};
-use crate::config::{AllowList, LimitsConfig, Route, Transform};
+use super::upstreams::{Pick, Selection, ServiceSlot, ServiceUpstream, Upstreams};
+use crate::config::{AllowList, Balance, LimitsConfig, Route, Transform};
 use crate::registry::drain::InFlight;
 use crate::registry::Drain;
 use crate::trace::{
@@ -135,6 +136,8 @@ pub struct RequestCtx {
     client: Option<Client>,
     /// `RateLimit-Policy` and `RateLimit` for the answer, on a rate-limited route.
     rate_limit_headers: Option<Vec<(http::header::HeaderName, http::HeaderValue)>>,
+    /// What a `balance: {hash: ...}` route hashes, taken once so a retry walks the same ring.
+    hash_key: Option<Vec<u8>>,
 }
 
 impl RequestCtx {
@@ -179,18 +182,25 @@ impl RequestCtx {
                 (None, Some(error)) => Verdict::Failed(error),
                 (None, None) => Verdict::Unknown,
             };
+            let latency = finished.saturating_duration_since(pick.started);
+            let finished_ticks = Ticks::of(finished);
             match verdict {
                 Verdict::Failed(_) => {
                     pick.node.failures.fetch_add(1, Ordering::Relaxed);
+                    pick.node
+                        .latency
+                        .observe_failure(latency, nanos_of(finished));
                 }
-                Verdict::Succeeded => pick
-                    .node
-                    .last_success
-                    .store(Ticks::of(finished).0, Ordering::Relaxed),
+                Verdict::Succeeded => {
+                    pick.node.latency.observe(latency, nanos_of(finished));
+                    pick.node
+                        .last_success
+                        .store(finished_ticks.0, Ordering::Relaxed);
+                }
                 Verdict::Unknown => {}
             }
             if let (Some(upstream), Some(route)) = (self.upstream.as_ref(), self.route.as_ref()) {
-                upstream.record_verdict(&pick, verdict, &route.policy);
+                upstream.record_verdict(&pick, verdict, &route.policy, finished_ticks);
             }
         }
         if let Some(attempt) = self.record.as_mut().and_then(|r| r.attempts.last_mut()) {
@@ -559,6 +569,10 @@ impl ProxyHttp for GatewayProxy {
         }
         // Keeps the request body so an idempotent request can be replayed on another replica.
         session.enable_retry_buffering();
+        if let Balance::Hash(on) = &route.balance {
+            let client = ctx.client.as_ref().map(|c| c.ip);
+            ctx.hash_key = hash_key(on, &session.req_header().headers, client);
+        }
         ctx.route = Some(route);
         ctx.upstream = Some(upstream);
         Ok(false)
@@ -576,8 +590,14 @@ impl ProxyHttp for GatewayProxy {
         _digest: Option<&pingora::protocols::Digest>,
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
+        let connected = Instant::now();
         if let Some(attempt) = ctx.record.as_mut().and_then(|r| r.attempts.last_mut()) {
-            attempt.connected = Some((Instant::now(), reused));
+            attempt.connected = Some((connected, reused));
+        }
+        // The replica's latency counts from here: a new connection's handshake says how far
+        // away the replica is, not how fast it answers, and would weigh on the first sample.
+        if let Some(pick) = ctx.current.as_mut() {
+            pick.started = connected;
         }
         Ok(())
     }
@@ -590,8 +610,13 @@ impl ProxyHttp for GatewayProxy {
         let (Some(route), Some(upstream)) = (ctx.route.clone(), ctx.upstream.clone()) else {
             return Err(gateway_error(503, "no replica"));
         };
+        let how = match (&route.balance, ctx.hash_key.as_deref()) {
+            (Balance::LeastRequest, _) => Selection::LeastRequest,
+            (Balance::Hash(_), Some(key)) => Selection::Hash(key),
+            _ => Selection::RoundRobin,
+        };
         let pick = upstream
-            .select(&ctx.tried, &route.policy, Ticks::now())
+            .select(how, &ctx.tried, &route.policy, Ticks::now())
             .ok_or_else(|| gateway_error(503, "no healthy replica left"))?;
         let node = pick.node.clone();
         if !ctx.tried.is_empty() {

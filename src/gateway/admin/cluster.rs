@@ -62,6 +62,10 @@ pub struct NodeDetail {
     /// Why and for how long the replica is ejected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ejection: Option<EjectionDetail>,
+    /// The decaying average of the replica's latency that `balance: least_request` weighs,
+    /// in milliseconds; absent before its first answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latency_ewma_ms: Option<f64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -114,6 +118,9 @@ pub fn cluster_document(members: &Members, upstreams: Option<&Upstreams>) -> Clu
                             time_left_ms: view.time_left.as_millis() as u64,
                             ejections_in_a_row: view.ejections_in_a_row,
                         }),
+                    latency_ewma_ms: state
+                        .and_then(|s| s.latency.average())
+                        .map(|average| (average.as_secs_f64() * 1e6).round() / 1e3),
                 }
             })
             .collect();

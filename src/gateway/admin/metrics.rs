@@ -221,6 +221,25 @@ fn render_upstreams(out: &mut String, upstreams: &Upstreams) {
             }
         }
     }
+    family(
+        out,
+        "goms_upstream_latency_ewma_seconds",
+        "gauge",
+        "Decaying average of a replica's latency, as balance: least_request weighs it.",
+    );
+    for upstream in upstreams.all() {
+        for node in upstream.nodes() {
+            if let Some(average) = node.latency.average() {
+                let _ = writeln!(
+                    out,
+                    "goms_upstream_latency_ewma_seconds{{service=\"{}\",node=\"{}\"}} {:.6}",
+                    upstream.name,
+                    node.info.id,
+                    average.as_secs_f64()
+                );
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! The replicas of every service, balanced round robin (weighted), and what guards them:
-//! outlier ejection ([`ejection`]), the retry budget ([`retry_budget`]), the cap on requests in
-//! flight, and the TCP health check.
+//! The replicas of every service, how a request picks one (weighted round robin, least
+//! request or consistent hashing: [`balance`]), and what guards them: outlier ejection
+//! ([`ejection`]), the retry budget ([`retry_budget`]), the cap on requests in flight, and the
+//! TCP health check.
 //!
 //! A service's replicas are one snapshot ([`Replicas`]): by address, and in the balancer's
 //! order. [`Upstreams::sync`] swaps in a new snapshot for a service whose nodes changed, so a
@@ -9,14 +10,15 @@
 //! re-sorted every backend: 4 ms per event at 1,000 replicas). Per-node counters (in flight,
 //! requests, failures, health) are atomics: they are touched on every request.
 
+pub mod balance;
 pub mod ejection;
 pub mod retry_budget;
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use pingora::lb::health_check::{HealthCheck, TcpHealthCheck};
@@ -25,6 +27,7 @@ use tracing::{info, warn};
 
 use crate::config::ServicePolicy;
 use crate::registry::{Members, NodeInfo};
+use balance::{LatencyEwma, Ring};
 use ejection::{may_eject_one_more, Availability, Outlier, Ticks, Verdict};
 use retry_budget::RetryBudget;
 
@@ -39,6 +42,8 @@ pub struct NodeState {
     pub in_flight: AtomicI64,
     pub requests: AtomicU64,
     pub failures: AtomicU64,
+    /// The decaying average of the replica's latency, for `least_request`.
+    pub latency: LatencyEwma,
     /// Passive health: whether the replica is ejected.
     pub outlier: Outlier,
     /// When an attempt at the replica last succeeded, in [`Ticks`]: a replica that answered
@@ -57,13 +62,34 @@ impl NodeState {
     }
 }
 
-/// A service's replicas at one moment: by address, and in the balancer's order (each replica
-/// `weight` times, sorted by address), swapped as one so that no request sees one without the
-/// other.
+/// A service's replicas at one moment, swapped as one so that no request sees one view
+/// without the others.
 #[derive(Default)]
 struct Replicas {
     by_addr: HashMap<SocketAddr, Arc<NodeState>>,
-    rotation: Vec<Arc<NodeState>>,
+    /// Each replica once, sorted by address: what `least_request` draws from.
+    sorted: Vec<Arc<NodeState>>,
+    /// Each replica's place in `sorted`, `weight` times: the round robin's order.
+    rotation: Vec<usize>,
+    /// The consistent-hash ring, built when a `hash` route first needs it.
+    ring: OnceLock<Ring>,
+}
+
+/// How a request picks its replica: a route's `balance`, with the request's hash key.
+#[derive(Debug, Clone, Copy)]
+pub enum Selection<'a> {
+    RoundRobin,
+    LeastRequest,
+    Hash(&'a [u8]),
+}
+
+/// Whether a replica may take an attempt now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Eligibility {
+    No,
+    Yes,
+    /// Its ejection is over and no trial is running: it may take one, as the trial.
+    AsTrial,
 }
 
 /// A replica drawn for an attempt.
@@ -71,6 +97,9 @@ pub struct Pick {
     pub node: Arc<NodeState>,
     /// Whether the attempt is the trial request that ends the replica's ejection.
     pub trial: bool,
+    /// When the replica was picked, and then when its connection was ready: the attempt's
+    /// latency runs from here.
+    pub started: Instant,
 }
 
 /// One service's replicas and balancer.
@@ -135,46 +164,112 @@ impl ServiceUpstream {
         self.in_flight.load(Ordering::Relaxed)
     }
 
-    /// Picks the next replica round robin, skipping `tried` ones and, under `policy`'s
+    /// Picks a replica the way `how` says, skipping `tried` ones and, under `policy`'s
     /// ejection, ejected ones: a replica whose ejection is over is drawn once, as its trial.
     /// Unhealthy replicas are used only when no healthy untried one is left: a health check
     /// can lag a restart.
     ///
-    /// Only current members are drawn. The balancer learns a membership change after
-    /// `nodes` does (its update is asynchronous), and in between it could still draw a
-    /// replica that just left, which has no entry any more: that request failed with 503
-    /// while other replicas were up.
-    pub fn select(&self, tried: &[SocketAddr], policy: &ServicePolicy, now: Ticks) -> Option<Pick> {
+    /// Only current members are drawn: a replica that just left has no entry any more.
+    pub fn select(
+        &self,
+        how: Selection<'_>,
+        tried: &[SocketAddr],
+        policy: &ServicePolicy,
+        now: Ticks,
+    ) -> Option<Pick> {
         let replicas = self.replicas.load();
-        let rotation = &replicas.rotation;
-        if rotation.is_empty() {
+        if replicas.sorted.is_empty() {
             return None;
         }
-        let start = self.picks.fetch_add(1, Ordering::Relaxed) as usize;
-        let mut trial = false;
-        let mut eligible = |node: &NodeState| {
-            if tried.contains(&node.addr) {
-                return false;
+        let eligibility = |node: &NodeState| eligibility(node, tried, policy, now);
+        match how {
+            Selection::LeastRequest => self
+                .less_loaded_of_two(&replicas, &eligibility)
+                .or_else(|| self.next_in_rotation(&replicas, &eligibility)),
+            Selection::Hash(key) => {
+                let ring = replicas
+                    .ring
+                    .get_or_init(|| Ring::of(replicas.sorted.iter().map(|n| &**n)));
+                let in_ring_order = ring
+                    .order(key)
+                    .filter_map(|addr| replicas.by_addr.get(&addr));
+                first_that_may_take(in_ring_order, &eligibility)
             }
-            if policy.ejection.is_none() {
-                return true;
+            Selection::RoundRobin => self.next_in_rotation(&replicas, &eligibility),
+        }
+        .map(|(node, trial)| Pick {
+            node: node.clone(),
+            trial,
+            started: Instant::now(),
+        })
+    }
+
+    /// The round robin: the replica whose turn it is, if it is healthy and may take the
+    /// attempt. Otherwise one of the others that may, at random: taking the next one in order
+    /// instead would give that one twice its share for as long as a replica is ejected or
+    /// down.
+    fn next_in_rotation<'r>(
+        &self,
+        replicas: &'r Replicas,
+        eligibility: &dyn Fn(&NodeState) -> Eligibility,
+    ) -> Option<(&'r Arc<NodeState>, bool)> {
+        let (rotation, nodes) = (&replicas.rotation, &replicas.sorted);
+        let turn = self.picks.fetch_add(1, Ordering::Relaxed) as usize % rotation.len();
+        let turn = &nodes[rotation[turn]];
+        if turn.healthy.load(Ordering::Relaxed) {
+            if let Some(taken) = take(turn, eligibility(turn)) {
+                return Some(taken);
             }
-            match node.outlier.availability(now) {
-                Availability::Serving => true,
-                Availability::TrialDue if node.outlier.claim_trial() => {
-                    trial = true;
-                    true
-                }
-                _ => false,
-            }
+        }
+        let may_take = |node: &&Arc<NodeState>| {
+            node.healthy.load(Ordering::Relaxed) && eligibility(node) != Eligibility::No
         };
-        let in_order = (0..rotation.len()).map(|step| &rotation[(start + step) % rotation.len()]);
-        let node = in_order
-            .clone()
-            .find(|node| node.healthy.load(Ordering::Relaxed) && eligible(node))
-            .or_else(|| in_order.clone().find(|node| eligible(node)))?
-            .clone();
-        Some(Pick { node, trial })
+        let stand_in = one_at_random(rotation.iter().map(|&place| &nodes[place]).filter(may_take));
+        stand_in
+            .and_then(|node| take(node, eligibility(node)))
+            .or_else(|| first_that_may_take(nodes.iter(), eligibility))
+    }
+
+    /// The power of two choices: the round robin's next replica against one drawn at random
+    /// from the others, and the clearly less loaded of the two, where both may take the
+    /// attempt. Between equal replicas the round robin's wins, so they share evenly (two
+    /// random draws spread 1,000 requests over three replicas ±10%); a busy or slow one loses
+    /// whenever it comes up. After three rounds without a replica that may take the attempt
+    /// (most are tried, ejected or failing their check), `None`, and the round robin looks at
+    /// every replica.
+    fn less_loaded_of_two<'r>(
+        &self,
+        replicas: &'r Replicas,
+        eligibility: &dyn Fn(&NodeState) -> Eligibility,
+    ) -> Option<(&'r Arc<NodeState>, bool)> {
+        let (rotation, nodes) = (&replicas.rotation, &replicas.sorted);
+        if nodes.len() < 2 {
+            return None;
+        }
+        let now = balance::nanos_of(Instant::now());
+        let may_take = |node: &NodeState| {
+            node.healthy.load(Ordering::Relaxed) && eligibility(node) != Eligibility::No
+        };
+        for _ in 0..3 {
+            let next = self.picks.fetch_add(1, Ordering::Relaxed) as usize % rotation.len();
+            let (a, b) = balance::next_and_another(rotation[next], nodes.len());
+            let (a, b) = (&nodes[a], &nodes[b]);
+            let (chosen, other) = match (may_take(a), may_take(b)) {
+                (true, true) => balance::choose_less_loaded(a, b, now),
+                (true, false) => (a, b),
+                (false, true) => (b, a),
+                (false, false) => continue,
+            };
+            if let Some(taken) = take(chosen, eligibility(chosen)) {
+                return Some(taken);
+            }
+            if may_take(other) {
+                if let Some(taken) = take(other, eligibility(other)) {
+                    return Some(taken);
+                }
+            }
+        }
+        None
     }
 
     /// Whether a retry would find a replica not tried yet that may take it.
@@ -191,11 +286,16 @@ impl ServiceUpstream {
 
     /// Applies how an attempt at `pick`'s replica ended to its passive health; an ejection is
     /// logged once, when it happens.
-    pub fn record_verdict(&self, pick: &Pick, verdict: Verdict, policy: &ServicePolicy) {
+    pub fn record_verdict(
+        &self,
+        pick: &Pick,
+        verdict: Verdict,
+        policy: &ServicePolicy,
+        now: Ticks,
+    ) {
         let Some(ejection) = policy.ejection.as_ref() else {
             return;
         };
-        let now = Ticks::now();
         let may_eject = || {
             let replicas = self.replicas.load();
             let nodes = &replicas.by_addr;
@@ -280,18 +380,23 @@ impl ServiceUpstream {
         self.install(states);
     }
 
-    /// Makes `states` the service's replicas, in round-robin order.
+    /// Makes `states` the service's replicas; the hash ring is built again when next needed.
     fn install(&self, states: Vec<Arc<NodeState>>) {
         let by_addr: HashMap<SocketAddr, Arc<NodeState>> =
             states.into_iter().map(|node| (node.addr, node)).collect();
-        let mut ordered: Vec<&Arc<NodeState>> = by_addr.values().collect();
-        ordered.sort_by_key(|node| node.addr);
-        let rotation = ordered
-            .into_iter()
-            .flat_map(|node| std::iter::repeat_n(node.clone(), node.info.weight.max(1) as usize))
+        let mut sorted: Vec<Arc<NodeState>> = by_addr.values().cloned().collect();
+        sorted.sort_by_key(|node| node.addr);
+        let rotation = sorted
+            .iter()
+            .enumerate()
+            .flat_map(|(place, node)| std::iter::repeat_n(place, node.info.weight.max(1) as usize))
             .collect();
-        self.replicas
-            .store(Arc::new(Replicas { by_addr, rotation }));
+        self.replicas.store(Arc::new(Replicas {
+            by_addr,
+            sorted,
+            rotation,
+            ring: OnceLock::new(),
+        }));
     }
 
     /// TCP-checks every replica that did not answer a request within the interval: with
@@ -321,6 +426,65 @@ impl ServiceUpstream {
     }
 }
 
+/// Whether `node` may take an attempt: not tried yet and, under ejection, serving or due its
+/// trial.
+fn eligibility(
+    node: &NodeState,
+    tried: &[SocketAddr],
+    policy: &ServicePolicy,
+    now: Ticks,
+) -> Eligibility {
+    if tried.contains(&node.addr) {
+        return Eligibility::No;
+    }
+    if policy.ejection.is_none() {
+        return Eligibility::Yes;
+    }
+    match node.outlier.availability(now) {
+        Availability::Serving => Eligibility::Yes,
+        Availability::TrialDue => Eligibility::AsTrial,
+        _ => Eligibility::No,
+    }
+}
+
+/// `node` with whether it takes the attempt as its trial, or `None` when it may not take it
+/// (another request claimed the trial first).
+fn take(node: &Arc<NodeState>, eligibility: Eligibility) -> Option<(&Arc<NodeState>, bool)> {
+    match eligibility {
+        Eligibility::Yes => Some((node, false)),
+        Eligibility::AsTrial if node.outlier.claim_trial() => Some((node, true)),
+        _ => None,
+    }
+}
+
+/// One of `candidates`, each as likely (reservoir sampling: one pass, no allocation).
+fn one_at_random<T>(candidates: impl Iterator<Item = T>) -> Option<T> {
+    let mut chosen = None;
+    for (seen, candidate) in candidates.enumerate() {
+        if fastrand::usize(..=seen) == 0 {
+            chosen = Some(candidate);
+        }
+    }
+    chosen
+}
+
+/// The first of `candidates` that is healthy and may take the attempt, or else the first that
+/// may take it at all.
+fn first_that_may_take<'r>(
+    candidates: impl Iterator<Item = &'r Arc<NodeState>> + Clone,
+    eligibility: &dyn Fn(&NodeState) -> Eligibility,
+) -> Option<(&'r Arc<NodeState>, bool)> {
+    candidates
+        .clone()
+        .filter(|node| node.healthy.load(Ordering::Relaxed))
+        .find_map(|node| take(node, eligibility(node)))
+        .or_else(|| {
+            candidates
+                .into_iter()
+                .find_map(|node| take(node, eligibility(node)))
+        })
+}
+
 impl NodeState {
     fn new(info: NodeInfo, addr: SocketAddr) -> Self {
         NodeState {
@@ -336,6 +500,7 @@ impl NodeState {
             in_flight: AtomicI64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            latency: LatencyEwma::default(),
             outlier: Outlier::default(),
             last_success: AtomicU64::new(0),
             healthy: std::sync::atomic::AtomicBool::new(true),
@@ -504,7 +669,7 @@ mod tests {
         let ports: Vec<u16> = (0..8)
             .map(|_| {
                 upstream
-                    .select(&[], &policy, Ticks::now())
+                    .select(Selection::RoundRobin, &[], &policy, Ticks::now())
                     .unwrap()
                     .node
                     .addr
@@ -514,16 +679,25 @@ mod tests {
         assert_eq!(ports, [9001, 9002, 9003, 9003, 9001, 9002, 9003, 9003]);
         let tried = [member(9001).1, member(9003).1];
         for _ in 0..4 {
-            let picked = upstream.select(&tried, &policy, Ticks::now()).unwrap();
+            let picked = upstream
+                .select(Selection::RoundRobin, &tried, &policy, Ticks::now())
+                .unwrap();
             assert_eq!(picked.node.addr.port(), 9002);
         }
         upstream.replace(vec![member(9001)]);
         for _ in 0..4 {
-            let picked = upstream.select(&[], &policy, Ticks::now()).unwrap();
+            let picked = upstream
+                .select(Selection::RoundRobin, &[], &policy, Ticks::now())
+                .unwrap();
             assert_eq!(picked.node.addr.port(), 9001, "9002 and 9003 left");
         }
         assert!(upstream
-            .select(&[member(9001).1], &policy, Ticks::now())
+            .select(
+                Selection::RoundRobin,
+                &[member(9001).1],
+                &policy,
+                Ticks::now()
+            )
             .is_none());
     }
 
@@ -535,16 +709,206 @@ mod tests {
         sick.healthy.store(false, Ordering::Relaxed);
         let policy = ServicePolicy::default();
         for _ in 0..4 {
-            let picked = upstream.select(&[], &policy, Ticks::now()).unwrap();
+            let picked = upstream
+                .select(Selection::RoundRobin, &[], &policy, Ticks::now())
+                .unwrap();
             assert_eq!(picked.node.addr.port(), 9002);
         }
         let picked = upstream
-            .select(&[member(9002).1], &policy, Ticks::now())
+            .select(
+                Selection::RoundRobin,
+                &[member(9002).1],
+                &policy,
+                Ticks::now(),
+            )
             .unwrap();
         assert_eq!(
             picked.node.addr.port(),
             9001,
             "better an unchecked replica than none"
         );
+    }
+
+    #[test]
+    fn the_turns_of_a_replica_that_is_down_are_shared_by_the_others() {
+        let upstream = ServiceUpstream::new("user", Duration::from_secs(1));
+        upstream.replace(vec![member(9001), member(9002), member(9003)]);
+        upstream.nodes()[0].healthy.store(false, Ordering::Relaxed);
+        let policy = ServicePolicy::default();
+        let picks = (0..3000).map(|_| {
+            let pick = upstream.select(Selection::RoundRobin, &[], &policy, Ticks::now());
+            pick.unwrap().node.addr.port()
+        });
+        let shares = counts(&upstream, picks);
+        assert_eq!(shares[0], 0);
+        assert!(
+            (1350..=1650).contains(&shares[1]),
+            "not twice the share for the next in order: {shares:?}"
+        );
+    }
+
+    fn ports_of(upstream: &ServiceUpstream) -> Vec<u16> {
+        upstream.nodes().iter().map(|n| n.addr.port()).collect()
+    }
+
+    /// How many of `picks` went to each port, in port order.
+    fn counts(upstream: &ServiceUpstream, picks: impl Iterator<Item = u16>) -> Vec<usize> {
+        let ports = ports_of(upstream);
+        let mut counts = vec![0; ports.len()];
+        for port in picks {
+            counts[ports.iter().position(|p| *p == port).unwrap()] += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn least_request_spreads_equal_replicas_evenly_and_avoids_a_slow_or_busy_one() {
+        let upstream = ServiceUpstream::new("user", Duration::from_secs(1));
+        upstream.replace(vec![member(9001), member(9002), member(9003)]);
+        let policy = ServicePolicy::default();
+        let pick = || {
+            upstream
+                .select(Selection::LeastRequest, &[], &policy, Ticks::now())
+                .unwrap()
+                .node
+        };
+        let at = balance::nanos_of(Instant::now());
+        for node in upstream.nodes() {
+            node.latency.observe(Duration::from_millis(2), at);
+        }
+        let even = counts(&upstream, (0..3000).map(|_| pick().addr.port()));
+        assert!(
+            even.iter().all(|n| (850..=1150).contains(n)),
+            "equal replicas within ±15%: {even:?}"
+        );
+
+        let slow = upstream.nodes()[2].clone();
+        slow.latency
+            .observe(Duration::from_millis(202), at + 2_000_000_000);
+        let shares = counts(&upstream, (0..3000).map(|_| pick().addr.port()));
+        assert!(shares[2] <= 30, "the slow replica got {shares:?}");
+
+        let busy = upstream.nodes()[0].clone();
+        busy.in_flight.store(8, Ordering::Relaxed);
+        let shares = counts(&upstream, (0..3000).map(|_| pick().addr.port()));
+        assert!(
+            shares[0] <= 30,
+            "the replica with 8 in flight got {shares:?}"
+        );
+    }
+
+    #[test]
+    fn least_request_skips_what_was_tried_and_still_finds_the_last_replica() {
+        let upstream = ServiceUpstream::new("user", Duration::from_secs(1));
+        upstream.replace(vec![member(9001), member(9002), member(9003)]);
+        let policy = ServicePolicy::default();
+        let tried = [member(9001).1, member(9002).1];
+        for _ in 0..50 {
+            let picked = upstream
+                .select(Selection::LeastRequest, &tried, &policy, Ticks::now())
+                .unwrap();
+            assert_eq!(picked.node.addr.port(), 9003);
+        }
+        let all = [tried[0], tried[1], member(9003).1];
+        assert!(upstream
+            .select(Selection::LeastRequest, &all, &policy, Ticks::now())
+            .is_none());
+    }
+
+    /// Which port each of `keys` hashes to.
+    fn placement(upstream: &ServiceUpstream, keys: &[String]) -> Vec<u16> {
+        let policy = ServicePolicy::default();
+        keys.iter()
+            .map(|key| {
+                upstream
+                    .select(Selection::Hash(key.as_bytes()), &[], &policy, Ticks::now())
+                    .unwrap()
+                    .node
+                    .addr
+                    .port()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn hashing_moves_only_the_keys_of_a_replica_that_leaves_or_joins_about_one_in_n() {
+        let upstream = ServiceUpstream::new("user", Duration::from_secs(1));
+        let ten: Vec<_> = (9001..=9010).map(member).collect();
+        upstream.replace(ten.clone());
+        let keys: Vec<String> = (0..10_000).map(|n| format!("user-{n}")).collect();
+        let before = placement(&upstream, &keys);
+        assert_eq!(
+            before,
+            placement(&upstream, &keys),
+            "the same key, the same replica"
+        );
+        let spread = counts(&upstream, before.iter().copied());
+        assert!(
+            spread.iter().all(|n| (600..=1400).contains(n)),
+            "{spread:?}"
+        );
+
+        upstream.replace(ten[1..].to_vec());
+        let after_leave = placement(&upstream, &keys);
+        let moved: Vec<usize> = (0..keys.len())
+            .filter(|&i| before[i] != after_leave[i])
+            .collect();
+        assert!(
+            moved.iter().all(|&i| before[i] == 9001),
+            "only the leaver's keys move"
+        );
+        let share = moved.len() as f64 / keys.len() as f64;
+        println!(
+            "one replica of 10 left: {:.1}% of 10,000 keys moved",
+            share * 100.0
+        );
+        assert!((0.06..=0.14).contains(&share), "{share}");
+
+        let mut eleven = ten.clone();
+        eleven.push(member(9011));
+        upstream.replace(eleven);
+        let after_join = placement(&upstream, &keys);
+        let moved: Vec<usize> = (0..keys.len())
+            .filter(|&i| before[i] != after_join[i])
+            .collect();
+        assert!(
+            moved.iter().all(|&i| after_join[i] == 9011),
+            "keys move only to the new one"
+        );
+        let share = moved.len() as f64 / keys.len() as f64;
+        println!(
+            "one replica joined 10: {:.1}% of 10,000 keys moved",
+            share * 100.0
+        );
+        assert!((0.05..=0.13).contains(&share), "{share}");
+    }
+
+    #[test]
+    fn a_hashed_key_whose_replica_is_tried_or_ejected_goes_to_the_next_on_the_ring_and_comes_back()
+    {
+        let upstream = ServiceUpstream::new("user", Duration::from_secs(1));
+        upstream.replace(vec![member(9001), member(9002), member(9003)]);
+        let policy = ServicePolicy::default();
+        let select = |tried: &[SocketAddr]| {
+            upstream
+                .select(Selection::Hash(b"alice"), tried, &policy, Ticks::now())
+                .map(|pick| pick.node.addr)
+        };
+        let home = select(&[]).unwrap();
+        let next = select(&[home]).unwrap();
+        assert_ne!(home, next);
+        let last = select(&[home, next]).unwrap();
+        assert!(last != home && last != next);
+        assert_eq!(select(&[home, next, last]), None);
+
+        let home_node = upstream.replicas.load().by_addr[&home].clone();
+        home_node.healthy.store(false, Ordering::Relaxed);
+        assert_eq!(
+            select(&[]),
+            Some(next),
+            "an unhealthy home sends the key on"
+        );
+        home_node.healthy.store(true, Ordering::Relaxed);
+        assert_eq!(select(&[]), Some(home));
     }
 }
