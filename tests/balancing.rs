@@ -211,6 +211,20 @@ async fn a_hashed_key_keeps_its_replica_and_only_the_keys_of_a_replica_that_leav
     let port = gateway.port();
     wait_for_nodes(port, "user", 4).await;
     let login = format!("http://127.0.0.1:{port}/api/user/login");
+    let cluster: serde_json::Value = http()
+        .get(format!("http://127.0.0.1:{port}/cluster"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let settings = &cluster["services"]["user"]["Settings"];
+    assert_eq!(settings["balance"], "hash header:x-user", "{settings}");
+    assert_eq!(settings["routes"]["cart"]["balance"], "hash cookie:session");
+    assert_eq!(settings["routes"]["mine"]["balance"], "hash ip");
+    assert_eq!(settings["maxInFlight"], serde_json::Value::Null);
+    assert_eq!(settings["ejection"]["consecutiveFailures"], 5);
     let users: Vec<String> = (0..200).map(|n| format!("user-{n}")).collect();
 
     let before = placement(&login, &users).await;

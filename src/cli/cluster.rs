@@ -113,7 +113,7 @@ async fn from_etcd(config: &GomsConfig) -> anyhow::Result<String> {
     let etcd = EtcdEndpoints::new(config.etcd_addr.clone(), config.registry.etcd_timeout);
     let members = list_members(&etcd).await?;
     Ok(serde_json::to_string_pretty(&cluster_document(
-        &members, None,
+        &members, None, None,
     ))?)
 }
 

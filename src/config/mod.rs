@@ -280,6 +280,12 @@ pub struct GatewayConfig {
     /// HTTPS on a listener of its own (`gateway.tls`). Default none: plain HTTP only.
     #[serde(default)]
     pub tls: Option<TlsConfig>,
+    /// The memory guard: past this much anonymous resident memory (`RssAnon`), new requests
+    /// get a 503 at once and the gateway gives back what it can, until it is below 90% of it
+    /// again. Bytes, or a size such as `400MiB`. Default none; set it below the container's
+    /// memory limit, so that the gateway sheds load before the OOM killer ends it.
+    #[serde(default, deserialize_with = "optional_byte_size")]
+    pub memory_limit: Option<u64>,
 }
 
 /// The gateway's TLS listener (`gateway.tls`).
@@ -699,6 +705,51 @@ fn etcd_endpoints<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Stri
     Ok(endpoints)
 }
 
+/// A size in bytes: a number, or a number with `KiB`, `MiB` or `GiB` (`400MiB`).
+fn optional_byte_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    let text = match Option::<Size>::deserialize(deserializer)? {
+        None => return Ok(None),
+        Some(Size::Bytes(bytes)) => return Ok(Some(bytes)),
+        Some(Size::Text(text)) => text,
+    };
+    parse_byte_size(&text)
+        .map(Some)
+        .map_err(serde::de::Error::custom)
+}
+
+fn parse_byte_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let factor: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "`{text}` is no size: write bytes, or a number with KiB, MiB or GiB"
+            ))
+        }
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(factor))
+        .filter(|bytes| *bytes > 0)
+        .ok_or_else(|| {
+            format!("`{text}` is no size: write bytes, or a number with KiB, MiB or GiB")
+        })
+}
+
 fn duration_text<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
     routes::DurationText::deserialize(deserializer).map(|d| d.0)
 }
@@ -842,6 +893,18 @@ impl GomsConfig {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_byte_size_takes_a_unit_or_none() {
+        assert_eq!(parse_byte_size("400MiB"), Ok(400 << 20));
+        assert_eq!(parse_byte_size("1 GiB"), Ok(1 << 30));
+        assert_eq!(parse_byte_size("4096"), Ok(4096));
+        assert!(parse_byte_size("400MB")
+            .unwrap_err()
+            .contains("KiB, MiB or GiB"));
+        assert!(parse_byte_size("0").is_err());
+        assert!(parse_byte_size("MiB").is_err());
+    }
     use super::*;
 
     #[test]

@@ -295,6 +295,19 @@ pub enum HashOn {
     Ip,
 }
 
+impl fmt::Display for Balance {
+    /// As written in the route file: `round_robin`, `least_request`, `hash header:x-user`.
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            Balance::RoundRobin => f.write_str("round_robin"),
+            Balance::LeastRequest => f.write_str("least_request"),
+            Balance::Hash(HashOn::Header(name)) => write!(f, "hash header:{name}"),
+            Balance::Hash(HashOn::Cookie(name)) => write!(f, "hash cookie:{name}"),
+            Balance::Hash(HashOn::Ip) => f.write_str("hash ip"),
+        }
+    }
+}
+
 impl<'de> Deserialize<'de> for Balance {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         deserializer.deserialize_any(BalanceVisitor)

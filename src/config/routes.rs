@@ -591,6 +591,17 @@ impl RouteTable {
         }
     }
 
+    /// The routes of `service`, by name.
+    pub fn routes_of(&self, service: &str) -> Vec<&Arc<Route>> {
+        let mut routes: Vec<&Arc<Route>> = self
+            .services
+            .get(service)
+            .map(|routes| routes.values().collect())
+            .unwrap_or_default();
+        routes.sort_by(|a, b| a.name.cmp(&b.name));
+        routes
+    }
+
     pub fn service_names(&self) -> impl Iterator<Item = &str> {
         self.services.keys().map(String::as_str)
     }

@@ -25,6 +25,7 @@ pub mod admin;
 pub mod forwarded;
 pub mod limits;
 pub mod metrics;
+pub mod overload;
 pub mod proxy;
 pub mod rate_limit;
 pub mod record;
@@ -58,6 +59,7 @@ use crate::registry::{
 use crate::trace::{Publisher, Redactor, TraceSink};
 use admin::{AdminApp, AdminEndpoints};
 use metrics::GatewayMetrics;
+use overload::MemoryGuard;
 use pingora::services::listening::ConnectionLimit;
 use proxy::GatewayProxy;
 use registry_view::RegistryView;
@@ -245,6 +247,7 @@ pub fn run(
         server.add_listener_fd(bound.to_string(), listener.into_raw_fd());
     }
     let request_log = gateway.dashboard.then(|| Arc::new(RequestLog::default()));
+    let memory_guard = MemoryGuard::new(gateway.memory_limit);
     let registry = Arc::new(RegistryView {
         members: members_rx,
         loaded: registry_loaded.clone(),
@@ -259,6 +262,7 @@ pub fn run(
         trace: trace.clone(),
         allow: gateway.admin_allow.clone(),
         certificates: certificates.clone(),
+        memory_guard: memory_guard.clone(),
         dashboard: request_log.clone().map(|log| {
             Arc::new(admin::dashboard::Dashboard::new(
                 log,
@@ -284,9 +288,10 @@ pub fn run(
             trusted_proxies: gateway.trusted_proxies.clone(),
             https: https_front(gateway.tls.as_ref(), tls_bound),
             metrics: metrics.clone(),
-            trace,
+            trace: trace.clone(),
             tracer,
             drain: drain.clone(),
+            memory_guard: memory_guard.clone(),
         },
     );
     let refusals = metrics.clone();
@@ -339,6 +344,15 @@ pub fn run(
             registry_status,
         },
     ));
+    if let Some(guard) = memory_guard {
+        server.add_service(background_service(
+            "memory guard",
+            MemoryWatch {
+                guard,
+                trace: trace.clone(),
+            },
+        ));
+    }
     if let Some(publisher) = publisher {
         server.add_service(background_service(
             "trace publisher",
@@ -426,6 +440,24 @@ impl BackgroundService for RegistryLink {
         }
         let _ = stop.send(true);
         drop(self.leaving.lock().expect("duty slot").take());
+    }
+}
+
+/// Runs the memory guard; while the gateway is over its limit, each reading spills the trace
+/// queue to the spool and has the allocator return its free pages.
+struct MemoryWatch {
+    guard: Arc<MemoryGuard>,
+    trace: TraceSink,
+}
+
+#[async_trait]
+impl BackgroundService for MemoryWatch {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let relieve = || {
+            self.trace.spill();
+            overload::return_free_memory();
+        };
+        self.guard.clone().watch(relieve, shutdown).await;
     }
 }
 

@@ -24,6 +24,7 @@ use super::admin::AdminEndpoints;
 use super::forwarded::{self, Client};
 use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
+use super::overload::MemoryGuard;
 use super::rate_limit;
 use super::record::{Attempt, RequestRecord};
 use super::registry_view::RegistryView;
@@ -73,6 +74,8 @@ pub struct GatewayProxy {
     pub tracer: GatewayTracer,
     /// Counts requests in flight, so that a draining gateway exits once none is left.
     pub drain: Arc<Drain>,
+    /// `gateway.memoryLimit`: over it, new requests get a 503 at once.
+    pub memory_guard: Option<Arc<MemoryGuard>>,
 }
 
 /// What the request path knows of the HTTPS listener.
@@ -339,16 +342,28 @@ impl GatewayProxy {
         route: &Route,
         request_id: &str,
     ) -> pingora::Result<()> {
-        self.metrics.count_status(503);
         let message = format!(
             "service `{}` has its maxInFlight of {} requests in progress; retry later",
             route.service,
             route.policy.max_in_flight.unwrap_or_default()
         );
+        self.refuse_with_retry_after(session, &message, request_id)
+            .await
+    }
+
+    /// A 503 envelope with `Retry-After: 1`: the gateway sheds this request to protect the
+    /// others, and the client may try again shortly.
+    async fn refuse_with_retry_after(
+        &self,
+        session: &mut Session,
+        message: &str,
+        request_id: &str,
+    ) -> pingora::Result<()> {
+        self.metrics.count_status(503);
         write_error_with(
             session,
             503,
-            &message,
+            message,
             request_id,
             &[(
                 http::header::RETRY_AFTER,
@@ -504,6 +519,16 @@ impl ProxyHttp for GatewayProxy {
             .and_then(|a| a.as_inet())
             .map(|peer| Client::of(peer.ip(), session.req_header(), &self.trusted_proxies));
         self.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        if let Some(guard) = self.memory_guard.as_ref().filter(|g| g.is_over()) {
+            guard.refused.fetch_add(1, Ordering::Relaxed);
+            self.refuse_with_retry_after(
+                session,
+                "the gateway is over its gateway.memoryLimit; retry later",
+                ctx.request_id(),
+            )
+            .await?;
+            return Ok(true);
+        }
 
         let route = {
             let routes = self.routes.current();

@@ -37,6 +37,12 @@ impl BufferPool {
             .unwrap_or_else(|| Vec::with_capacity(self.capacity))
     }
 
+    /// Frees every spare buffer (memory pressure: they are made again when needed).
+    pub fn release_spares(&self) {
+        let spares = std::mem::take(&mut *lock(&self.spare));
+        drop(spares);
+    }
+
     /// Keeps the buffers there is room for and frees the rest.
     pub fn give_back(&self, buffers: impl IntoIterator<Item = Vec<u8>>) {
         let mut buffers = buffers

@@ -48,8 +48,11 @@ pub struct EventQueue {
     /// Set once the publisher drains for good; pushes are refused from then on.
     closed: AtomicBool,
     spare_buffers: BufferPool,
-    /// Signalled by the push that brings the queue to half its capacity.
+    /// Signalled by the push that brings the queue to half its capacity, and by
+    /// [`EventQueue::request_spill`].
     filled_halfway: Notify,
+    /// Set by [`EventQueue::request_spill`] until the publisher takes the queue.
+    spill_wanted: AtomicBool,
     /// Where units keep a copy that outlives the process; `None` with `trace.journal` off.
     journal: Option<Arc<Journal>>,
 }
@@ -71,6 +74,7 @@ impl EventQueue {
             closed: AtomicBool::new(false),
             spare_buffers: BufferPool::new(SPARE_BUFFERS, framing::MESSAGE_BUFFER_BYTES),
             filled_halfway: Notify::new(),
+            spill_wanted: AtomicBool::new(false),
             journal,
         }
     }
@@ -134,6 +138,21 @@ impl EventQueue {
 
     pub fn is_half_full(&self) -> bool {
         self.len() >= self.half
+    }
+
+    /// Asks the publisher to take what waits now, as if the queue were half full, and frees
+    /// the spare buffers: the gateway is short of memory (`gateway.memoryLimit`), and events
+    /// held for a broker that is away go to the spool on disk instead.
+    pub fn request_spill(&self) {
+        self.spare_buffers.release_spares();
+        self.spill_wanted.store(true, Ordering::Relaxed);
+        self.filled_halfway.notify_one();
+    }
+
+    /// Whether the publisher should take the queue now: it is half full, or a spill was
+    /// asked for (which this answers).
+    pub fn must_be_taken(&self) -> bool {
+        self.spill_wanted.swap(false, Ordering::Relaxed) || self.is_half_full()
     }
 
     /// Completes once a push brings the queue to half its capacity (at once if one did since

@@ -4,9 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
+use serde_json::json;
 
+use crate::config::{RateLimitKey, RateLimitPolicy, Route, RouteTable};
 use crate::gateway::upstreams::ejection::Ticks;
 use crate::gateway::upstreams::Upstreams;
 use crate::registry::Members;
@@ -39,6 +42,11 @@ pub struct ServiceEntry {
     /// Retries not made because the service's retry budget was spent.
     #[serde(rename = "RetriesOverBudget", default)]
     pub retries_over_budget: u64,
+    /// The service's settings from the route file as in force, and each route's balance and
+    /// rate limit; absent where this document came straight from etcd, or for a service the
+    /// route file does not name.
+    #[serde(rename = "Settings", default, skip_serializing_if = "Option::is_none")]
+    pub settings: Option<serde_json::Value>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -78,8 +86,13 @@ pub struct EjectionDetail {
     pub ejections_in_a_row: u32,
 }
 
-/// Builds the document from etcd membership and, in a gateway, its live counters.
-pub fn cluster_document(members: &Members, upstreams: Option<&Upstreams>) -> ClusterDocument {
+/// Builds the document from etcd membership and, in a gateway, its live counters and route
+/// table.
+pub fn cluster_document(
+    members: &Members,
+    upstreams: Option<&Upstreams>,
+    routes: Option<&RouteTable>,
+) -> ClusterDocument {
     let mut services = BTreeMap::new();
     let now = Ticks::now();
     for (name, nodes) in &members.services {
@@ -140,6 +153,7 @@ pub fn cluster_document(members: &Members, upstreams: Option<&Upstreams>) -> Clu
                 retries_over_budget: upstream
                     .as_ref()
                     .map_or(0, |u| u.retry_budget.refused.load(Ordering::Relaxed)),
+                settings: routes.and_then(|table| settings_of(&table.routes_of(name))),
             },
         );
     }
@@ -147,4 +161,56 @@ pub fn cluster_document(members: &Members, upstreams: Option<&Upstreams>) -> Clu
         services,
         status: true,
     }
+}
+
+/// A service's settings as `/cluster` shows them, from its routes (which share its policy).
+fn settings_of(routes: &[&Arc<Route>]) -> Option<serde_json::Value> {
+    let policy = &routes.first()?.policy;
+    let ejection = policy.ejection.map_or(json!(false), |e| {
+        json!({
+            "consecutiveFailures": e.consecutive_failures,
+            "baseTimeMs": e.base_time.as_millis() as u64,
+            "maxTimeMs": e.max_time.as_millis() as u64,
+            "maxPercent": e.max_percent,
+        })
+    });
+    let budget = &policy.retry_budget;
+    let by_route: serde_json::Map<String, serde_json::Value> = routes
+        .iter()
+        .map(|route| {
+            let rate_limit = route
+                .rate_limit
+                .as_ref()
+                .map_or(json!(false), rate_limit_json);
+            (
+                route.name.clone(),
+                json!({"balance": route.balance.to_string(), "rateLimit": rate_limit}),
+            )
+        })
+        .collect();
+    Some(json!({
+        "balance": policy.balance.to_string(),
+        "maxInFlight": policy.max_in_flight,
+        "ejection": ejection,
+        "retryBudget": {
+            "percent": budget.percent,
+            "minPerSecond": budget.min_per_second,
+            "windowMs": budget.window.as_millis() as u64,
+        },
+        "routes": by_route,
+    }))
+}
+
+fn rate_limit_json(limit: &RateLimitPolicy) -> serde_json::Value {
+    let key = match &limit.key {
+        RateLimitKey::Ip => "ip".to_string(),
+        RateLimitKey::Route => "route".to_string(),
+        RateLimitKey::Header(name) => format!("header:{name}"),
+    };
+    json!({
+        "requests": limit.requests,
+        "perMs": limit.per.as_millis() as u64,
+        "burst": limit.burst,
+        "key": key,
+    })
 }

@@ -41,6 +41,8 @@ pub struct AdminEndpoints {
     pub metrics: Arc<GatewayMetrics>,
     /// The HTTPS listener's certificates, whose expiry `/metrics` shows.
     pub certificates: Option<Arc<super::tls::CertStore>>,
+    /// The memory guard (`gateway.memoryLimit`), whose state `/metrics` shows.
+    pub memory_guard: Option<Arc<super::overload::MemoryGuard>>,
     /// For the trace publisher's counters.
     pub trace: TraceSink,
     pub allow: AllowList,
@@ -69,7 +71,8 @@ impl AdminEndpoints {
             "/readyz" => Some(self.readiness()),
             "/cluster" => {
                 let members = self.registry.members.borrow().clone();
-                let document = cluster_document(&members, Some(&self.upstreams));
+                let routes = self.routes.current();
+                let document = cluster_document(&members, Some(&self.upstreams), Some(&routes));
                 Some(json(
                     serde_json::to_vec_pretty(&document).expect("cluster document serialises"),
                 ))
@@ -81,6 +84,7 @@ impl AdminEndpoints {
                 if let Some(certificates) = &self.certificates {
                     certificates.render_prometheus(&mut text);
                 }
+                super::overload::render_prometheus(&mut text, self.memory_guard.as_deref());
                 Some(Answer {
                     status: 200,
                     content_type: "text/plain; version=0.0.4",

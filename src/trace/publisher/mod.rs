@@ -273,15 +273,16 @@ impl PublisherLoop {
             self.advance_replay().await;
             // Events wait in memory while a connection attempt runs or while the most batches
             // allowed await confirms, both over within seconds; once the queue is half full
-            // the publisher spools them, so that the request path never has to. A broker that
+            // (or the memory guard asks) the publisher spools them, so that the request path
+            // never has to. A broker that
             // blocks publishers may do so for minutes, and events held that long would die
             // with the process, so then they go to the spool at each interval, as when it is
             // away.
             let waiting_for_broker = self.connection.is_connecting()
                 || (self.in_flight.is_full() && self.connection.publishable().is_some());
-            let half_full = self.queue.is_half_full();
-            let hold = waiting_for_broker && !half_full;
-            let due = half_full || Instant::now() >= next_take;
+            let must_take = self.queue.must_be_taken();
+            let hold = waiting_for_broker && !must_take;
+            let due = must_take || Instant::now() >= next_take;
             if hold || !due {
                 let look_again = if due {
                     Instant::now() + interval

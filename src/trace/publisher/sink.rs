@@ -46,6 +46,14 @@ impl TraceSink {
         &self.stats
     }
 
+    /// Short of memory: events waiting for the broker go to the spool at the publisher's next
+    /// turn, and spare buffers are freed.
+    pub fn spill(&self) {
+        if let Some(queue) = &self.queue {
+            queue.request_spill();
+        }
+    }
+
     /// Hands an event to the publisher; see [`TraceSink::emit_with`].
     pub fn emit(&self, event: TraceEvent) {
         self.emit_with(1, |out| {
