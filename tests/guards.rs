@@ -1,6 +1,7 @@
 //! What keeps one bad or busy service from costing everyone: outlier ejection of a replica
-//! that keeps failing, the retry budget, and `maxInFlight` (the route file's per-service
-//! settings, on `/cluster` and `/metrics`). Real etcd, real gateway, replicas written here.
+//! that keeps failing, the retry budget, `maxInFlight` and rate limits (the route file's
+//! per-service settings, on `/cluster` and `/metrics`), and the gateway's own memory guard
+//! (`gateway.memoryLimit`). Real etcd, real gateway, replicas written here.
 
 mod support;
 
@@ -349,4 +350,123 @@ async fn past_its_rate_limit_a_client_gets_429_with_the_drafts_headers_and_anoth
         metric(&exposition, "goms_gateway_responses_total{code=\"429\"}"),
         5.0
     );
+}
+
+/// A replica that reads the whole body and answers its length.
+async fn body_reader(etcd: &Etcd, name: &str) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let app = axum::Router::new()
+        .fallback(|body: axum::body::Bytes| async move { body.len().to_string() });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    register_replica(etcd, "user", name, addr, "").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_its_memory_limit_a_gateway_sheds_new_requests_spills_its_trace_queue_and_recovers() {
+    let etcd = Etcd::start().await;
+    body_reader(&etcd, "r1").await;
+    let (_folder, routes) = route_file("services:\n  user:\n    upload: /upload\n");
+    // The broker is away (nothing listens at the default test amqpAddr), and events wait in
+    // memory for a minute between publishes: each request's two events hold its 64 KiB JSON
+    // body twice, so memory climbs with traffic until the guard acts.
+    let limit = 128u64 << 20;
+    let gateway = Goms::gateway_with(
+        &etcd.endpoint(),
+        &routes,
+        &[],
+        &[
+            ("GOMS__GATEWAY__MEMORY_LIMIT", "128MiB"),
+            ("GOMS__TRACE__PUBLISH_INTERVAL", "60s"),
+            ("GOMS__TRACE__QUEUE_CAPACITY", "1000000"),
+            ("GOMS__TRACE__BODY_MAX_BYTES", "65536"),
+        ],
+    )
+    .await;
+    let port = gateway.port();
+    wait_for_nodes(port, "user", 1).await;
+    let url = format!("http://127.0.0.1:{port}/api/user/upload");
+    let before = metric(&metrics(port).await, "goms_process_resident_anon_bytes");
+
+    let refused = Arc::new(tokio::sync::Mutex::new(None));
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (client, url, refused) = (http(), url.clone(), refused.clone());
+        clients.spawn(async move {
+            for _ in 0..2000 {
+                if refused.lock().await.is_some() {
+                    return;
+                }
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(format!("{{\"data\":\"{}\"}}", "a".repeat(65_000)))
+                    .send()
+                    .await
+                    .unwrap();
+                match response.status().as_u16() {
+                    200 => {}
+                    503 => {
+                        let retry_after = response.headers().get("retry-after").cloned();
+                        let body = response.text().await.unwrap();
+                        *refused.lock().await = Some((retry_after, body));
+                        return;
+                    }
+                    other => panic!("a request got {other}"),
+                }
+            }
+        });
+    }
+    while let Some(client) = clients.join_next().await {
+        client.unwrap();
+    }
+    let taken = refused.lock().await.take();
+    let Some((retry_after, body)) = taken else {
+        panic!(
+            "16,000 requests of 64 KiB never took the gateway over 128 MiB:\n{}",
+            metrics(port).await
+        );
+    };
+    assert_eq!(retry_after.unwrap(), "1");
+    assert!(body.contains("gateway.memoryLimit"), "{body}");
+    let at_trip = metrics(port).await;
+    assert!(metric(&at_trip, "goms_gateway_memory_trips_total") >= 1.0);
+    assert!(metric(&at_trip, "goms_gateway_memory_refused_total") >= 1.0);
+    assert_eq!(
+        metric(&at_trip, "goms_gateway_memory_limit_bytes"),
+        limit as f64
+    );
+    let health = http()
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200, "liveness answers while shedding");
+
+    // The guard spilled the waiting events to the spool and memory went back under 90% of
+    // the limit: requests are let in again, and no event was dropped.
+    let client = http();
+    eventually("requests are let in again", Duration::from_secs(30), || {
+        let (client, url) = (client.clone(), url.clone());
+        async move {
+            let response = client.post(&url).body("small").send().await.unwrap();
+            response.status() == 200
+        }
+    })
+    .await;
+    let after = metrics(port).await;
+    println!(
+        "RssAnon: {:.0} MiB at start, {:.0} MiB when requests are let in again (limit 128 MiB)",
+        before / 1048576.0,
+        metric(&after, "goms_process_resident_anon_bytes") / 1048576.0
+    );
+    assert_eq!(metric(&after, "goms_gateway_memory_over_limit"), 0.0);
+    assert!(metric(&after, "goms_process_resident_anon_bytes") < limit as f64 * 0.9);
+    assert!(
+        metric(&after, "goms_trace_events_spooled_total") > 0.0,
+        "{after}"
+    );
+    assert_eq!(metric(&after, "goms_trace_events_dropped_total"), 0.0);
+    assert!(gateway.has_line("Over gateway.memoryLimit"));
+    assert!(gateway.has_line("Back below gateway.memoryLimit"));
 }
