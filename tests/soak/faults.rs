@@ -105,6 +105,38 @@ pub async fn inject_until(
     injected
 }
 
+/// `--outage-loop`: `count` RabbitMQ outages of `down` each, `gap` apart (and `gap` before
+/// the first); returns once the last is over.
+pub async fn outage_loop(
+    stack: &Stack,
+    t0: Instant,
+    count: usize,
+    down: Duration,
+    gap: Duration,
+) -> Vec<Injected> {
+    let mut injected = Vec::new();
+    for n in 1..=count {
+        tokio::time::sleep(gap).await;
+        let started = t0.elapsed().as_secs_f64();
+        stack.broker.pause().await;
+        tokio::time::sleep(down).await;
+        stack.broker.resume().await;
+        let ended = t0.elapsed().as_secs_f64();
+        println!(
+            "[soak] {started:6.1}s  RabbitMQ outage {n} of {count}, over after {:.1}s",
+            ended - started
+        );
+        injected.push(Injected {
+            fault: Fault::StopBroker,
+            target: "RabbitMQ".into(),
+            started,
+            ended,
+            killed: None,
+        });
+    }
+    injected
+}
+
 async fn inject(stack: &Stack, fault: Fault, rng: &mut Rng) -> (String, Option<Killed>) {
     match fault {
         Fault::KillReplica => {

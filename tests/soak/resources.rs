@@ -1,5 +1,8 @@
 //! The gateways' resident memory and open file descriptors over the run, read from
 //! `/proc` once a second, per incarnation (a gateway started again is a new series).
+//! Memory is read apart: `RssAnon` (what the process holds: queues, buffers, the allocator)
+//! and `RssFile` (page cache, mostly the trace journal's mapped file, which the kernel takes
+//! back under pressure), with the allocator's committed memory from the gateway's `/metrics`.
 //!
 //! Descriptors are counted without the client connections on the gateway's public port:
 //! how many the client holds is its own choice (it moves them to the other gateway while
@@ -16,7 +19,10 @@ pub struct Sample {
     pub at: f64,
     pub gateway: usize,
     pub pid: i32,
-    pub rss_kib: u64,
+    pub anon_kib: u64,
+    pub file_kib: u64,
+    /// mimalloc's committed memory, from `/metrics`; 0 when it did not answer in time.
+    pub committed_kib: u64,
     /// Open descriptors other than client connections.
     pub fds: usize,
     pub client_connections: usize,
@@ -34,9 +40,10 @@ pub async fn sample_until(stack: &Stack, t0: Instant, until: Instant) -> Vec<Sam
         };
         let at = t0.elapsed().as_secs_f64();
         let local_ports = socket_local_ports();
+        let mut taken = Vec::new();
         for (gateway, process) in processes.gateways.iter().enumerate() {
             let pid = process.pid();
-            let Some(rss_kib) = rss_kib(pid) else {
+            let Some(memory) = memory_kib(pid) else {
                 continue;
             };
             let Some(fds) = open_fds(pid) else {
@@ -50,23 +57,57 @@ pub async fn sample_until(stack: &Stack, t0: Instant, until: Instant) -> Vec<Sam
                 .count()
                 // The listener itself has the port too.
                 .saturating_sub(1);
-            samples.push(Sample {
-                at,
-                gateway,
-                pid,
-                rss_kib,
-                fds: fds.len() - client_connections,
-                client_connections,
-            });
+            taken.push((
+                process.port,
+                Sample {
+                    at,
+                    gateway,
+                    pid,
+                    anon_kib: memory.anon,
+                    file_kib: memory.file,
+                    committed_kib: 0,
+                    fds: fds.len() - client_connections,
+                    client_connections,
+                },
+            ));
+        }
+        drop(processes);
+        for (port, mut sample) in taken {
+            sample.committed_kib = committed_kib(port).await.unwrap_or(0);
+            samples.push(sample);
         }
     }
     samples
 }
 
-fn rss_kib(pid: i32) -> Option<u64> {
+struct Memory {
+    anon: u64,
+    file: u64,
+}
+
+fn memory_kib(pid: i32) -> Option<Memory> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    line.split_whitespace().nth(1)?.parse().ok()
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        line.split_whitespace().nth(1)?.parse().ok()
+    };
+    Some(Memory {
+        anon: field("RssAnon:")?,
+        file: field("RssFile:")?,
+    })
+}
+
+/// mimalloc's committed memory, as the gateway on `port` reports it.
+async fn committed_kib(port: u16) -> Option<u64> {
+    let request = crate::support::http()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .timeout(Duration::from_millis(500))
+        .send();
+    let text = request.await.ok()?.text().await.ok()?;
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("goms_process_allocator_committed_bytes "))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
 }
 
 /// Where each descriptor of `pid` points (`socket:[inode]`, a path, ...).
@@ -110,4 +151,43 @@ fn socket_local_ports() -> std::collections::HashMap<u64, u16> {
         }
     }
     ports
+}
+
+/// For `--outage-loop`: the long-lived gateway's memory before each outage, at its highest
+/// during it, and `AFTER` its end, one line per outage. After-values that keep climbing
+/// outage after outage are a leak; after-values that level off are buffers finding their size.
+pub fn outage_table(samples: &[Sample], outages: &[(f64, f64)]) -> Vec<String> {
+    const AFTER: f64 = 10.0;
+    let series: Vec<&Sample> = samples.iter().filter(|s| s.gateway == 0).collect();
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let show = |s: Option<&&Sample>| {
+        s.map_or("-".to_string(), |s| {
+            format!(
+                "{:.1}+{:.1} ({:.1})",
+                mib(s.anon_kib),
+                mib(s.file_kib),
+                mib(s.committed_kib)
+            )
+        })
+    };
+    let mut lines = vec![
+        "outage  RssAnon+RssFile (allocator committed) MiB: before | highest during | 10 s after"
+            .to_string(),
+    ];
+    for (n, (started, ended)) in outages.iter().enumerate() {
+        let before = series.iter().rev().find(|s| s.at < *started);
+        let during = series
+            .iter()
+            .filter(|s| s.at >= *started && s.at <= *ended)
+            .max_by_key(|s| s.anon_kib);
+        let after = series.iter().find(|s| s.at >= ended + AFTER);
+        lines.push(format!(
+            "{:>6}  {} | {} | {}",
+            n + 1,
+            show(before),
+            show(during),
+            show(after)
+        ));
+    }
+    lines
 }
