@@ -692,9 +692,9 @@ async fn h2c_on_the_plain_port_is_served_only_when_switched_on() {
     };
     wait_for_nodes(on.port(), "user", 1).await;
     assert_eq!(h2c(on.port(), &[]).0, "2 200");
-    // A header list past gateway.limits.headerBytes (60 KiB) never reaches a replica: the
-    // HTTP/2 layer ends the connection (no 431 yet; curl says "Connection died"). The next
-    // connection is served.
+    // A header list past gateway.limits.headerBytes (60 KiB) never reaches a replica (curl,
+    // still sending it when the 431 comes, says "Connection died"; the h2 client in the next
+    // test reads the 431). The next connection is served.
     let big = format!("x-big: {}", "a".repeat(70 * 1024));
     let oversized = h2c(on.port(), &["-H", &big]);
     assert!(!oversized.0.ends_with(" 200"), "served: {oversized:?}");
@@ -711,4 +711,109 @@ async fn h2c_on_the_plain_port_is_served_only_when_switched_on() {
         .await
         .unwrap();
     assert_eq!(http1.status(), 200, "HTTP/1 still served beside h2c");
+}
+
+/// An HTTP/2 connection with prior knowledge to a gateway's plain port.
+async fn h2c_connection(
+    port: u16,
+) -> (
+    h2::client::SendRequest<bytes::Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    let (sender, connection) = h2::client::handshake(tcp).await.unwrap();
+    (sender, tokio::spawn(connection))
+}
+
+fn h2_get(port: u16, path: &str, headers: &[(&str, String)]) -> http::Request<()> {
+    let mut request = http::Request::get(format!("http://127.0.0.1:{port}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    request.body(()).unwrap()
+}
+
+/// HTTP/2's own limits (issue 33): a header list past `gateway.limits.headerBytes` is answered
+/// 431 on its stream, and the connection goes on; a client that opens and cancels streams in
+/// a loop (rapid reset, CVE-2023-44487) gets a GOAWAY with ENHANCE_YOUR_CALM, while another
+/// client's requests meanwhile are all served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_answers_an_oversized_header_list_431_and_cuts_off_a_rapid_reset_client_alone() {
+    let etcd = Etcd::start().await;
+    let _service = Goms::service(&etcd, free_port(), &[]);
+    let (_folder, routes) = route_file(ROUTES);
+    let gateway = Goms::gateway_with(
+        &etcd.endpoint(),
+        &routes,
+        &[],
+        &[("GOMS__GATEWAY__HTTP2_CLEARTEXT", "true")],
+    )
+    .await;
+    let port = gateway.port();
+    wait_for_nodes(port, "user", 1).await;
+
+    let (sender, _connection) = h2c_connection(port).await;
+    let big = ("x-big", "a".repeat(70 * 1024));
+    let mut sender = sender.ready().await.unwrap();
+    let (answer, _) = sender
+        .send_request(h2_get(port, "/api/user/login", &[big]), true)
+        .unwrap();
+    assert_eq!(answer.await.unwrap().status(), 431);
+    let mut sender = sender.ready().await.unwrap();
+    let (answer, _) = sender
+        .send_request(h2_get(port, "/api/user/login", &[]), true)
+        .unwrap();
+    assert_eq!(
+        answer.await.unwrap().status(),
+        200,
+        "the connection goes on after a 431"
+    );
+
+    // Another client sends requests the whole time.
+    let bystander = tokio::spawn(async move {
+        let client = http();
+        let url = format!("http://127.0.0.1:{port}/api/user/login");
+        let mut statuses = Vec::new();
+        for _ in 0..100 {
+            statuses.push(client.get(&url).send().await.unwrap().status().as_u16());
+        }
+        statuses
+    });
+
+    let (mut attacker, connection) = h2c_connection(port).await;
+    let mut opened = 0;
+    while opened < 10_000 {
+        let Ok(ready) = attacker.clone().ready().await else {
+            break;
+        };
+        attacker = ready;
+        let Ok((_, mut stream)) =
+            attacker.send_request(h2_get(port, "/api/user/login", &[]), false)
+        else {
+            break;
+        };
+        stream.send_reset(h2::Reason::CANCEL);
+        opened += 1;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(10), connection)
+        .await
+        .expect("the attacker's connection ends")
+        .unwrap();
+    let error = ended.expect_err("the attacker's connection ends in an error");
+    println!("rapid reset: cut off after {opened} streams opened and cancelled ({error})");
+    // The gateway's GOAWAY, or (when the client was still writing as the gateway closed the
+    // connection after it) a broken pipe.
+    let go_away = error.is_go_away()
+        && error.is_remote()
+        && error.reason() == Some(h2::Reason::ENHANCE_YOUR_CALM);
+    assert!(go_away || error.is_io(), "{error}");
+    assert!(opened < 10_000);
+
+    let statuses = bystander.await.unwrap();
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "another client meanwhile: {statuses:?}"
+    );
 }
