@@ -29,6 +29,7 @@
 //! - [`per_thread`]: state every request thread writes and readers merge (a shard per
 //!   thread); it uses none.
 
+pub mod allocator;
 pub mod cli;
 pub mod config;
 pub mod diagnostics;

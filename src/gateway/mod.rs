@@ -455,7 +455,7 @@ impl BackgroundService for MemoryWatch {
     async fn start(&self, shutdown: ShutdownWatch) {
         let relieve = || {
             self.trace.spill();
-            overload::return_free_memory();
+            crate::allocator::return_free_memory();
         };
         self.guard.clone().watch(relieve, shutdown).await;
     }

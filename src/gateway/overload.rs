@@ -132,7 +132,7 @@ fn status_bytes(status: &str, field: &str) -> Option<u64> {
 pub fn render_prometheus(out: &mut String, guard: Option<&MemoryGuard>) {
     use std::fmt::Write;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let (committed, peak) = allocator_committed();
+    let (committed, peak) = crate::allocator::committed();
     let mut gauge = |name: &str, help: &str, value: u64| {
         let _ = write!(
             out,
@@ -194,33 +194,6 @@ pub fn render_prometheus(out: &mut String, guard: Option<&MemoryGuard>) {
             "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
         );
     }
-}
-
-/// Asks the allocator to give the pages it holds free back to the system.
-pub fn return_free_memory() {
-    // SAFETY: mi_collect takes no pointer and may be called from any thread at any time.
-    unsafe { libmimalloc_sys::mi_collect(true) }
-}
-
-/// The allocator's committed memory now and at its peak, in bytes (mimalloc's
-/// `mi_process_info`); zero where mimalloc is not the process's allocator.
-pub fn allocator_committed() -> (u64, u64) {
-    let (mut elapsed, mut user, mut system, mut rss, mut peak_rss) = (0, 0, 0, 0, 0);
-    let (mut commit, mut peak_commit, mut faults) = (0usize, 0usize, 0usize);
-    // SAFETY: every pointer is to a live local of the type mimalloc writes.
-    unsafe {
-        libmimalloc_sys::mi_process_info(
-            &mut elapsed,
-            &mut user,
-            &mut system,
-            &mut rss,
-            &mut peak_rss,
-            &mut commit,
-            &mut peak_commit,
-            &mut faults,
-        );
-    }
-    (commit as u64, peak_commit as u64)
 }
 
 #[cfg(test)]

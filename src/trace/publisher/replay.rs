@@ -141,5 +141,11 @@ async fn replay_one_segment(
         events = events.len(),
         spool_bytes = spool.bytes()
     );
+    if spool.bytes() == 0 {
+        // The outage is over: what its queue, its segments and their replay took is free
+        // again, and mimalloc would otherwise keep it committed for the next burst.
+        drop(spool);
+        crate::allocator::return_free_memory();
+    }
     Ok(())
 }
