@@ -210,6 +210,8 @@ pub struct Goms {
     pub name: String,
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
+    /// The threads that read its stdout and stderr into `lines`; done once both pipes closed.
+    readers: Vec<std::thread::JoinHandle<()>>,
     /// The port it bound, for processes started on port 0.
     port: Option<u16>,
     /// Each process spools trace events into its own folder, removed with it.
@@ -279,25 +281,27 @@ impl Goms {
         }
         let mut child = command.spawn().expect("spawn goms binary");
         let lines = Arc::new(Mutex::new(Vec::new()));
+        let mut readers = Vec::new();
         for stream in [
             Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
             Box::new(child.stderr.take().unwrap()),
         ] {
             let lines = lines.clone();
             let label = name.to_string();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stream).lines().map_while(Result::ok) {
                     if std::env::var_os("GOMS_TEST_ECHO").is_some() {
                         eprintln!("[{label}] {line}");
                     }
                     lines.lock().unwrap().push(line);
                 }
-            });
+            }));
         }
         Goms {
             name: name.to_string(),
             child,
             lines,
+            readers,
             port: None,
             _spool: spool,
         }
@@ -428,11 +432,20 @@ impl Goms {
         self.exit_status(timeout).await
     }
 
-    /// Waits for the process to exit by itself; panics after `timeout`.
+    /// Waits for the process to exit by itself; panics after `timeout`. Once it returns, every
+    /// line the process wrote is in [`Goms::output`]: the exit comes before the readers have
+    /// taken the last lines out of the pipes (seen: a consumer's final summary missing).
     pub async fn exit_status(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait child") {
+                // A child of its own that inherited the pipes would keep them open: then
+                // the output is what was read by the deadline.
+                while !self.readers.iter().all(|reader| reader.is_finished())
+                    && Instant::now() < deadline
+                {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 return status;
             }
             if Instant::now() > deadline {
