@@ -30,4 +30,15 @@ if [ -z "${GOMS__SERVICE__ADVERTISE_HOST:-}" ] || [ -z "${GOMS__GATEWAY__ADVERTI
   fi
 fi
 
+# Docker and Swarm secrets arrive as files (/run/secrets/NAME): GOMS_CALL_SERVICE_KEY_FILE names
+# the file holding the key. Its variable is removed before goms starts: goms reads GOMS__*
+# only, and an unknown one would be refused.
+if [ -n "${GOMS_CALL_SERVICE_KEY_FILE:-}" ]; then
+  if [ -z "${GOMS__CALL_SERVICE_KEY:-}" ]; then
+    GOMS__CALL_SERVICE_KEY="$(cat "$GOMS_CALL_SERVICE_KEY_FILE")"
+    export GOMS__CALL_SERVICE_KEY
+  fi
+  unset GOMS_CALL_SERVICE_KEY_FILE
+fi
+
 exec goms "$@"

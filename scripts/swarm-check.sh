@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# The stack on Docker Swarm (issue 38, stage 1), on a one-node swarm of this host's Docker:
+#
+#   1. builds the offline images and the goms image (as scripts/stack-check.sh does),
+#   2. `docker swarm init --advertise-addr 127.0.0.1` unless this Docker is in a swarm already,
+#   3. `docker stack deploy` of compose/stack.yml (overlay network, goms.yml and services.yml
+#      as configs, the key as a secret), the gateway published in host mode on a free port,
+#   4. a steady sequential client (GET /api/user/login, status and X-Served-By recorded),
+#   5. checks: every `user` replica is routed; a task SIGKILLed by `docker kill` is replaced
+#      by Swarm and served again; a rolling update of `user` (`docker service update --image`,
+#      start-first) completes; not one request failed through all of it,
+#   6. on exit (also on failure): removes the stack, and leaves the swarm if it made it.
+#
+# Environment: GOMS_BUILD_PROFILE, GOMS_NO_CARGO_BUILD, GOMS_IMAGE, GOMS_ETCD_IMAGE,
+# GOMS_RABBITMQ_IMAGE as for scripts/stack-check.sh; GOMS_CHECK_KEEP=1 keeps the work folder.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PATH="$HOME/.cargo/bin:$PATH"
+export GOMS_BUILD_PROFILE=${GOMS_BUILD_PROFILE:-debug}
+
+started=$SECONDS
+log() { echo "[swarm-check +$((SECONDS - started))s] $*" >&2; }
+fail() { log "FAIL: $*"; exit 1; }
+
+STACK=gomsswarm$$
+WORK="$(mktemp -d /tmp/goms-swarm-check.XXXXXX)"
+CLIENT_LOG=$WORK/client.log
+STOP_FILE=$WORK/stop-client
+CLIENT_PID=
+SWARM_MADE=0
+DEPLOYED=0
+NEXT_IMAGE=
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$CLIENT_PID" ]; then
+    touch "$STOP_FILE"
+    wait "$CLIENT_PID" 2>/dev/null || true
+  fi
+  if [ "$DEPLOYED" = 1 ]; then
+    if [ "$rc" != 0 ]; then
+      log "state at failure:"
+      docker stack ps --no-trunc "$STACK" >&2 || true
+      docker service logs --tail 30 "${STACK}_gateway" >&2 2>&1 || true
+    fi
+    docker stack rm "$STACK" >/dev/null 2>&1 || true
+    # The stack's network goes once its tasks are gone; volumes are removed by name.
+    for _ in $(seq 60); do
+      [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$STACK")" ] && break
+      sleep 1
+    done
+    docker volume rm "${STACK}_etcd-data" "${STACK}_rabbitmq-data" >/dev/null 2>&1 || true
+  fi
+  [ -n "$NEXT_IMAGE" ] && docker image rm "$NEXT_IMAGE" >/dev/null 2>&1 || true
+  if [ "$SWARM_MADE" = 1 ]; then
+    docker swarm leave --force >/dev/null 2>&1 || log "warning: could not leave the swarm"
+  fi
+  if [ "$rc" != 0 ] || [ "${GOMS_CHECK_KEEP:-0}" = 1 ]; then
+    log "work folder kept: $WORK"
+  else
+    rm -rf --one-file-system "$WORK"
+  fi
+  if [ "$rc" = 0 ]; then log "PASS in $((SECONDS - started))s"; else log "FAILED (exit $rc) after $((SECONDS - started))s"; fi
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+wait_for() {
+  local timeout=$1 what=$2 deadline
+  shift 2
+  deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${timeout}s waiting for: $what"
+    sleep 1
+  done
+}
+
+# --- 1. images -----------------------------------------------------------------------------
+log "offline images (existing ones are kept)"
+eval "$(docker/offline/build-images.sh)"
+export GOMS_ETCD_IMAGE GOMS_RABBITMQ_IMAGE
+log "goms image from the $GOMS_BUILD_PROFILE build"
+eval "$(docker/offline/build-goms-image.sh)"
+export GOMS_IMAGE=${GOMS_IMAGE:-goms/goms:latest}
+
+# --- 2. swarm ------------------------------------------------------------------------------
+if [ "$(docker info --format '{{.Swarm.LocalNodeState}}')" != active ]; then
+  log "docker swarm init --advertise-addr 127.0.0.1"
+  docker swarm init --advertise-addr 127.0.0.1 >/dev/null
+  SWARM_MADE=1
+fi
+
+# --- 3. stack ------------------------------------------------------------------------------
+cp -r config "$WORK/config"
+echo "swarm-check key $$" >"$WORK/goms.key"
+export GOMS_CONFIG_DIR=$WORK/config GOMS_KEY_FILE=$WORK/goms.key
+GOMS_GATEWAY_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+export GOMS_GATEWAY_PORT
+BASE=http://127.0.0.1:$GOMS_GATEWAY_PORT
+log "docker stack deploy $STACK (gateway on $BASE, host mode)"
+DEPLOYED=1
+docker stack deploy --resolve-image never -c compose/stack.yml "$STACK" >"$WORK/deploy.log" 2>&1 \
+  || { cat "$WORK/deploy.log" >&2; fail "docker stack deploy failed"; }
+
+gateway_container() { docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_gateway" | head -n 1; }
+# The gateway's /cluster, from its admin listener inside the container.
+cluster() { docker exec "$(gateway_container)" goms cluster --gateway 127.0.0.1:9901; }
+user_nodes() {
+  cluster | python3 -c 'import json,sys; print("\n".join(sorted(json.load(sys.stdin)["services"].get("user",{}).get("Nodes") or [])))'
+}
+user_count_is() { [ "$(user_nodes | grep -c .)" = "$1" ]; }
+
+wait_for 180 "the gateway's /healthz on $BASE" curl -fsS --max-time 2 "$BASE/healthz"
+wait_for 120 "/cluster listing 3 user nodes" user_count_is 3
+curl -fsS --max-time 5 "$BASE/api/user/login" >/dev/null || fail "first call through the gateway failed"
+log "serving: user nodes $(echo $(user_nodes))"
+
+# --- 4. steady client ----------------------------------------------------------------------
+client_loop() {
+  local n=0 headers rc line status served
+  exec >>"$CLIENT_LOG" 2>/dev/null
+  while [ ! -e "$STOP_FILE" ] && [ "$n" -lt 40000 ]; do
+    n=$((n + 1))
+    status=000 served=-
+    rc=0
+    headers="$(curl -sS -o /dev/null -D - --max-time 10 "$BASE/api/user/login?n=$n" 2>&1)" || rc=$?
+    while IFS= read -r line; do
+      line=${line%$'\r'}
+      case "${line,,}" in
+        http/*) status=${line#* }; status=${status%% *} ;;
+        x-served-by:*) served=${line#*:}; served=${served# } ;;
+      esac
+    done <<<"$headers"
+    echo "$EPOCHREALTIME $n $rc $status $served"
+    sleep 0.02
+  done
+}
+: >"$CLIENT_LOG"
+client_loop &
+CLIENT_PID=$!
+requests() { wc -l <"$CLIENT_LOG"; }
+failed() { awk '$3 != 0 || $4 != 200' "$CLIENT_LOG" | wc -l; }
+served_by_all() {
+  local node
+  for node in $(user_nodes); do
+    awk -v node="$node" '$5 == node' "$CLIENT_LOG" | grep -q . || return 1
+  done
+}
+
+# --- 5. checks -----------------------------------------------------------------------------
+wait_for 60 "every user replica serving" served_by_all
+log "every replica routed ($(requests) requests, $(failed) failed)"
+
+victim=$(docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_user" | head -n 1)
+victim_node=$(docker inspect --format '{{.Config.Hostname}}' "$victim")
+before_kill=$(user_nodes)
+log "docker kill (SIGKILL) a user task ($victim_node)"
+docker kill "$victim" >/dev/null
+replaced() {
+  local now; now=$(user_nodes)
+  [ "$(echo "$now" | grep -c .)" = 3 ] && [ "$now" != "$before_kill" ]
+}
+wait_for 120 "Swarm to replace the killed task and the new one to register" replaced
+wait_for 60 "the new replica serving" served_by_all
+log "the killed task was replaced: user nodes $(echo $(user_nodes)) ($(requests) requests, $(failed) failed)"
+
+NEXT_IMAGE=${GOMS_IMAGE%:*}:swarm-check-$$
+docker tag "$GOMS_IMAGE" "$NEXT_IMAGE"
+before_update=$(user_nodes)
+log "rolling update: docker service update --image $NEXT_IMAGE ${STACK}_user"
+docker service update --detach=false --quiet --image "$NEXT_IMAGE" "${STACK}_user" >/dev/null \
+  || fail "the rolling update did not converge"
+all_new() {
+  local now; now=$(user_nodes)
+  [ "$(echo "$now" | grep -c .)" = 3 ] && [ -z "$(comm -12 <(echo "$before_update") <(echo "$now"))" ]
+}
+wait_for 120 "three registered replicas, all new" all_new
+wait_for 60 "every updated replica serving" served_by_all
+touch "$STOP_FILE"
+wait "$CLIENT_PID" 2>/dev/null || true
+CLIENT_PID=
+total=$(requests)
+bad=$(failed)
+log "after the update: user nodes $(echo $(user_nodes)); $total requests, $bad failed"
+if [ "$bad" != 0 ]; then
+  awk '$3 != 0 || $4 != 200' "$CLIENT_LOG" | head -n 20 >&2
+  fail "$bad of $total requests failed"
+fi
