@@ -103,16 +103,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# Polls "$@" until it succeeds; fails naming $2 after $1 seconds.
-wait_for() {
-  local timeout=$1 what=$2 deadline
-  shift 2
-  deadline=$((SECONDS + timeout))
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${timeout}s waiting for: $what"
-    sleep 0.5
-  done
-}
+. scripts/lib/check-client.sh
 
 # --- 1. compose files ----------------------------------------------------------------------
 log "validating compose files with ${COMPOSE[*]}"
@@ -169,28 +160,6 @@ case "$body" in *'"msg":"success"'*) ;; *) fail "unexpected HTTPS echo body: $bo
 log "HTTPS on 8443 answers with the self-signed localhost certificate"
 
 # --- 4. steady client ----------------------------------------------------------------------
-# One line per request: <epoch seconds> <n> <curl exit> <status> <X-Served-By or ->
-client_loop() {
-  local n=0 begin=$SECONDS t0 headers rc line status served
-  exec >>"$CLIENT_LOG" 2>/dev/null
-  while [ ! -e "$STOP_FILE" ] && [ "$n" -lt "$CLIENT_MAX_REQUESTS" ] \
-        && [ $((SECONDS - begin)) -lt "$CLIENT_MAX_SECONDS" ]; do
-    n=$((n + 1))
-    status=000 served=-
-    t0=$EPOCHREALTIME
-    rc=0
-    headers="$(curl -sS -o /dev/null -D - --max-time 10 "$BASE$CLIENT_PATH$n" 2>&1)" || rc=$?
-    while IFS= read -r line; do
-      line=${line%$'\r'}
-      case "${line,,}" in
-        http/*) status=${line#* }; status=${status%% *} ;;
-        x-served-by:*) served=${line#*:}; served=${served# } ;;
-      esac
-    done <<<"$headers"
-    echo "$t0 $n $rc $status $served"
-    sleep "$CLIENT_PAUSE"
-  done
-}
 : >"$CLIENT_LOG"
 CLIENT_PATH="/api/user/login?n=" client_loop &
 CLIENT_PID=$!

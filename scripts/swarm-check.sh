@@ -68,15 +68,7 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-wait_for() {
-  local timeout=$1 what=$2 deadline
-  shift 2
-  deadline=$((SECONDS + timeout))
-  until "$@" >/dev/null 2>&1; do
-    [ "$SECONDS" -lt "$deadline" ] || fail "timed out after ${timeout}s waiting for: $what"
-    sleep 1
-  done
-}
+. scripts/lib/check-client.sh
 
 # --- 1. images -----------------------------------------------------------------------------
 log "offline images (existing ones are kept)"
@@ -119,25 +111,7 @@ curl -fsS --max-time 5 "$BASE/api/user/login" >/dev/null || fail "first call thr
 log "serving: user nodes $(echo $(user_nodes))"
 
 # --- 4. steady client ----------------------------------------------------------------------
-client_loop() {
-  local n=0 headers rc line status served
-  exec >>"$CLIENT_LOG" 2>/dev/null
-  while [ ! -e "$STOP_FILE" ] && [ "$n" -lt 40000 ]; do
-    n=$((n + 1))
-    status=000 served=-
-    rc=0
-    headers="$(curl -sS -o /dev/null -D - --max-time 10 "$BASE/api/user/login?n=$n" 2>&1)" || rc=$?
-    while IFS= read -r line; do
-      line=${line%$'\r'}
-      case "${line,,}" in
-        http/*) status=${line#* }; status=${status%% *} ;;
-        x-served-by:*) served=${line#*:}; served=${served# } ;;
-      esac
-    done <<<"$headers"
-    echo "$EPOCHREALTIME $n $rc $status $served"
-    sleep 0.02
-  done
-}
+CLIENT_PATH="/api/user/login?n=" CLIENT_MAX_REQUESTS=40000
 : >"$CLIENT_LOG"
 client_loop &
 CLIENT_PID=$!
