@@ -25,6 +25,11 @@
 #                      certificate for both, TLS 1.3, keep-alive; plus a `handshake` scenario, a GET
 #                      on a new connection each time (Connection: close), which counts new TLS
 #                      handshakes per second. TLS rows compare with nginx+tls.
+#   --http2            also measure HTTP/2 over TLS with h2load (Debian's nghttp2-client; implies --tls):
+#                      `goms+h2` (the gateway's TLS listener, h2 by ALPN) and `nginx+h2` (`listen ...
+#                      ssl http2`), --h2-streams concurrent streams per connection (default 10).
+#                      h2load reports no percentiles: for these rows the p50 column holds its mean
+#                      latency and the p99 column its largest. h2 rows compare with nginx+h2.
 #   --bare-pingora     also measure `pingora`: a bare pingora round-robin proxy (examples/bare_pingora.rs,
 #                      built with cargo), doing what the nginx front end does, with --threads threads;
 #                      the floor goms's gateway is built on
@@ -62,6 +67,8 @@ TRACING=0
 EXTRA_TRACE_ENV=()
 BARE_PINGORA=0
 TLS=0
+H2=0
+H2_STREAMS=10
 PROFILE=0
 PROFILE_SECS=10
 HOLD=0
@@ -88,6 +95,8 @@ while [ $# -gt 0 ]; do
             shift 2 ;;
         --bare-pingora) BARE_PINGORA=1; shift ;;
         --tls) TLS=1; shift ;;
+        --http2) TLS=1; H2=1; shift ;;
+        --h2-streams) H2_STREAMS=${2:?}; shift 2 ;;
         --smoke) SMOKE=1; shift ;;
         --callgrind) CALLGRIND=1; shift ;;
         --hold) HOLD=${2:?}; shift 2 ;;
@@ -100,7 +109,7 @@ done
 if [ "$SMOKE" = 1 ]; then
     ROUNDS=1; DURATION=2; CONNS="16"
 fi
-for v in "$ROUNDS" "$DURATION" "$GW_THREADS" "$WRK_THREADS" "$PROFILE_SECS" $CONNS; do
+for v in "$ROUNDS" "$DURATION" "$GW_THREADS" "$WRK_THREADS" "$PROFILE_SECS" "$H2_STREAMS" $CONNS; do
     case "$v" in ''|*[!0-9]*) die "not a positive integer: '$v'" ;; esac
     [ "$v" -gt 0 ] || die "must be at least 1: $v"
 done
@@ -119,6 +128,7 @@ need_pkgs=()
 command -v nginx >/dev/null || need_pkgs+=(nginx)
 command -v haproxy >/dev/null || need_pkgs+=(haproxy)
 command -v wrk >/dev/null || need_pkgs+=(wrk)
+[ "$H2" = 0 ] || command -v h2load >/dev/null || need_pkgs+=(nghttp2-client)
 command -v etcd >/dev/null || need_pkgs+=(etcd-server)
 command -v etcdctl >/dev/null || need_pkgs+=(etcd-client)
 command -v curl >/dev/null || need_pkgs+=(curl)
@@ -435,7 +445,8 @@ free_port; NP=$FREE_PORT
 NGINX_TLS=""
 if [ "$TLS" = 1 ]; then
     free_port; NTP=$FREE_PORT
-    NGINX_TLS="listen 127.0.0.1:$NTP ssl;
+    NGINX_H2=""; [ "$H2" = 0 ] || NGINX_H2=" http2"
+    NGINX_TLS="listen 127.0.0.1:$NTP ssl$NGINX_H2;
         ssl_certificate $T/tls/localhost.crt;
         ssl_certificate_key $T/tls/localhost.key;
         ssl_protocols TLSv1.2 TLSv1.3;"
@@ -547,6 +558,11 @@ if [ "$TLS" = 1 ]; then
     URL[goms+tls]="https://127.0.0.1:$GTLSP"; PID_OF[goms+tls]=$GW_PID
     URL[nginx+tls]="https://127.0.0.1:$NTP"; PID_OF[nginx+tls]=$NG_PID
 fi
+if [ "$H2" = 1 ]; then
+    FRONTENDS+=(goms+h2 nginx+h2)
+    URL[goms+h2]="https://127.0.0.1:$GTLSP"; PID_OF[goms+h2]=$GW_PID
+    URL[nginx+h2]="https://127.0.0.1:$NTP"; PID_OF[nginx+h2]=$NG_PID
+fi
 if [ -n "$BP_PID" ]; then
     FRONTENDS=("${FRONTENDS[0]}" pingora "${FRONTENDS[@]:1}")
     URL[pingora]="http://127.0.0.1:$BPP"; PID_OF[pingora]=$BP_PID
@@ -596,6 +612,7 @@ EOF
     echo 'wrk.headers["Connection"] = "close"'
     cat "$T/report.lua"
 } > "$T/close.lua"
+head -c "$POST_BYTES" /dev/zero | tr '\0' x > "$T/post.body"
 
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { # utime+stime (clock ticks) of the given PIDs; /proc/PID/stat counts all threads, dead ones too
@@ -607,6 +624,25 @@ cpu_ticks() { # utime+stime (clock ticks) of the given PIDs; /proc/PID/stat coun
         total=$(( total + f[11] + f[12] ))
     done
     echo "$total"
+}
+
+# run_h2load FRONTEND SCENARIO CONNS SECONDS THREADS PATH: h2load's output with a `BENCH` line
+# as report.lua writes it (mean latency as p50, the largest as p99: h2load has no percentiles).
+run_h2load() {
+    local fe=$1 scen=$2 c=$3 secs=$4 t=$5 path=$6 out data=()
+    [ "$scen" = get ] || data=(-d "$T/post.body" -H "content-type: application/octet-stream")
+    out=$(timeout $(( secs + 30 )) h2load -t "$t" -c "$c" -m "$H2_STREAMS" -D "$secs" \
+        ${data[@]+"${data[@]}"} "${URL[$fe]}$path" 2>&1) || { echo "$out" >&2; die "h2load failed against $fe"; }
+    echo "$out"
+    echo "$out" | awk -v secs="$secs" '
+        function us(x) { if (x ~ /us$/) return x + 0; if (x ~ /ms$/) return x * 1000; return x * 1e6 }
+        /^finished in/ { split($3, d, "s"); duration = d[1] * 1e6 }
+        /^requests:/ { done = $8; failed = $10 + $12 + $14 }
+        /^status codes:/ { bad = $5 + $7 + $9 }
+        /^time for request:/ { p50 = us($6); p99 = us($5) }
+        END { if (duration == 0) duration = secs * 1e6
+              printf "BENCH requests=%d duration_us=%d p50_us=%d p99_us=%d errors=%d status_errors=%d\n",
+                  done, duration, p50, p99, failed, bad }'
 }
 
 # run_wrk FRONTEND SCENARIO CONNS SECONDS -> prints "requests rps p50_us p99_us cpu_us_per_req up_cpu_us_per_req errors"
@@ -624,8 +660,12 @@ run_wrk() {
     [ "$fe" != goms+trace ] || mapfile -t broker_pids < <(tree_pids "$RABBIT_PID")
     a0=$(cpu_ticks ${pids[@]+"${pids[@]}"}); u0=$(cpu_ticks "${up_pids[@]}")
     [ ${#broker_pids[@]} = 0 ] || b0=$(cpu_ticks "${broker_pids[@]}")
-    out=$(timeout $(( secs + 30 )) wrk -t "$t" -c "$c" -d "${secs}s" --timeout 5s --latency \
-        -s "$script" "${URL[$fe]}$path" 2>&1) || { echo "$out" >&2; die "wrk failed against $fe"; }
+    if [[ "$fe" == *+h2 ]]; then
+        out=$(run_h2load "$fe" "$scen" "$c" "$secs" "$t" "$path")
+    else
+        out=$(timeout $(( secs + 30 )) wrk -t "$t" -c "$c" -d "${secs}s" --timeout 5s --latency \
+            -s "$script" "${URL[$fe]}$path" 2>&1) || { echo "$out" >&2; die "wrk failed against $fe"; }
+    fi
     a1=$(cpu_ticks ${pids[@]+"${pids[@]}"}); u1=$(cpu_ticks "${up_pids[@]}")
     [ ${#broker_pids[@]} = 0 ] || b1=$(cpu_ticks "${broker_pids[@]}")
     echo "$out" >> "$T/wrk.log"
@@ -780,7 +820,7 @@ TABLE=$T/table.md
             s = S[si]; c = C[ci]; fe = F[fi]; k = SUBSEP s SUBSEP c SUBSEP fe
             if (!(("rps" k) in L)) continue
             rn = ""; rd = ""
-            ref = (fe ~ /\+tls$/) ? "nginx+tls" : "nginx"
+            ref = (fe ~ /\+tls$/) ? "nginx+tls" : (fe ~ /\+h2$/) ? "nginx+h2" : "nginx"
             for (r in rounds) {
                 if ((r, s, c, ref) in rps && rps[r, s, c, ref] > 0) rn = rn " " rps[r, s, c, fe] / rps[r, s, c, ref]
                 if ((r, s, c, "direct") in rps && rps[r, s, c, "direct"] > 0) rd = rd " " rps[r, s, c, fe] / rps[r, s, c, "direct"]
