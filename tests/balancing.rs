@@ -10,7 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use support::{
-    eventually, http, node_detail, register_replica, route_file, wait_for_nodes, Etcd, Goms,
+    eventually, http, json_of, node_detail, register_replica, route_file, wait_for_nodes, Etcd,
+    Goms,
 };
 
 /// A replica that answers its name after `delay_ms`, and counts what it got.
@@ -211,14 +212,7 @@ async fn a_hashed_key_keeps_its_replica_and_only_the_keys_of_a_replica_that_leav
     let port = gateway.port();
     wait_for_nodes(port, "user", 4).await;
     let login = format!("http://127.0.0.1:{port}/api/user/login");
-    let cluster: serde_json::Value = http()
-        .get(format!("http://127.0.0.1:{port}/cluster"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cluster = json_of(http().get(format!("http://127.0.0.1:{port}/cluster"))).await;
     let settings = &cluster["services"]["user"]["Settings"];
     assert_eq!(settings["balance"], "hash header:x-user", "{settings}");
     assert_eq!(settings["routes"]["cart"]["balance"], "hash cookie:session");

@@ -525,14 +525,7 @@ pub async fn wait_for_nodes(gateway_port: u16, service: &str, count: usize) {
 
 /// The `NodeDetail` entry of replica `id` of `service` in the gateway's `/cluster`.
 pub async fn node_detail(gateway_port: u16, service: &str, id: &str) -> serde_json::Value {
-    let cluster: serde_json::Value = http()
-        .get(format!("http://127.0.0.1:{gateway_port}/cluster"))
-        .send()
-        .await
-        .expect("/cluster answers")
-        .json()
-        .await
-        .expect("/cluster is JSON");
+    let cluster = json_of(http().get(format!("http://127.0.0.1:{gateway_port}/cluster"))).await;
     cluster["services"][service]["NodeDetail"]
         .as_array()
         .and_then(|nodes| nodes.iter().find(|n| n["id"] == id).cloned())
