@@ -1,8 +1,9 @@
 //! The gateways' resident memory and open file descriptors over the run, read from
 //! `/proc` once a second, per incarnation (a gateway started again is a new series).
 //! Memory is read apart: `RssAnon` (what the process holds: queues, buffers, the allocator)
-//! and `RssFile` (page cache, mostly the trace journal's mapped file, which the kernel takes
-//! back under pressure), with the allocator's committed memory from the gateway's `/metrics`.
+//! and `RssFile` (page cache, which the kernel takes back under pressure: mostly the binary's
+//! own pages, plus the trace journal's slots in use), with the allocator's committed memory
+//! from the gateway's `/metrics`.
 //!
 //! Descriptors are counted without the client connections on the gateway's public port:
 //! how many the client holds is its own choice (it moves them to the other gateway while
