@@ -130,6 +130,11 @@ struct ServiceArgs {
     #[arg(long, value_name = "PORT")]
     http_port: Option<u16>,
 
+    /// Port the service serves gRPC on (h2c; the echo service's goms.echo.v1.Echo), registered
+    /// in etcd as `rpc`; 0 picks a free one. Overrides service.rpcPort (default none: no gRPC).
+    #[arg(long, value_name = "PORT")]
+    rpc_port: Option<u16>,
+
     #[command(flatten)]
     node: NodeArgs,
 }
@@ -323,12 +328,16 @@ fn apply_service_args(
 
 fn run_service(mut config: GomsConfig, args: ServiceArgs) -> anyhow::Result<()> {
     apply_service_args(&mut config, &args.node, args.name, args.http_port);
+    if let Some(port) = args.rpc_port {
+        config.service.rpc_port = Some(port);
+    }
     config.validate().map_err(anyhow::Error::msg)?;
     let mut options = crate::service::ServiceOptions::from_config(&config)?;
     options.node_id = args.node.node_id;
-    runtime()?.block_on(crate::service::serve(
+    runtime()?.block_on(crate::service::serve_with_rpc(
         options,
         crate::service::echo::echo_router(),
+        crate::service::rpc::echo_routes(),
         crate::service::termination_signal(),
     ))?;
     Ok(())

@@ -375,6 +375,10 @@ pub struct ServiceConfig {
     /// Port the service listens on. Default 9080.
     #[serde(default = "default_service_port")]
     pub http_port: u16,
+    /// Port the node serves gRPC on (h2c, registered as `rpc` in etcd); 0 picks a free one.
+    /// Default none: no gRPC.
+    #[serde(default)]
+    pub rpc_port: Option<u16>,
     /// Host the gateway reaches this replica at; registered in etcd. Default `127.0.0.1`.
     #[serde(default = "default_advertise_host")]
     pub advertise_host: String,

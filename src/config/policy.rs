@@ -10,6 +10,7 @@
 //!     ejection: {consecutiveFailures: 5, baseTime: 30s, maxTime: 5m, maxPercent: 50}
 //!     retryBudget: {percent: 20, minPerSecond: 10, window: 10s}
 //!     balance: least_request          # or round_robin (default), or {hash: "cookie:session"}
+//!     grpc: [goms.echo.v1.Echo]       # gRPC services (or packages) served on its `rpc` port
 //! ```
 //!
 //! Every value is checked while it is read, so a refusal names its `file:line`.
@@ -29,6 +30,7 @@ pub const SETTING_KEYS: &[&str] = &[
     "maxInFlight",
     "rateLimit",
     "balance",
+    "grpc",
 ];
 
 /// One service's settings, with defaults for what the file leaves out.
@@ -45,6 +47,9 @@ pub struct ServicePolicy {
     pub rate_limit: Option<RateLimitPolicy>,
     /// How each of the service's routes that sets none of its own picks a replica.
     pub balance: Balance,
+    /// The gRPC services (`goms.echo.v1.Echo`) and packages (`goms.echo`, covering every
+    /// service under it) the service's replicas serve on their `rpc` port.
+    pub grpc: Vec<String>,
 }
 
 impl Default for ServicePolicy {
@@ -55,6 +60,7 @@ impl Default for ServicePolicy {
             max_in_flight: None,
             rate_limit: None,
             balance: Balance::RoundRobin,
+            grpc: Vec::new(),
         }
     }
 }
@@ -74,6 +80,7 @@ impl ServicePolicy {
             }
             "rateLimit" => self.rate_limit = RateLimitSetting::deserialize(deserializer)?.0,
             "balance" => self.balance = Balance::deserialize(deserializer)?,
+            "grpc" => self.grpc = grpc_names(deserializer)?,
             other => unreachable!("`{other}` is not in SETTING_KEYS"),
         }
         Ok(())
@@ -472,6 +479,55 @@ fn requests_at_least_one<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u
 /// A count that must be at least one, read as a signed number so that `-1` gets this message
 /// rather than serde's "expected u32", and refused inside the visitor so that the message
 /// carries the number's line.
+/// `grpc:`, a list of gRPC service or package names, each a dotted name as in a `.proto`.
+/// Each name is checked as it is read, so that a refusal points at its own line.
+fn grpc_names<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    deserializer.deserialize_seq(GrpcNamesVisitor)
+}
+
+struct GrpcNamesVisitor;
+
+impl<'de> de::Visitor<'de> for GrpcNamesVisitor {
+    type Value = Vec<String>;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of gRPC service or package names, such as [goms.echo.v1.Echo]")
+    }
+
+    fn visit_seq<A: de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+        let mut names = Vec::new();
+        while let Some(GrpcName(name)) = seq.next_element()? {
+            names.push(name);
+        }
+        if names.is_empty() {
+            return Err(de::Error::custom(
+                "grpc lists no names: give a gRPC service such as `goms.echo.v1.Echo`, or a \
+                 package",
+            ));
+        }
+        Ok(names)
+    }
+}
+
+/// One name of `grpc:`: dotted words of letters, digits and `_`.
+struct GrpcName(String);
+
+impl<'de> Deserialize<'de> for GrpcName {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        let well_formed = name.split('.').all(|part| {
+            !part.is_empty() && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
+        if !well_formed {
+            return Err(de::Error::custom(format!(
+                "grpc name `{name}` is not a gRPC service or package name (dotted words such as \
+                 `goms.echo.v1.Echo`)"
+            )));
+        }
+        Ok(GrpcName(name))
+    }
+}
+
 fn at_least_one<'de, D: Deserializer<'de>>(
     name: &'static str,
     deserializer: D,

@@ -265,10 +265,31 @@ impl<'de> Visitor<'de> for ServicesVisitor {
             },
         })? {
             let routes = map.next_value_seed(RoutesSeed { service: &service })?;
+            if let Some((name, other)) = grpc_claimed_twice(&services, &service, &routes) {
+                return Err(de::Error::custom(format!(
+                    "gRPC name `{name}` is served by both `{other}` and `{service}`: a gRPC \
+                     call must have one service to go to"
+                )));
+            }
             services.insert(service, routes);
         }
         Ok(ServiceRoutes(services))
     }
+}
+
+/// A gRPC name `spec` lists that an earlier service listed too, with that service.
+fn grpc_claimed_twice<'a>(
+    earlier: &'a BTreeMap<String, ServiceSpec>,
+    service: &str,
+    spec: &'a ServiceSpec,
+) -> Option<(&'a str, &'a str)> {
+    spec.policy.grpc.iter().find_map(|name| {
+        earlier
+            .iter()
+            .filter(|(other, _)| other.as_str() != service)
+            .find(|(_, other)| other.policy.grpc.contains(name))
+            .map(|(other, _)| (name.as_str(), other.as_str()))
+    })
 }
 
 /// Deserialises one service's routes, knowing the service's name for error messages.
@@ -329,7 +350,7 @@ impl<'de> Visitor<'de> for RoutesSeed<'_> {
                 routes.insert(name, map.next_value::<RouteSpec>()?);
             }
         }
-        if routes.is_empty() {
+        if routes.is_empty() && policy.grpc.is_empty() {
             return Err(de::Error::custom(format!(
                 "service `{}` has no routes: add at least one `name: \"/path\"`",
                 self.service
@@ -490,6 +511,9 @@ pub struct Route {
     pub rate_limit: Option<RateLimitPolicy>,
     /// How the route picks a replica: its own way, or else its service's.
     pub balance: Balance,
+    /// Whether this is a service's gRPC route: calls keep their path and go to the replicas'
+    /// `rpc` address over h2c.
+    pub grpc: bool,
 }
 
 impl Route {
@@ -508,11 +532,19 @@ pub struct RouteDefaults {
     pub max_body_bytes: u64,
 }
 
-/// The table the gateway matches `/api/{service}/{route}` against.
+/// The table the gateway matches `/api/{service}/{route}` against, and gRPC calls'
+/// `/{package.Service}/{Method}`.
 #[derive(Debug, Default)]
 pub struct RouteTable {
     services: HashMap<String, HashMap<String, Arc<Route>>>,
+    /// Each name a service's `grpc:` lists, with that service's gRPC route; longest first,
+    /// so that a service wins over a package that contains it.
+    grpc: Vec<(String, Arc<Route>)>,
 }
+
+/// The route name of a service's gRPC calls, as the dashboard and the metrics show it. No
+/// HTTP route can take it: `grpc` is a setting's key.
+pub const GRPC_ROUTE_NAME: &str = "grpc";
 
 impl RouteTable {
     pub fn build(spec: &ServiceRoutes, defaults: RouteDefaults) -> Self {
@@ -551,6 +583,7 @@ impl RouteTable {
                                 .clone()
                                 .unwrap_or_else(|| spec.policy.balance.clone()),
                             policy: policy.clone(),
+                            grpc: false,
                         };
                         (name.clone(), Arc::new(resolved))
                     })
@@ -558,7 +591,49 @@ impl RouteTable {
                 (service.clone(), routes)
             })
             .collect();
-        RouteTable { services }
+        let mut grpc: Vec<(String, Arc<Route>)> = spec
+            .0
+            .iter()
+            .filter(|(_, spec)| !spec.policy.grpc.is_empty())
+            .flat_map(|(service, spec)| {
+                let route = Arc::new(grpc_route(service, spec, defaults));
+                spec.policy
+                    .grpc
+                    .iter()
+                    .map(move |name| (name.clone(), route.clone()))
+            })
+            .collect();
+        grpc.sort_by(|(a, _), (b, _)| b.len().cmp(&a.len()).then_with(|| a.cmp(b)));
+        RouteTable { services, grpc }
+    }
+
+    /// Finds the service of a gRPC call by its path, `/{package.Service}/{Method}`: the
+    /// service that lists the gRPC service, or else the longest package that contains it.
+    pub fn resolve_grpc(&self, request_path: &str) -> Result<&Arc<Route>, String> {
+        let cut = |text: &str| text.chars().take(100).collect::<String>();
+        let Some((grpc_service, _method)) = request_path
+            .strip_prefix('/')
+            .and_then(|rest| rest.split_once('/'))
+        else {
+            return Err(format!(
+                "`{}` is not a gRPC path (/package.Service/Method)",
+                cut(request_path)
+            ));
+        };
+        self.grpc
+            .iter()
+            .find(|(name, _)| {
+                grpc_service
+                    .strip_prefix(name.as_str())
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+            })
+            .map(|(_, route)| route)
+            .ok_or_else(|| {
+                format!(
+                    "no service in the route file serves gRPC `{}` (its `grpc:` list)",
+                    cut(grpc_service)
+                )
+            })
     }
 
     /// Finds the route for a request path such as `/api/user/login`.
@@ -591,13 +666,14 @@ impl RouteTable {
         }
     }
 
-    /// The routes of `service`, by name.
+    /// The routes of `service`, by name; its gRPC route among them.
     pub fn routes_of(&self, service: &str) -> Vec<&Arc<Route>> {
         let mut routes: Vec<&Arc<Route>> = self
             .services
             .get(service)
             .map(|routes| routes.values().collect())
             .unwrap_or_default();
+        routes.extend(self.grpc_route_of(service));
         routes.sort_by(|a, b| a.name.cmp(&b.name));
         routes
     }
@@ -606,16 +682,49 @@ impl RouteTable {
         self.services.keys().map(String::as_str)
     }
 
-    /// Every route, by service then name.
+    fn grpc_route_of(&self, service: &str) -> Option<&Arc<Route>> {
+        self.grpc
+            .iter()
+            .find(|(_, route)| &*route.service == service)
+            .map(|(_, route)| route)
+    }
+
+    /// Every route, by service then name; each service's gRPC route once.
     pub fn all(&self) -> Vec<&Arc<Route>> {
         let mut routes: Vec<&Arc<Route>> =
             self.services.values().flat_map(HashMap::values).collect();
+        for (_, route) in &self.grpc {
+            if !routes.iter().any(|r| Arc::ptr_eq(r, route)) {
+                routes.push(route);
+            }
+        }
         routes.sort_by(|a, b| (&a.service, &a.name).cmp(&(&b.service, &b.name)));
         routes
     }
 
     pub fn route_count(&self) -> usize {
         self.services.values().map(HashMap::len).sum()
+    }
+}
+
+/// A service's gRPC route: every call to the gRPC names it lists, with the gateway's
+/// defaults and the service's settings.
+fn grpc_route(service: &str, spec: &ServiceSpec, defaults: RouteDefaults) -> Route {
+    Route {
+        service: Arc::from(service),
+        name: GRPC_ROUTE_NAME.to_string(),
+        key: Arc::from(format!("{service}/{GRPC_ROUTE_NAME}")),
+        path: String::new(),
+        target: None,
+        methods: Some(vec![http::Method::POST]),
+        timeout: defaults.timeout,
+        retries: defaults.retries,
+        max_body_bytes: defaults.max_body_bytes,
+        transform: Transform::None,
+        policy: Arc::new(spec.policy.clone()),
+        rate_limit: spec.policy.rate_limit.clone(),
+        balance: spec.policy.balance.clone(),
+        grpc: true,
     }
 }
 
@@ -671,6 +780,49 @@ mod tests {
             ));
             assert!(error.starts_with("services.yml:4:"), "{error}");
             assert!(error.contains(reason), "{error}");
+        }
+    }
+
+    #[test]
+    fn grpc_calls_go_to_the_service_that_lists_them_or_the_longest_package() {
+        let routes = parse(
+            "services:\n  user:\n    login: /login\n    grpc: [goms.echo.v1.Echo]\n  \
+             echo:\n    grpc: [goms.echo, goms.other.v2]\n",
+        )
+        .unwrap();
+        let table = RouteTable::build(&routes, DEFAULTS);
+        let service_of = |path: &str| {
+            table
+                .resolve_grpc(path)
+                .map(|route| route.service.to_string())
+        };
+        assert_eq!(service_of("/goms.echo.v1.Echo/Unary").unwrap(), "user");
+        assert_eq!(service_of("/goms.echo.v2.Echo/Unary").unwrap(), "echo");
+        assert_eq!(service_of("/goms.other.v2.Thing/Do").unwrap(), "echo");
+        for miss in ["/goms.echoes.v1.Echo/Unary", "/goms.Echo/Unary", "/nowhere"] {
+            assert!(service_of(miss).is_err(), "{miss}");
+        }
+        let grpc = table.resolve_grpc("/goms.echo.v1.Echo/Unary").unwrap();
+        assert!(grpc.grpc && grpc.key.as_ref() == "user/grpc");
+        // A gRPC route is no HTTP route, and counts once among a service's routes.
+        assert!(table.resolve("/api/user/grpc").is_none());
+        assert_eq!(table.routes_of("echo").len(), 1);
+        assert_eq!(table.all().len(), 3);
+    }
+
+    #[test]
+    fn a_grpc_name_listed_twice_or_malformed_is_refused() {
+        let error =
+            error_text("services:\n  a:\n    grpc: [goms.echo]\n  b:\n    grpc: [goms.echo]\n");
+        assert!(
+            error.contains("`goms.echo` is served by both `a` and `b`"),
+            "{error}"
+        );
+        for bad in ["[\"goms..echo\"]", "[\"/goms.Echo\"]", "[]", "goms.echo"] {
+            let error = error_text(&format!(
+                "services:\n  user:\n    login: /login\n    grpc: {bad}\n"
+            ));
+            assert!(error.starts_with("services.yml:4:"), "{bad}: {error}");
         }
     }
 

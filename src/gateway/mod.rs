@@ -23,6 +23,7 @@
 
 pub mod admin;
 pub mod forwarded;
+pub mod grpc;
 pub mod limits;
 pub mod metrics;
 pub mod overload;
@@ -208,6 +209,7 @@ pub fn run(
         id: node_id.unwrap_or_else(|| advertised.clone()),
         service: GATEWAY_SERVICE.to_string(),
         http: advertised,
+        rpc: None,
         version: env!("CARGO_PKG_VERSION").to_string(),
         weight: 1,
         zone: config.service.zone.clone(),

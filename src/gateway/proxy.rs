@@ -6,6 +6,10 @@
 //! Retries follow one rule: a failed connect (nothing sent) always moves on to the next
 //! replica; a failure after sending, or a 502/503/504 answer, moves on only for idempotent
 //! methods, so the gateway never executes a POST twice.
+//!
+//! A gRPC call (`content-type: application/grpc`) is routed by its gRPC service instead, keeps
+//! its path, goes over h2c to the replica's `rpc` address within its `grpc-timeout`, and is
+//! retried only when nothing reached a replica; see [`super::grpc`].
 
 use std::cell::RefCell;
 use std::net::{IpAddr, SocketAddr};
@@ -22,11 +26,12 @@ use tracing::debug;
 
 use super::admin::AdminEndpoints;
 use super::forwarded::{self, Client};
+use super::grpc;
 use super::limits::{self, Refusal};
 use super::metrics::GatewayMetrics;
 use super::overload::MemoryGuard;
 use super::rate_limit;
-use super::record::{Attempt, RequestRecord};
+use super::record::{Attempt, GrpcCall, RequestRecord};
 use super::registry_view::RegistryView;
 use super::request_log::{FinishedRequest, RequestLog};
 use super::respond::{write_body, write_error, write_error_with, Hsts};
@@ -141,6 +146,9 @@ pub struct RequestCtx {
     rate_limit_headers: Option<Vec<(http::header::HeaderName, http::HeaderValue)>>,
     /// What a `balance: {hash: ...}` route hashes, taken once so a retry walks the same ring.
     hash_key: Option<Vec<u8>>,
+    /// When a gRPC call's time is up: its `grpc-timeout` from its arrival, capped by the
+    /// route's timeout. `None` for HTTP, and for a call that set no deadline.
+    grpc_deadline: Option<Instant>,
 }
 
 impl RequestCtx {
@@ -161,7 +169,7 @@ impl RequestCtx {
         };
         let now = Ticks::now();
         self.attempts_left()
-            && upstream.has_untried(&self.tried, &route.policy, now)
+            && upstream.has_untried(route.grpc, &self.tried, &route.policy, now)
             && upstream
                 .retry_budget
                 .try_withdraw(now, &route.policy.retry_budget)
@@ -314,6 +322,10 @@ fn unchunk_for_http_1_0(session: &mut Session, response: &mut ResponseHeader) {
         session.set_keepalive(None);
     }
 }
+
+/// Calls one h2c connection to a replica's `rpc` port carries at once; past it, pingora
+/// opens another.
+const GRPC_STREAMS_PER_CONNECTION: usize = 100;
 
 fn gateway_error(status: u16, why: &'static str) -> Box<Error> {
     Error::explain(ErrorType::HTTPStatus(status), why)
@@ -530,14 +542,25 @@ impl ProxyHttp for GatewayProxy {
             return Ok(true);
         }
 
+        let is_grpc = grpc::is_grpc(session.req_header());
         let route = {
             let routes = self.routes.current();
             let path = session.req_header().uri.path();
-            routes
-                .resolve(path)
-                .cloned()
-                .ok_or_else(|| routes.explain_miss(path))
+            if is_grpc {
+                routes.resolve_grpc(path).cloned()
+            } else {
+                routes
+                    .resolve(path)
+                    .cloned()
+                    .ok_or_else(|| routes.explain_miss(path))
+            }
         };
+        if is_grpc {
+            let path = session.req_header().uri.path();
+            if let Some(record) = ctx.record.as_mut() {
+                record.grpc = Some(GrpcCall::new(path));
+            }
+        }
         let route = match route {
             Ok(route) => route,
             Err(message) => {
@@ -598,6 +621,11 @@ impl ProxyHttp for GatewayProxy {
             let client = ctx.client.as_ref().map(|c| c.ip);
             ctx.hash_key = hash_key(on, &session.req_header().headers, client);
         }
+        if route.grpc {
+            ctx.grpc_deadline = grpc::requested_timeout(session.req_header())
+                .map(|asked| asked.min(route.timeout))
+                .and_then(|timeout| ctx.record.as_ref().map(|r| r.started + timeout));
+        }
         ctx.route = Some(route);
         ctx.upstream = Some(upstream);
         Ok(false)
@@ -641,8 +669,16 @@ impl ProxyHttp for GatewayProxy {
             _ => Selection::RoundRobin,
         };
         let pick = upstream
-            .select(how, &ctx.tried, &route.policy, Ticks::now())
+            .select(how, route.grpc, &ctx.tried, &route.policy, Ticks::now())
             .ok_or_else(|| gateway_error(503, "no healthy replica left"))?;
+        // A gRPC call's attempt may take what is left of its deadline, and no more.
+        let timeout = match ctx.grpc_deadline {
+            Some(deadline) => deadline
+                .checked_duration_since(Instant::now())
+                .filter(|left| !left.is_zero())
+                .ok_or_else(|| gateway_error(504, "the call's deadline passed"))?,
+            None => route.timeout,
+        };
         let node = pick.node.clone();
         if !ctx.tried.is_empty() {
             self.metrics.retries.fetch_add(1, Ordering::Relaxed);
@@ -661,11 +697,20 @@ impl ProxyHttp for GatewayProxy {
                 error: None,
             });
         }
-        let mut peer = HttpPeer::new(node.addr, false, String::new());
+        let address = match (route.grpc, node.rpc_addr) {
+            (true, Some(rpc)) => rpc,
+            _ => node.addr,
+        };
+        let mut peer = HttpPeer::new(address, false, String::new());
         peer.options.connection_timeout = Some(self.connect_timeout);
-        peer.options.read_timeout = Some(route.timeout);
-        peer.options.write_timeout = Some(route.timeout);
+        peer.options.read_timeout = Some(timeout);
+        peer.options.write_timeout = Some(timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
+        if route.grpc {
+            // h2c with prior knowledge: gRPC needs HTTP/2, and the `rpc` port has no TLS.
+            peer.options.set_http_version(2, 2);
+            peer.options.max_h2_streams = GRPC_STREAMS_PER_CONNECTION;
+        }
         peer.group_key = this_thread_pool_key();
         ctx.current = Some(pick);
         Ok(Box::new(peer))
@@ -678,12 +723,21 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         let route = ctx.route.as_ref().expect("routed requests have a route");
-        let uri = match upstream_request.uri.query() {
-            None => route.target.clone(),
-            Some(query) => format!("{}?{query}", route.path).parse().ok(),
+        if route.grpc {
+            if let Some(deadline) = ctx.grpc_deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let replicas_share = left + grpc::REPLICA_DEADLINE_MARGIN;
+                upstream_request
+                    .insert_header(grpc::GRPC_TIMEOUT, grpc::timeout_text(replicas_share))?;
+            }
+        } else {
+            let uri = match upstream_request.uri.query() {
+                None => route.target.clone(),
+                Some(query) => format!("{}?{query}", route.path).parse().ok(),
+            }
+            .ok_or_else(|| gateway_error(400, "request target cannot be rewritten"))?;
+            upstream_request.set_uri(uri);
         }
-        .ok_or_else(|| gateway_error(400, "request target cannot be rewritten"))?;
-        upstream_request.set_uri(uri);
         ctx.form_to_json = None;
         if route.transform == Transform::Json && is_form(upstream_request) {
             // The JSON body has another length: without Content-Length pingora sends it chunked.
@@ -765,7 +819,23 @@ impl ProxyHttp for GatewayProxy {
         }
         ctx.answered = true;
         ctx.finish_attempt(Some(status), None);
+        // A call the replica answered with a status alone ("trailers-only") has it here.
+        if let Some(call) = ctx.record.as_mut().and_then(|r| r.grpc.as_mut()) {
+            call.note_status(&upstream_response.headers);
+        }
         Ok(())
+    }
+
+    async fn response_trailer_filter(
+        &self,
+        _session: &mut Session,
+        trailers: &mut http::HeaderMap,
+        ctx: &mut RequestCtx,
+    ) -> pingora::Result<Option<bytes::Bytes>> {
+        if let Some(call) = ctx.record.as_mut().and_then(|r| r.grpc.as_mut()) {
+            call.note_status(trailers);
+        }
+        Ok(None)
     }
 
     async fn response_filter(
@@ -861,7 +931,22 @@ impl ProxyHttp for GatewayProxy {
             // pingora will not reuse this connection; `Connection: close` tells the client
             // so, instead of letting it send its next request into a closing socket.
             session.set_keepalive(None);
-            let _ = write_error(session, code, message, &request_id).await;
+            let grpc_code = grpc::Code::of_http(code);
+            match ctx.record.as_mut().and_then(|r| r.grpc.as_mut()) {
+                // A call whose answer began (a stream whose replica went away) ends with the
+                // status in its trailers; the client sees the status, not a reset.
+                Some(call) if session.response_written().is_some() => {
+                    call.status = Some(grpc_code as u32);
+                    let _ = grpc::write_status_trailers(session, grpc_code, message).await;
+                }
+                Some(call) => {
+                    call.status = Some(grpc_code as u32);
+                    let _ = write_error(session, code, message, &request_id).await;
+                }
+                None => {
+                    let _ = write_error(session, code, message, &request_id).await;
+                }
+            }
         }
         FailToProxy {
             error_code: code,
@@ -892,9 +977,14 @@ impl ProxyHttp for GatewayProxy {
             }
             self.metrics.count_status(status);
         }
-        let Some(record) = ctx.record.take() else {
+        let Some(mut record) = ctx.record.take() else {
             return;
         };
+        if let (Some(call), Some(answer)) = (record.grpc.as_mut(), session.response_written()) {
+            if call.status.is_none() {
+                call.note_status(&answer.headers);
+            }
+        }
         let header = session.req_header();
         if self.trace.is_enabled() {
             let client_ip = ctx.client.as_ref().map(|client| client_ip_text(client.ip));

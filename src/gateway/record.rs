@@ -28,6 +28,37 @@ pub struct RequestRecord {
     pub received_at: SystemTime,
     pub started: Instant,
     pub attempts: Vec<Attempt>,
+    /// Set when the request is a gRPC call.
+    pub grpc: Option<GrpcCall>,
+}
+
+/// What the trace says of a gRPC call: its method and how it ended.
+#[derive(Debug, Clone)]
+pub struct GrpcCall {
+    /// `/package.Service/Method`.
+    pub method: String,
+    /// `grpc-status`, from the replica's trailers or the gateway's own answer.
+    pub status: Option<u32>,
+}
+
+impl GrpcCall {
+    pub fn new(path: &str) -> Self {
+        GrpcCall {
+            method: path.to_string(),
+            status: None,
+        }
+    }
+
+    /// Takes `grpc-status` from a header block (trailers, or a trailers-only answer).
+    pub fn note_status(&mut self, headers: &http::HeaderMap) {
+        let status = headers
+            .get(super::grpc::GRPC_STATUS)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|text| text.parse().ok());
+        if status.is_some() {
+            self.status = status;
+        }
+    }
 }
 
 impl RequestRecord {
@@ -38,6 +69,7 @@ impl RequestRecord {
             received_at: SystemTime::now(),
             started: Instant::now(),
             attempts: Vec::new(),
+            grpc: None,
         }
     }
 

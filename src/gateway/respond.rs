@@ -1,11 +1,12 @@
-//! Responses the gateway writes itself: the Go original's JSON envelope for errors, and JSON
-//! documents.
+//! Responses the gateway writes itself: the Go original's JSON envelope for errors (a gRPC
+//! status for a gRPC call), and JSON documents.
 
 use bytes::Bytes;
 use pingora::http::ResponseHeader;
 use pingora::proxy::Session;
 use serde::Serialize;
 
+use super::grpc;
 use crate::trace::REQUEST_ID_HEADER;
 
 /// The Go original's error body: `{"code":N,"msg":"...","status":false,"requestId":"..."}`.
@@ -28,7 +29,8 @@ pub async fn write_error(
     write_error_with(session, status, message, request_id, &[]).await
 }
 
-/// [`write_error`] with extra headers, such as `Retry-After`.
+/// [`write_error`] with extra headers, such as `Retry-After`. A gRPC call gets the status
+/// gRPC has for `status` instead, and no body.
 pub async fn write_error_with(
     session: &mut Session,
     status: u16,
@@ -36,6 +38,10 @@ pub async fn write_error_with(
     request_id: &str,
     extra: &[(http::header::HeaderName, http::HeaderValue)],
 ) -> pingora::Result<()> {
+    if grpc::is_grpc(session.req_header()) {
+        let code = grpc::Code::of_http(status);
+        return grpc::write_status(session, code, message, request_id).await;
+    }
     let envelope = ErrorEnvelope {
         code: status,
         msg: message,

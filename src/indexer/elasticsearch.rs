@@ -110,6 +110,9 @@ pub fn index_template(prefix: &str) -> Value {
                     "status": {"type": "integer"},
                     "upstream": keyword,
                     "attempt": {"type": "integer"},
+                    "grpc": {"properties": {
+                        "method": keyword, "status": {"type": "integer"}
+                    }},
                     "traceId": keyword, "spanId": keyword, "parentSpanId": keyword,
                     "request": {"properties": {
                         "method": keyword, "url": keyword, "urlParam": keyword, "clientIp": keyword,

@@ -317,6 +317,7 @@ mod tests {
             id: id.into(),
             service: service.into(),
             http: id.into(),
+            rpc: None,
             version: String::new(),
             weight: 1,
             zone: String::new(),

@@ -14,6 +14,9 @@ pub struct NodeInfo {
     pub service: String,
     /// `host:port` the node serves HTTP on.
     pub http: String,
+    /// `host:port` the node serves gRPC on (h2c), when it has an RPC port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc: Option<String>,
     #[serde(default)]
     pub version: String,
     #[serde(default = "one")]

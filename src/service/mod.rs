@@ -3,10 +3,12 @@
 //! [`serve`] binds the port, wraps the router with the `Call-Service-Key` check and the
 //! `X-Served-By` header, registers the node in etcd, follows membership (logging every
 //! node's join and leave), and on shutdown leaves the registry before it drains in-flight
-//! requests. [`echo`] is the stock service built on it, and the reference use of the SDK.
+//! requests. [`serve_with_rpc`] adds the node's gRPC port ([`rpc`]). [`echo`] is the stock
+//! service built on it, and the reference use of the SDK.
 
 pub mod auth;
 pub mod echo;
+pub mod rpc;
 pub mod tracing_layer;
 
 use std::future::Future;
@@ -43,6 +45,14 @@ pub enum ServiceError {
     Spool(#[from] crate::trace::SpoolError),
     #[error("serving HTTP failed: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("cannot listen for gRPC on port {port}")]
+    ListenRpc {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serving gRPC failed: {0}")]
+    ServeRpc(#[source] tonic::transport::Error),
 }
 
 /// Everything a service needs to join the cluster.
@@ -51,6 +61,8 @@ pub struct ServiceOptions {
     pub name: String,
     /// 0 picks a free port; the bound port is what gets registered.
     pub http_port: u16,
+    /// The gRPC port, served when [`serve_with_rpc`] is given services; 0 picks a free one.
+    pub rpc_port: Option<u16>,
     pub advertise_host: String,
     /// Defaults to `advertise_host:port`.
     pub node_id: Option<String>,
@@ -82,6 +94,7 @@ impl ServiceOptions {
         Ok(ServiceOptions {
             name: service.name.clone(),
             http_port: service.http_port,
+            rpc_port: service.rpc_port,
             advertise_host: service.advertise_host.clone(),
             node_id: None,
             version: service.version.clone(),
@@ -103,13 +116,15 @@ impl ServiceOptions {
         })
     }
 
-    /// This node's registry entry, serving on `port` (the bound port, where 0 was asked).
-    pub fn node_info(&self, port: u16) -> NodeInfo {
+    /// This node's registry entry, serving HTTP on `port` and gRPC on `rpc_port` (the bound
+    /// ports, where 0 was asked).
+    pub fn node_info(&self, port: u16, rpc_port: Option<u16>) -> NodeInfo {
         let http = format!("{}:{port}", self.advertise_host);
         NodeInfo {
             id: self.node_id.clone().unwrap_or_else(|| http.clone()),
             service: self.name.clone(),
             http,
+            rpc: rpc_port.map(|port| format!("{}:{port}", self.advertise_host)),
             version: self.version.clone(),
             weight: self.weight,
             zone: self.zone.clone(),
@@ -174,6 +189,18 @@ pub async fn serve(
     router: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServiceError> {
+    serve_with_rpc(options, router, tonic::service::Routes::default(), shutdown).await
+}
+
+/// [`serve`], plus the gRPC services `rpc` on `options.rpc_port` (h2c), behind the same key
+/// check, registered as the node's `rpc` address and drained with its HTTP side. Without an
+/// RPC port, `rpc` is not served.
+pub async fn serve_with_rpc(
+    options: ServiceOptions,
+    router: Router,
+    rpc: tonic::service::Routes,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServiceError> {
     let listener = TcpListener::bind(("0.0.0.0", options.http_port))
         .await
         .map_err(|source| ServiceError::Listen {
@@ -181,11 +208,28 @@ pub async fn serve(
             source,
         })?;
     let port = listener.local_addr().map_err(ServiceError::Serve)?.port();
-    let node = options.node_info(port);
+    let rpc_listener = match options.rpc_port {
+        Some(rpc_port) => Some(TcpListener::bind(("0.0.0.0", rpc_port)).await.map_err(
+            |source| ServiceError::ListenRpc {
+                port: rpc_port,
+                source,
+            },
+        )?),
+        None => None,
+    };
+    let rpc_port = match &rpc_listener {
+        Some(listener) => Some(listener.local_addr().map_err(ServiceError::Serve)?.port()),
+        None => None,
+    };
+    let node = options.node_info(port, rpc_port);
     let guard = auth::Guard {
         keys: options.call_service_keys.clone(),
         node_id: HeaderValue::from_str(&node.id)
             .map_err(|_| ServiceError::NodeId(node.id.clone()))?,
+    };
+    let rpc_guard = rpc::KeyCheck {
+        keys: options.call_service_keys.clone(),
+        node_id: node.id.clone(),
     };
     let (tracer, publisher) = options.tracer(&node)?;
     let publisher = publisher.map(RunningPublisher::spawn);
@@ -200,6 +244,9 @@ pub async fn serve(
             auth::require_key,
         ));
     info!("[{}] Http Listen on port: {port}", options.name);
+    if let Some(rpc_port) = rpc_port {
+        info!("[{}] gRPC Listen on port: {rpc_port}", options.name);
+    }
 
     let (stop, stopped) = watch::channel(false);
     let _members = watch_members(options.etcd.clone(), Default::default(), stopped);
@@ -219,6 +266,13 @@ pub async fn serve(
         tokio::time::sleep(DEREGISTER_GRACE).await;
         let _ = draining_tx.send(true);
     };
+    let rpc_server = rpc_listener.map(|listener| {
+        let mut draining = draining.clone();
+        let drained = async move {
+            let _ = draining.wait_for(|draining| *draining).await;
+        };
+        tokio::spawn(rpc::serve(listener, rpc, rpc_guard, drained))
+    });
     let server = axum::serve(listener, app).with_graceful_shutdown(leave_then_drain);
     let drain_timeout = options.drain_timeout;
     let deadline = async move {
@@ -233,6 +287,15 @@ pub async fn serve(
         }
     };
     let _ = stop.send(true);
+    if let Some(rpc_server) = rpc_server {
+        // It drains from the same moment as the HTTP side; calls still open past the drain
+        // timeout are cut off with the process.
+        match tokio::time::timeout(drain_timeout, rpc_server).await {
+            Ok(Ok(Err(error))) => warn!(message = "The gRPC server stopped with an error.", %error),
+            Err(_) => warn!(message = "Drain timeout reached on the gRPC port; closing its calls."),
+            Ok(_) => {}
+        }
+    }
     if let Some(publisher) = publisher {
         publisher.shutdown(Duration::from_secs(5)).await;
     }

@@ -132,7 +132,7 @@ pub fn run(
     let app = options.app_addr()?;
     let bound = local_addr(&listener)?;
     let admin_bound = local_addr(&admin)?;
-    let node = options.node.node_info(bound.port());
+    let node = options.node.node_info(bound.port(), None);
     let (tracer, publisher) = options.node.tracer(&node)?;
     let spool_dir = publisher.as_ref().map(crate::trace::Publisher::spool_dir);
     let node_id =

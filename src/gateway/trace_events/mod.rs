@@ -61,6 +61,14 @@ impl GatewayTracer {
             end.str("upstream", &served_by.upstream);
             end.uint("attempt", record.attempts.len() as u64);
         }
+        if let Some(call) = &record.grpc {
+            let mut grpc = Object::begin(end.key("grpc"));
+            grpc.str("method", &call.method);
+            if let Some(code) = call.status {
+                grpc.uint("status", u64::from(code));
+            }
+            grpc.end();
+        }
         end_event(end, record);
     }
 

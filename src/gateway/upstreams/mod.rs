@@ -36,6 +36,9 @@ use retry_budget::RetryBudget;
 pub struct NodeState {
     pub info: NodeInfo,
     pub addr: SocketAddr,
+    /// Where the replica serves gRPC (`info.rpc`, resolved); `None` for a node without one,
+    /// which takes no gRPC calls.
+    pub rpc_addr: Option<SocketAddr>,
     /// `info.id` and `addr` as shared strings, for per-request records without copies.
     pub id: Arc<str>,
     pub addr_text: Arc<str>,
@@ -169,10 +172,12 @@ impl ServiceUpstream {
     /// Unhealthy replicas are used only when no healthy untried one is left: a health check
     /// can lag a restart.
     ///
-    /// Only current members are drawn: a replica that just left has no entry any more.
+    /// Only current members are drawn: a replica that just left has no entry any more. A
+    /// `grpc` call draws only replicas with an `rpc` address.
     pub fn select(
         &self,
         how: Selection<'_>,
+        grpc: bool,
         tried: &[SocketAddr],
         policy: &ServicePolicy,
         now: Ticks,
@@ -181,7 +186,12 @@ impl ServiceUpstream {
         if replicas.sorted.is_empty() {
             return None;
         }
-        let eligibility = |node: &NodeState| eligibility(node, tried, policy, now);
+        let eligibility = |node: &NodeState| {
+            if grpc && node.rpc_addr.is_none() {
+                return Eligibility::No;
+            }
+            eligibility(node, tried, policy, now)
+        };
         match how {
             Selection::LeastRequest => self
                 .less_loaded_of_two(&replicas, &eligibility)
@@ -272,10 +282,18 @@ impl ServiceUpstream {
         None
     }
 
-    /// Whether a retry would find a replica not tried yet that may take it.
-    pub fn has_untried(&self, tried: &[SocketAddr], policy: &ServicePolicy, now: Ticks) -> bool {
+    /// Whether a retry would find a replica not tried yet that may take it (one with an `rpc`
+    /// address, for a `grpc` call).
+    pub fn has_untried(
+        &self,
+        grpc: bool,
+        tried: &[SocketAddr],
+        policy: &ServicePolicy,
+        now: Ticks,
+    ) -> bool {
         self.replicas.load().by_addr.iter().any(|(addr, node)| {
             !tried.contains(addr)
+                && (!grpc || node.rpc_addr.is_some())
                 && (policy.ejection.is_none()
                     || matches!(
                         node.outlier.availability(now),
@@ -356,8 +374,14 @@ impl ServiceUpstream {
         for info in members.values() {
             match known_by_id.get(info.id.as_str()) {
                 Some(state) if state.info == *info => states.push((*state).clone()),
-                _ => match resolve(info).await {
-                    Some(addr) => states.push(Arc::new(NodeState::new(info.clone(), addr))),
+                _ => match resolve(info, &info.http).await {
+                    Some(addr) => {
+                        let rpc_addr = match &info.rpc {
+                            Some(rpc) => resolve(info, rpc).await,
+                            None => None,
+                        };
+                        states.push(Arc::new(NodeState::new(info.clone(), addr, rpc_addr)));
+                    }
                     None => unresolved += 1,
                 },
             }
@@ -374,7 +398,10 @@ impl ServiceUpstream {
             .into_iter()
             .map(|(info, addr)| match previous.by_addr.get(&addr) {
                 Some(existing) if existing.info == info => existing.clone(),
-                _ => Arc::new(NodeState::new(info, addr)),
+                _ => {
+                    let rpc_addr = info.rpc.as_deref().and_then(|rpc| rpc.parse().ok());
+                    Arc::new(NodeState::new(info, addr, rpc_addr))
+                }
             })
             .collect();
         self.install(states);
@@ -486,7 +513,7 @@ fn first_that_may_take<'r>(
 }
 
 impl NodeState {
-    fn new(info: NodeInfo, addr: SocketAddr) -> Self {
+    fn new(info: NodeInfo, addr: SocketAddr, rpc_addr: Option<SocketAddr>) -> Self {
         NodeState {
             id: Arc::from(info.id.as_str()),
             addr_text: Arc::from(addr.to_string()),
@@ -497,6 +524,7 @@ impl NodeState {
             },
             info,
             addr,
+            rpc_addr,
             in_flight: AtomicI64::new(0),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -573,21 +601,22 @@ impl Upstreams {
     }
 }
 
-/// Resolves a node's `host:port`; hostnames (compose service names) go through DNS.
-async fn resolve(node: &NodeInfo) -> Option<SocketAddr> {
-    if let Ok(addr) = node.http.parse::<SocketAddr>() {
+/// Resolves one of a node's `host:port` addresses (`http` or `rpc`); hostnames (compose
+/// service names) go through DNS.
+async fn resolve(node: &NodeInfo, address: &str) -> Option<SocketAddr> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
         return Some(addr);
     }
-    match tokio::net::lookup_host(node.http.as_str()).await {
+    match tokio::net::lookup_host(address).await {
         Ok(mut addrs) => {
             let addr = addrs.find(SocketAddr::is_ipv4).or_else(|| addrs.next());
             if addr.is_none() {
-                warn!(message = "Replica address resolves to nothing.", service = %node.service, http = %node.http);
+                warn!(message = "Replica address resolves to nothing.", service = %node.service, %address);
             }
             addr
         }
         Err(error) => {
-            warn!(message = "Cannot resolve replica address.", service = %node.service, http = %node.http, %error);
+            warn!(message = "Cannot resolve replica address.", service = %node.service, %address, %error);
             None
         }
     }
@@ -669,7 +698,7 @@ mod tests {
         let ports: Vec<u16> = (0..8)
             .map(|_| {
                 upstream
-                    .select(Selection::RoundRobin, &[], &policy, Ticks::now())
+                    .select(Selection::RoundRobin, false, &[], &policy, Ticks::now())
                     .unwrap()
                     .node
                     .addr
@@ -680,20 +709,21 @@ mod tests {
         let tried = [member(9001).1, member(9003).1];
         for _ in 0..4 {
             let picked = upstream
-                .select(Selection::RoundRobin, &tried, &policy, Ticks::now())
+                .select(Selection::RoundRobin, false, &tried, &policy, Ticks::now())
                 .unwrap();
             assert_eq!(picked.node.addr.port(), 9002);
         }
         upstream.replace(vec![member(9001)]);
         for _ in 0..4 {
             let picked = upstream
-                .select(Selection::RoundRobin, &[], &policy, Ticks::now())
+                .select(Selection::RoundRobin, false, &[], &policy, Ticks::now())
                 .unwrap();
             assert_eq!(picked.node.addr.port(), 9001, "9002 and 9003 left");
         }
         assert!(upstream
             .select(
                 Selection::RoundRobin,
+                false,
                 &[member(9001).1],
                 &policy,
                 Ticks::now()
@@ -710,13 +740,14 @@ mod tests {
         let policy = ServicePolicy::default();
         for _ in 0..4 {
             let picked = upstream
-                .select(Selection::RoundRobin, &[], &policy, Ticks::now())
+                .select(Selection::RoundRobin, false, &[], &policy, Ticks::now())
                 .unwrap();
             assert_eq!(picked.node.addr.port(), 9002);
         }
         let picked = upstream
             .select(
                 Selection::RoundRobin,
+                false,
                 &[member(9002).1],
                 &policy,
                 Ticks::now(),
@@ -736,7 +767,7 @@ mod tests {
         upstream.nodes()[0].healthy.store(false, Ordering::Relaxed);
         let policy = ServicePolicy::default();
         let picks = (0..3000).map(|_| {
-            let pick = upstream.select(Selection::RoundRobin, &[], &policy, Ticks::now());
+            let pick = upstream.select(Selection::RoundRobin, false, &[], &policy, Ticks::now());
             pick.unwrap().node.addr.port()
         });
         let shares = counts(&upstream, picks);
@@ -768,7 +799,7 @@ mod tests {
         let policy = ServicePolicy::default();
         let pick = || {
             upstream
-                .select(Selection::LeastRequest, &[], &policy, Ticks::now())
+                .select(Selection::LeastRequest, false, &[], &policy, Ticks::now())
                 .unwrap()
                 .node
         };
@@ -805,13 +836,19 @@ mod tests {
         let tried = [member(9001).1, member(9002).1];
         for _ in 0..50 {
             let picked = upstream
-                .select(Selection::LeastRequest, &tried, &policy, Ticks::now())
+                .select(
+                    Selection::LeastRequest,
+                    false,
+                    &tried,
+                    &policy,
+                    Ticks::now(),
+                )
                 .unwrap();
             assert_eq!(picked.node.addr.port(), 9003);
         }
         let all = [tried[0], tried[1], member(9003).1];
         assert!(upstream
-            .select(Selection::LeastRequest, &all, &policy, Ticks::now())
+            .select(Selection::LeastRequest, false, &all, &policy, Ticks::now())
             .is_none());
     }
 
@@ -821,7 +858,13 @@ mod tests {
         keys.iter()
             .map(|key| {
                 upstream
-                    .select(Selection::Hash(key.as_bytes()), &[], &policy, Ticks::now())
+                    .select(
+                        Selection::Hash(key.as_bytes()),
+                        false,
+                        &[],
+                        &policy,
+                        Ticks::now(),
+                    )
                     .unwrap()
                     .node
                     .addr
@@ -891,7 +934,13 @@ mod tests {
         let policy = ServicePolicy::default();
         let select = |tried: &[SocketAddr]| {
             upstream
-                .select(Selection::Hash(b"alice"), tried, &policy, Ticks::now())
+                .select(
+                    Selection::Hash(b"alice"),
+                    false,
+                    tried,
+                    &policy,
+                    Ticks::now(),
+                )
                 .map(|pick| pick.node.addr)
         };
         let home = select(&[]).unwrap();
