@@ -158,6 +158,16 @@ body="$(curl -fsS --max-time 5 --cacert "$CONFIG_DIR/tls/localhost.crt" \
   -d username=test -d password=test)" || fail "a call over HTTPS (8443) failed"
 case "$body" in *'"msg":"success"'*) ;; *) fail "unexpected HTTPS echo body: $body" ;; esac
 log "HTTPS on 8443 answers with the self-signed localhost certificate"
+# gRPC with grpcio (gRPC's C core, not goms's tonic): h2c on 8080, and over TLS on 8443.
+python3 -c 'import grpc' 2>/dev/null \
+  || python3 -m pip install --quiet --disable-pip-version-check grpcio >/dev/null 2>&1 \
+  || fail "pip install grpcio failed"
+reply="$(python3 scripts/grpc-echo-call.py "$GW" via-h2c)" || fail "a gRPC call over h2c failed: $reply"
+case "$reply" in "via-h2c "*) ;; *) fail "unexpected gRPC reply: $reply" ;; esac
+reply="$(python3 scripts/grpc-echo-call.py "127.0.0.1:$TLS_PORT" via-tls --ca "$CONFIG_DIR/tls/localhost.crt")" \
+  || fail "a gRPC call over TLS failed: $reply"
+case "$reply" in "via-tls "*) ;; *) fail "unexpected gRPC reply over TLS: $reply" ;; esac
+log "gRPC goms.echo.v1.Echo/Unary answers over h2c (8080) and TLS (8443): served by ${reply#via-tls }"
 
 # --- 4. steady client ----------------------------------------------------------------------
 : >"$CLIENT_LOG"

@@ -119,6 +119,37 @@ async fn unary_calls_reach_both_replicas_with_the_gateways_metadata() {
         .collect();
     assert_eq!(served_by, expected, "round robin over both replicas");
 
+    // A third replica without an RPC port serves HTTP, and takes no gRPC call.
+    let http_only_port = free_port();
+    let _http_only = Goms::service(&stage.etcd, http_only_port, &[]);
+    wait_for_nodes(stage.gateway.port(), "user", 3).await;
+    for _ in 0..6 {
+        let reply = client.unary(unary("again")).await.expect("a unary call");
+        let served_by = reply.into_inner().served_by;
+        assert!(expected.contains(&served_by), "{served_by}");
+    }
+    let mut http_answers_from = std::collections::BTreeSet::new();
+    for _ in 0..6 {
+        let response = support::http()
+            .get(format!(
+                "http://127.0.0.1:{}/api/user/login",
+                stage.gateway.port()
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let served_by = response.headers()["x-served-by"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        http_answers_from.insert(served_by);
+    }
+    assert!(
+        http_answers_from.contains(&format!("127.0.0.1:{http_only_port}")),
+        "{http_answers_from:?}"
+    );
+
     // A status the replica answers with reaches the client as it was sent.
     let failing = EchoRequest {
         message: "fail".into(),

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use pingora::http::RequestHeader;
 use pingora::http::ResponseHeader;
+use pingora::protocols::http::HttpTask;
 use pingora::proxy::Session;
 
 use crate::trace::REQUEST_ID_HEADER;
@@ -90,7 +91,12 @@ pub async fn write_status(
     if !request_id.is_empty() {
         header.insert_header(REQUEST_ID_HEADER, request_id)?;
     }
-    session.write_response_header(Box::new(header), true).await
+    // As a task: `write_response_header` drops its end-of-stream flag on HTTP/2, and the
+    // empty DATA frame that then ends the stream makes gRPC's C core fail the call
+    // ("Stream removed") where it should read the status.
+    let header_alone = HttpTask::Header(Box::new(header), true);
+    session.write_response_tasks(vec![header_alone]).await?;
+    Ok(())
 }
 
 /// Ends a call whose answer has begun with `code` in its trailers: a replica that went away
