@@ -57,7 +57,7 @@ async fn publish(amqp: &str, queue: &str, events: usize, offset: usize) -> f64 {
     let spool = tempfile::tempdir().unwrap();
     let defaults = goms::config::TraceConfig::default();
     let (sink, publisher) = Publisher::prepare(PublisherSettings {
-        amqp_url: amqp.to_string(),
+        brokers: goms::trace::amqp::Brokers::parse(amqp),
         queue: queue.to_string(),
         queue_type: Default::default(),
         queue_capacity: events,
@@ -101,7 +101,7 @@ async fn consume(
     let mut tasks = Vec::new();
     for _ in 0..consumers {
         let settings = ConsumerSettings {
-            amqp_url: amqp.to_string(),
+            brokers: goms::trace::amqp::Brokers::parse(amqp),
             queue: queue.to_string(),
             queue_type: Default::default(),
             es_addr: es.url(),

@@ -219,7 +219,7 @@ async fn a_long_elasticsearch_outage_under_steady_traffic_loses_nothing() {
 
 fn start_publisher(amqp_url: String, spool: &tempfile::TempDir) -> (TraceSink, RunningPublisher) {
     let settings = PublisherSettings {
-        amqp_url,
+        brokers: goms::trace::amqp::Brokers::parse(&amqp_url),
         queue: "goms.trace".into(),
         queue_type: Default::default(),
         queue_capacity: 10_000,

@@ -788,7 +788,7 @@ fn start_small_queue_publisher(
 
 fn small_queue_settings(amqp_url: String, spool: &tempfile::TempDir) -> PublisherSettings {
     PublisherSettings {
-        amqp_url,
+        brokers: goms::trace::amqp::Brokers::parse(&amqp_url),
         queue: "goms.trace".into(),
         queue_type: Default::default(),
         queue_capacity: 100,

@@ -79,14 +79,16 @@ struct NodeArgs {
     #[arg(long, value_name = "ID")]
     node_id: Option<String>,
 
-    /// RabbitMQ URL trace events are published to. Overrides amqpAddr.
+    /// RabbitMQ URL trace events are published to, or several separated by `,` to fail over
+    /// between. Overrides amqpAddr.
     #[arg(long, value_name = "URL")]
     amqp_addr: Option<String>,
 }
 
 #[derive(Debug, Args)]
 struct TraceConsumerArgs {
-    /// RabbitMQ URL to consume trace events from. Overrides amqpAddr.
+    /// RabbitMQ URL to consume trace events from, or several separated by `,` to fail over
+    /// between. Overrides amqpAddr.
     #[arg(long, value_name = "URL")]
     amqp_addr: Option<String>,
 

@@ -61,8 +61,10 @@ pub struct GomsConfig {
     /// Elasticsearch URL for the trace consumer. Default `http://127.0.0.1:9200`.
     #[serde(default = "default_es_addr")]
     pub es_addr: String,
-    /// AMQP URL for trace events. Default `amqp://guest:guest@127.0.0.1:5672`.
-    /// The Go original's README spells it `amqpaddr`; both are accepted.
+    /// AMQP URL for trace events, or several separated by `,` (the nodes of a RabbitMQ
+    /// cluster): publishers and consumers link to one and fail over to the next. Default
+    /// `amqp://guest:guest@127.0.0.1:5672`. The Go original's README spells it `amqpaddr`;
+    /// both are accepted.
     #[serde(default = "default_amqp_addr", alias = "amqpaddr")]
     pub amqp_addr: String,
     /// goms kept routes in `config.yml`; they are used when the route file is absent.
@@ -851,6 +853,22 @@ impl GomsConfig {
         }
         if self.trace.queue_capacity == 0 {
             return Err("trace.queueCapacity must be at least 1".into());
+        }
+        let brokers = crate::trace::amqp::Brokers::parse(&self.amqp_addr);
+        if brokers.urls().is_empty() {
+            return Err(
+                "amqpAddr names no broker: give an AMQP URL, or several separated by `,`".into(),
+            );
+        }
+        if let Some(url) = brokers
+            .urls()
+            .iter()
+            .find(|url| !(url.starts_with("amqp://") || url.starts_with("amqps://")))
+        {
+            return Err(format!(
+                "amqpAddr `{}` is not an AMQP URL (amqp://user:password@host:5672)",
+                crate::trace::amqp::redact_url(url)
+            ));
         }
         if self.trace.publish_interval < Duration::from_millis(1) {
             return Err("trace.publishInterval must be at least 1ms (e.g. `200ms`)".into());

@@ -33,6 +33,7 @@ use tracing::{error, info, warn};
 use super::elasticsearch::{BulkItem, EsError, ItemOutcome, TraceIndex};
 use super::settings::ConsumerSettings;
 use crate::diagnostics::Repeats;
+use crate::trace::amqp::Failover;
 use crate::trace::framing::{self, DecodeError};
 use crate::trace::{amqp, daily_index};
 
@@ -152,25 +153,29 @@ pub async fn run(
     if may_consume.await.is_err() {
         return Ok(());
     }
-    let mut failures = 0;
+    let mut failover = Failover::default();
     let mut broker_away = Repeats::default();
     loop {
-        let link = match amqp::connect(&settings.amqp_url, &settings.queue, settings.queue_type)
-            .await
-        {
+        let Some(url) = failover.current(&settings.brokers).map(str::to_string) else {
+            return Ok(());
+        };
+        let link = match amqp::connect(&url, &settings.queue, settings.queue_type).await {
             Ok(link) => link,
             Err(error) => {
-                failures += 1;
+                let wait = failover.failed(&settings.brokers);
                 if let Some(repeats) = broker_away.occurred() {
-                    warn!(message = "Trace broker unavailable; retrying.", %error, attempts = failures, repeats);
+                    warn!(message = "Trace broker unavailable; retrying.", %error, attempts = failover.failures(), repeats);
                 }
-                if sleep_or_stop(backoff(failures, Duration::from_secs(3)), &mut shutdown).await {
+                if sleep_or_stop(wait, &mut shutdown).await {
                     return Ok(());
                 }
                 continue;
             }
         };
-        failures = 0;
+        if failover.failures() > 0 {
+            info!(message = "Trace broker reachable again.", broker = %amqp::redact_url(&url), attempts = failover.failures());
+        }
+        failover.reached();
         broker_away.reset();
         match consume(&link, &index, &settings, stats, &mut shutdown).await {
             SessionEnd::Stopped => {
@@ -178,7 +183,9 @@ pub async fn run(
                 return Ok(());
             }
             SessionEnd::BrokerLost(reason) => {
-                warn!(message = "Trace broker connection lost; reconnecting.", %reason);
+                warn!(message = "Trace broker connection lost; reconnecting.", broker = %amqp::redact_url(&url), %reason);
+                // The next broker of `amqpAddr` is tried at once.
+                failover.failed(&settings.brokers);
             }
         }
     }

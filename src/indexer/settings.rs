@@ -3,10 +3,12 @@
 use std::time::Duration;
 
 use crate::config::{GomsConfig, QueueType};
+use crate::trace::amqp::Brokers;
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
-    pub amqp_url: String,
+    /// `amqpAddr`: the broker, or brokers to fail over between.
+    pub brokers: Brokers,
     pub queue: String,
     pub queue_type: QueueType,
     pub es_addr: String,
@@ -23,7 +25,7 @@ impl ConsumerSettings {
     pub fn from_config(config: &GomsConfig) -> Self {
         let consumer = &config.trace_consumer;
         ConsumerSettings {
-            amqp_url: config.amqp_addr.clone(),
+            brokers: Brokers::parse(&config.amqp_addr),
             queue: config.trace.queue.clone(),
             queue_type: config.trace.queue_type,
             es_addr: config.es_addr.clone(),

@@ -1,7 +1,8 @@
-//! The RabbitMQ side shared by publisher and consumer: connecting and declaring the durable
-//! trace queue with its dead-letter queue. Both sides declare the same topology, so either
-//! may start first.
+//! The RabbitMQ side shared by publisher and consumer: which broker to link to ([`Brokers`],
+//! [`Failover`]), connecting, and declaring the durable trace queue with its dead-letter
+//! queue. Both sides declare the same topology, so either may start first.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
@@ -34,6 +35,69 @@ pub fn dead_letter_queue(queue: &str) -> String {
 pub struct Link {
     pub connection: Connection,
     pub channel: Channel,
+}
+
+/// The brokers of `amqpAddr`: one URL, or several separated by `,` (the nodes of a RabbitMQ
+/// cluster, or brokers that stand in for each other). A client links to one at a time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Brokers(Arc<[String]>);
+
+impl Brokers {
+    pub fn parse(text: &str) -> Brokers {
+        let urls: Vec<String> = text
+            .split(',')
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+            .map(String::from)
+            .collect();
+        Brokers(urls.into())
+    }
+
+    pub fn urls(&self) -> &[String] {
+        &self.0
+    }
+}
+
+/// Which broker a client tries next. It keeps to the broker it reached; when that one is lost
+/// or cannot be reached, it moves to the next at once, and only after a whole round of
+/// failures does it wait, longer after each round (250 ms doubling up to 3 s).
+#[derive(Debug, Default)]
+pub struct Failover {
+    turn: usize,
+    /// Failed attempts since the last link.
+    failures: u32,
+}
+
+impl Failover {
+    /// The URL to try now; `None` only when `brokers` is empty.
+    pub fn current<'b>(&self, brokers: &'b Brokers) -> Option<&'b str> {
+        let urls = brokers.urls();
+        (!urls.is_empty()).then(|| urls[self.turn % urls.len()].as_str())
+    }
+
+    /// Failed attempts since the last link.
+    pub fn failures(&self) -> u32 {
+        self.failures
+    }
+
+    /// A link is up: its broker stays the one tried first.
+    pub fn reached(&mut self) {
+        self.failures = 0;
+    }
+
+    /// The current broker failed (or a link to it was lost): moves to the next one, and says
+    /// how long to wait before trying it.
+    pub fn failed(&mut self, brokers: &Brokers) -> Duration {
+        let count = brokers.urls().len().max(1);
+        self.turn = (self.turn + 1) % count;
+        self.failures += 1;
+        let rounds = (self.failures as usize).div_ceil(count) as u32;
+        if self.failures as usize % count != 0 {
+            // Another broker of this round is still untried.
+            return Duration::ZERO;
+        }
+        Duration::from_millis((250u64 << rounds.min(4)).min(3_000))
+    }
 }
 
 /// Hides the password of an AMQP URL for logs.
@@ -167,15 +231,49 @@ async fn declare_topology(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn failover_moves_to_the_next_broker_at_once_and_waits_after_a_round() {
+        let brokers = Brokers::parse("amqp://a, amqp://b,,amqp://c");
+        assert_eq!(brokers.urls(), ["amqp://a", "amqp://b", "amqp://c"]);
+        let mut failover = Failover::default();
+        assert_eq!(failover.current(&brokers), Some("amqp://a"));
+        assert_eq!(failover.failed(&brokers), Duration::ZERO);
+        assert_eq!(failover.current(&brokers), Some("amqp://b"));
+        assert_eq!(failover.failed(&brokers), Duration::ZERO);
+        assert_eq!(failover.current(&brokers), Some("amqp://c"));
+        // A whole round failed: wait before the next.
+        assert_eq!(failover.failed(&brokers), Duration::from_millis(500));
+        assert_eq!(failover.current(&brokers), Some("amqp://a"));
+        failover.failed(&brokers);
+        failover.failed(&brokers);
+        assert_eq!(failover.failed(&brokers), Duration::from_millis(1_000));
+        // A link to b: b is kept, and losing it moves on to c at once.
+        failover.failed(&brokers);
+        failover.reached();
+        assert_eq!(failover.current(&brokers), Some("amqp://b"));
+        assert_eq!(failover.failed(&brokers), Duration::ZERO);
+        assert_eq!(failover.current(&brokers), Some("amqp://c"));
+    }
+
+    #[test]
+    fn one_broker_waits_after_each_failure_up_to_three_seconds() {
+        let brokers = Brokers::parse("amqp://only");
+        let mut failover = Failover::default();
+        let millis: Vec<u128> = (0..6)
+            .map(|_| failover.failed(&brokers).as_millis())
+            .collect();
+        assert_eq!(millis, [500, 1_000, 2_000, 3_000, 3_000, 3_000]);
+        assert_eq!(failover.current(&brokers), Some("amqp://only"));
+    }
+
     #[test]
     fn password_is_hidden() {
         assert_eq!(
-            super::redact_url("amqp://guest:secret@rabbit:5672/%2f"),
+            redact_url("amqp://guest:secret@rabbit:5672/%2f"),
             "amqp://guest:***@rabbit:5672/%2f"
         );
-        assert_eq!(
-            super::redact_url("amqp://rabbit:5672"),
-            "amqp://rabbit:5672"
-        );
+        assert_eq!(redact_url("amqp://rabbit:5672"), "amqp://rabbit:5672");
     }
 }

@@ -66,7 +66,7 @@ pub mod testing {
 /// Publisher settings from the process config; see [`PublisherSettings::for_node`].
 pub fn publisher_settings(config: &GomsConfig) -> PublisherSettings {
     PublisherSettings {
-        amqp_url: config.amqp_addr.clone(),
+        brokers: amqp::Brokers::parse(&config.amqp_addr),
         queue: config.trace.queue.clone(),
         queue_type: config.trace.queue_type,
         queue_capacity: config.trace.queue_capacity,

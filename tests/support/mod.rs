@@ -653,21 +653,83 @@ pub struct RabbitMq {
     container: ContainerAsync<GenericImage>,
 }
 
+/// A node of a RabbitMQ cluster: the cluster's network and the node's name on it, which is
+/// also its hostname (Erlang names the node `rabbit@{name}`).
+struct ClusterMember<'a> {
+    network: &'a str,
+    name: &'a str,
+}
+
+/// The Erlang cookie the nodes of a test cluster share.
+const CLUSTER_COOKIE: &str = "goms-test-cluster-cookie";
+
 impl RabbitMq {
     pub async fn start() -> RabbitMq {
+        RabbitMq::launch(None).await
+    }
+
+    /// A RabbitMQ cluster of `size` nodes on a network of their own: the first starts alone,
+    /// and each other joins it (`rabbitmqctl join_cluster`), so that quorum queues replicate
+    /// across all of them. Each node publishes its AMQP port as [`RabbitMq::start`]'s does.
+    pub async fn start_cluster(size: usize) -> Vec<RabbitMq> {
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let cluster = format!(
+            "goms-rmq-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let first = format!("rabbit@{cluster}-1");
+        let mut nodes = Vec::with_capacity(size);
+        for n in 1..=size {
+            let name = format!("{cluster}-{n}");
+            let member = ClusterMember {
+                network: &cluster,
+                name: &name,
+            };
+            let node = RabbitMq::launch(Some(member)).await;
+            if n > 1 {
+                node.rabbitmqctl(&["stop_app"]).await;
+                node.rabbitmqctl(&["join_cluster", &first]).await;
+                node.rabbitmqctl(&["start_app"]).await;
+                node.wait_ready().await;
+            }
+            nodes.push(node);
+        }
+        nodes
+    }
+
+    async fn launch(member: Option<ClusterMember<'_>>) -> RabbitMq {
         let reference = std::env::var("GOMS_RABBITMQ_IMAGE")
             .unwrap_or_else(|_| DEFAULT_RABBITMQ_IMAGE.to_string());
         let (name, tag) = split_image(&reference);
         let mut tries = 1;
         let (port, container) = loop {
             let port = container_host_port();
-            let started = GenericImage::new(name.clone(), tag.clone())
+            let request = GenericImage::new(name.clone(), tag.clone())
                 .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
                 .with_exposed_port(5672.tcp())
                 .with_mapped_port(port, 5672.tcp())
-                .with_startup_timeout(Duration::from_secs(120))
-                .start()
-                .await;
+                .with_startup_timeout(Duration::from_secs(120));
+            let request = match &member {
+                None => request,
+                Some(member) => request
+                    .with_network(member.network)
+                    .with_container_name(member.name)
+                    .with_hostname(member.name)
+                    // The image's own command, after the cookie every node and its
+                    // rabbitmqctl must share.
+                    .with_cmd([
+                        "sh",
+                        "-c",
+                        &format!(
+                            "chmod 600 \"$HOME/.erlang.cookie\" 2>/dev/null; \
+                             printf %s {CLUSTER_COOKIE} > \"$HOME/.erlang.cookie\" \
+                             && chmod 400 \"$HOME/.erlang.cookie\" \
+                             && exec /usr/lib/rabbitmq/bin/rabbitmq-server"
+                        ),
+                    ]),
+            };
+            let started = request.start().await;
             match started {
                 Ok(container) => break (port, container),
                 Err(error) if port_taken(&error) && tries < CONTAINER_START_TRIES => tries += 1,
@@ -708,13 +770,39 @@ impl RabbitMq {
             .await;
     }
 
-    async fn rabbitmqctl(&self, args: &[&str]) {
+    async fn rabbitmqctl(&self, args: &[&str]) -> String {
         let command = ExecCommand::new(std::iter::once("rabbitmqctl").chain(args.iter().copied()))
             .with_cmd_ready_condition(CmdWaitFor::exit_code(0));
-        self.container
+        let mut run = self
+            .container
             .exec(command)
             .await
             .unwrap_or_else(|error| panic!("rabbitmqctl {args:?}: {error}"));
+        let stdout = run.stdout_to_vec().await.unwrap_or_default();
+        String::from_utf8_lossy(&stdout).into_owned()
+    }
+
+    /// The type RabbitMQ reports for `queue` (`classic`, `quorum`), and the nodes of its
+    /// cluster that run, as this node sees them.
+    pub async fn queue_type_and_running_nodes(&self, queue: &str) -> (String, usize) {
+        let queues = self
+            .rabbitmqctl(&["list_queues", "name", "type", "--formatter", "json"])
+            .await;
+        let queues: serde_json::Value = serde_json::from_str(&queues).unwrap_or_default();
+        let queue_type = queues
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|q| q["name"] == queue)
+            .and_then(|q| q["type"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let status = self
+            .rabbitmqctl(&["cluster_status", "--formatter", "json"])
+            .await;
+        let status: serde_json::Value = serde_json::from_str(&status).unwrap_or_default();
+        let running = status["running_nodes"].as_array().map_or(0, Vec::len);
+        (queue_type, running)
     }
 
     async fn wait_ready(&self) {

@@ -33,9 +33,13 @@ pub(super) enum BrokerError {
     Task(#[from] tokio::task::JoinError),
 }
 
-/// Connects, declares the topology and switches the channel to publisher confirms.
-pub(super) async fn open_confirmed_link(settings: PublisherSettings) -> Result<Link, BrokerError> {
-    let link = amqp::connect(&settings.amqp_url, &settings.queue, settings.queue_type).await?;
+/// Connects to the broker at `url`, declares the topology and switches the channel to
+/// publisher confirms.
+pub(super) async fn open_confirmed_link(
+    settings: PublisherSettings,
+    url: String,
+) -> Result<Link, BrokerError> {
+    let link = amqp::connect(&url, &settings.queue, settings.queue_type).await?;
     link.channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;

@@ -1,15 +1,16 @@
-//! The publisher's link to the broker: whether there is one, the attempt to open one, and
-//! whether the broker blocks publishers on it.
+//! The publisher's link to the broker: whether there is one, the attempt to open one (to
+//! which of `amqpAddr`'s brokers: [`Failover`]), and whether the broker blocks publishers on
+//! it.
 
 use crate::diagnostics::Repeats;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::broker::{open_confirmed_link, BrokerError};
 use super::PublisherSettings;
-use crate::trace::amqp::Link;
+use crate::trace::amqp::{redact_url, Brokers, Failover, Link};
 
 pub(super) struct Connection {
     link: Option<Link>,
@@ -22,8 +23,10 @@ pub(super) struct Connection {
     /// Counts the links opened, so that a late failure of a batch sent on an earlier link
     /// does not tear down the current one ([`Connection::failed_on`]).
     generation: u64,
+    brokers: Brokers,
+    /// The broker tried next, and how many attempts failed since the last link.
+    failover: Failover,
     next_attempt: Instant,
-    failures: u32,
     away: Repeats,
     /// Whether the broker said it blocks publishers on this link (`connection.blocked`: a
     /// memory or disk alarm), as last logged.
@@ -37,13 +40,14 @@ pub(super) struct Publishable {
 }
 
 impl Connection {
-    pub(super) fn new() -> Self {
+    pub(super) fn new(brokers: Brokers) -> Self {
         Connection {
             link: None,
             attempt: None,
             generation: 0,
+            brokers,
+            failover: Failover::default(),
             next_attempt: Instant::now(),
-            failures: 0,
             away: Repeats::default(),
             blocked: false,
         }
@@ -63,7 +67,11 @@ impl Connection {
             },
             Some(attempt) => self.attempt = Some(attempt),
             None if Instant::now() >= self.next_attempt => {
-                self.attempt = Some(tokio::spawn(open_confirmed_link(settings.clone())));
+                let Some(url) = self.failover.current(&self.brokers) else {
+                    return;
+                };
+                let attempt = open_confirmed_link(settings.clone(), url.to_string());
+                self.attempt = Some(tokio::spawn(attempt));
             }
             None => {}
         }
@@ -114,13 +122,16 @@ impl Connection {
     }
 
     fn connected(&mut self, link: Link) {
-        if self.failures > 0 {
+        let failures = self.failover.failures();
+        if failures > 0 {
+            let broker = self.failover.current(&self.brokers).map(redact_url);
             info!(
                 message = "Trace broker reachable again.",
-                attempts = self.failures
+                broker = broker.unwrap_or_default(),
+                attempts = failures
             );
         }
-        self.failures = 0;
+        self.failover.reached();
         self.away.reset();
         self.link = Some(link);
         self.generation += 1;
@@ -130,11 +141,10 @@ impl Connection {
         self.link = None;
         // The next link starts unblocked; the broker says so again if its alarm still holds.
         self.blocked = false;
-        self.failures += 1;
+        let delay = self.failover.failed(&self.brokers);
         if let Some(repeats) = self.away.occurred() {
-            warn!(message = "Trace broker unavailable; spooling events to disk.", %error, attempts = self.failures, repeats);
+            warn!(message = "Trace broker unavailable; spooling events to disk.", %error, attempts = self.failover.failures(), repeats);
         }
-        let delay = Duration::from_millis((250u64 << self.failures.min(4)).min(3_000));
         self.next_attempt = Instant::now() + delay;
     }
 }

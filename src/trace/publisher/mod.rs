@@ -43,6 +43,7 @@ use super::spool::FolderLock;
 use super::spool::{Spool, SpoolError, SET_ASIDE_FOR};
 pub use super::stats::PublisherStats;
 use crate::config::QueueType;
+use crate::trace::amqp::Brokers;
 use connection::Connection;
 use in_flight::{InFlight, SentBatch, Settled};
 use replay::{Replay, ReplayError};
@@ -51,7 +52,8 @@ pub use sink::TraceSink;
 
 #[derive(Debug, Clone)]
 pub struct PublisherSettings {
-    pub amqp_url: String,
+    /// `amqpAddr`: the broker, or brokers to fail over between.
+    pub brokers: Brokers,
     pub queue: String,
     pub queue_type: QueueType,
     pub queue_capacity: usize,
@@ -254,10 +256,10 @@ impl PublisherLoop {
             encoder,
         );
         PublisherLoop {
+            connection: Connection::new(settings.brokers.clone()),
             settings,
             queue,
             spool,
-            connection: Connection::new(),
             in_flight,
             replay,
             progress,
