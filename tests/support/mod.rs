@@ -89,11 +89,19 @@ pub struct Etcd {
     container: Option<ContainerAsync<GenericImage>>,
 }
 
+/// A member of an etcd cluster: the cluster's network, the member's name on it (also its
+/// hostname), and the `ETCD_INITIAL_CLUSTER` every member shares.
+struct EtcdMember<'a> {
+    network: &'a str,
+    name: &'a str,
+    initial_cluster: &'a str,
+}
+
 impl Etcd {
     pub async fn start() -> Etcd {
         for _ in 1..CONTAINER_START_TRIES {
             let port = container_host_port();
-            match Self::try_launch(port).await {
+            match Self::try_launch(port, None).await {
                 Ok(container) => {
                     return Etcd {
                         port,
@@ -112,11 +120,56 @@ impl Etcd {
         }
     }
 
+    /// An etcd cluster of `size` members on a network of their own, each published on a host
+    /// port of its own; a client lists every member's [`Etcd::endpoint`]. The members start
+    /// together: none answers before a quorum of them has met.
+    pub async fn start_cluster(size: usize) -> Vec<Etcd> {
+        static CLUSTERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let cluster = format!(
+            "goms-etcd-{}-{}",
+            std::process::id(),
+            CLUSTERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let names: Vec<String> = (1..=size).map(|n| format!("{cluster}-{n}")).collect();
+        let initial_cluster = names
+            .iter()
+            .map(|name| format!("{name}=http://{name}:2380"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let starts = names.iter().map(|name| {
+            let port = container_host_port();
+            let member = EtcdMember {
+                network: &cluster,
+                name,
+                initial_cluster: &initial_cluster,
+            };
+            async move {
+                match Self::try_launch(port, Some(member)).await {
+                    Ok(container) => Etcd {
+                        port,
+                        container: Some(container),
+                    },
+                    Err(error) => Self::failed(error),
+                }
+            }
+        });
+        futures::future::join_all(starts).await
+    }
+
+    /// The endpoints of `members`, as `etcdAddr` lists them.
+    pub fn endpoints(members: &[Etcd]) -> String {
+        members
+            .iter()
+            .map(Etcd::endpoint)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     /// Starts etcd on `port`, which it must keep: a port taken meanwhile is waited out.
     async fn launch(port: u16) -> ContainerAsync<GenericImage> {
         let mut tries = 1;
         loop {
-            match Self::try_launch(port).await {
+            match Self::try_launch(port, None).await {
                 Ok(container) => return container,
                 Err(error) if port_taken(&error) && tries < CONTAINER_START_TRIES => {
                     tries += 1;
@@ -135,24 +188,40 @@ impl Etcd {
 
     async fn try_launch(
         port: u16,
+        member: Option<EtcdMember<'_>>,
     ) -> Result<ContainerAsync<GenericImage>, testcontainers::TestcontainersError> {
         let reference =
             std::env::var("GOMS_ETCD_IMAGE").unwrap_or_else(|_| DEFAULT_ETCD_IMAGE.to_string());
         let (name, tag) = split_image(&reference);
-        GenericImage::new(name, tag)
+        let request = GenericImage::new(name, tag)
             .with_wait_for(WaitFor::message_on_stderr("ready to serve client requests"))
             .with_exposed_port(2379.tcp())
-            .with_env_var("ETCD_NAME", "default")
             .with_env_var("ETCD_DATA_DIR", "/tmp/etcd-data")
             .with_env_var("ETCD_LISTEN_CLIENT_URLS", "http://0.0.0.0:2379")
             .with_env_var("ETCD_ADVERTISE_CLIENT_URLS", "http://127.0.0.1:2379")
-            .with_env_var("ETCD_LISTEN_PEER_URLS", "http://127.0.0.1:2380")
-            .with_env_var("ETCD_INITIAL_ADVERTISE_PEER_URLS", "http://127.0.0.1:2380")
-            .with_env_var("ETCD_INITIAL_CLUSTER", "default=http://127.0.0.1:2380")
             .with_mapped_port(port, 2379.tcp())
-            .with_startup_timeout(Duration::from_secs(60))
-            .start()
-            .await
+            .with_startup_timeout(Duration::from_secs(60));
+        let request = match member {
+            None => request
+                .with_env_var("ETCD_NAME", "default")
+                .with_env_var("ETCD_LISTEN_PEER_URLS", "http://127.0.0.1:2380")
+                .with_env_var("ETCD_INITIAL_ADVERTISE_PEER_URLS", "http://127.0.0.1:2380")
+                .with_env_var("ETCD_INITIAL_CLUSTER", "default=http://127.0.0.1:2380"),
+            Some(member) => request
+                .with_network(member.network)
+                .with_container_name(member.name)
+                .with_hostname(member.name)
+                .with_env_var("ETCD_NAME", member.name)
+                .with_env_var("ETCD_LISTEN_PEER_URLS", "http://0.0.0.0:2380")
+                .with_env_var(
+                    "ETCD_INITIAL_ADVERTISE_PEER_URLS",
+                    format!("http://{}:2380", member.name),
+                )
+                .with_env_var("ETCD_INITIAL_CLUSTER", member.initial_cluster)
+                .with_env_var("ETCD_INITIAL_CLUSTER_STATE", "new")
+                .with_env_var("ETCD_INITIAL_CLUSTER_TOKEN", member.network),
+        };
+        request.start().await
     }
 
     pub fn endpoint(&self) -> String {
