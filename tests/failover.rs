@@ -107,11 +107,7 @@ async fn a_cluster_node_lost_under_traffic_loses_no_event_with_quorum_queues() {
     let etcd = Etcd::start().await;
     let nodes = RabbitMq::start_cluster(3).await;
     let es = EsStandIn::start().await;
-    let brokers = nodes
-        .iter()
-        .map(RabbitMq::url)
-        .collect::<Vec<_>>()
-        .join(",");
+    let brokers = RabbitMq::urls(&nodes);
     let env = [
         ("GOMS__AMQP_ADDR", brokers.as_str()),
         ("GOMS__TRACE__QUEUE_TYPE", "quorum"),
@@ -184,11 +180,7 @@ async fn an_etcd_member_and_a_broker_node_lost_under_traffic_fail_no_request() {
         EsStandIn::start()
     );
     let etcd_addr = Etcd::endpoints(&members);
-    let brokers = nodes
-        .iter()
-        .map(RabbitMq::url)
-        .collect::<Vec<_>>()
-        .join(",");
+    let brokers = RabbitMq::urls(&nodes);
     let env = [
         ("GOMS__AMQP_ADDR", brokers.as_str()),
         ("GOMS__TRACE__QUEUE_TYPE", "quorum"),

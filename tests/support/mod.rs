@@ -814,6 +814,15 @@ impl RabbitMq {
         format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
     }
 
+    /// The URLs of `nodes`, as `amqpAddr` lists them.
+    pub fn urls(nodes: &[RabbitMq]) -> String {
+        nodes
+            .iter()
+            .map(RabbitMq::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub async fn pause(&self) {
         self.container
             .stop_with_timeout(Some(10))
