@@ -11,6 +11,11 @@
 #      start-first) completes; not one request failed through all of it,
 #   6. on exit (also on failure): removes the stack, and leaves the swarm if it made it.
 #
+# With --ha (issue 38, stage 2), the stack is compose/stack.yml with compose/stack-ha.yml:
+# three etcd members and a three-node RabbitMQ cluster with quorum queues. Before step 5's
+# checks, one etcd member and the first broker node are scaled to 0 under the steady client:
+# no request may fail, and the gateway must publish trace events again (to another node).
+#
 # Environment: GOMS_BUILD_PROFILE, GOMS_NO_CARGO_BUILD, GOMS_IMAGE, GOMS_ETCD_IMAGE,
 # GOMS_RABBITMQ_IMAGE as for scripts/stack-check.sh; GOMS_CHECK_KEEP=1 keeps the work folder.
 set -euo pipefail
@@ -21,6 +26,11 @@ export GOMS_BUILD_PROFILE=${GOMS_BUILD_PROFILE:-debug}
 started=$SECONDS
 log() { echo "[swarm-check +$((SECONDS - started))s] $*" >&2; }
 fail() { log "FAIL: $*"; exit 1; }
+
+HA=0
+[ "${1:-}" = --ha ] && HA=1
+STACK_FILES=(-c compose/stack.yml)
+[ "$HA" = 1 ] && STACK_FILES+=(-c compose/stack-ha.yml)
 
 STACK=gomsswarm$$
 WORK="$(mktemp -d /tmp/goms-swarm-check.XXXXXX)"
@@ -50,7 +60,9 @@ cleanup() {
       [ -z "$(docker ps -aq --filter "label=com.docker.stack.namespace=$STACK")" ] && break
       sleep 1
     done
-    docker volume rm "${STACK}_etcd-data" "${STACK}_rabbitmq-data" >/dev/null 2>&1 || true
+    for volume in etcd-data rabbitmq-data etcd2-data etcd3-data rabbitmq2-data rabbitmq3-data; do
+      docker volume rm "${STACK}_$volume" >/dev/null 2>&1 || true
+    done
   fi
   [ -n "$NEXT_IMAGE" ] && docker image rm "$NEXT_IMAGE" >/dev/null 2>&1 || true
   if [ "$SWARM_MADE" = 1 ]; then
@@ -94,7 +106,7 @@ export GOMS_GATEWAY_PORT
 BASE=http://127.0.0.1:$GOMS_GATEWAY_PORT
 log "docker stack deploy $STACK (gateway on $BASE, host mode)"
 DEPLOYED=1
-docker stack deploy --resolve-image never -c compose/stack.yml "$STACK" >"$WORK/deploy.log" 2>&1 \
+docker stack deploy --resolve-image never "${STACK_FILES[@]}" "$STACK" >"$WORK/deploy.log" 2>&1 \
   || { cat "$WORK/deploy.log" >&2; fail "docker stack deploy failed"; }
 
 gateway_container() { docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_gateway" | head -n 1; }
@@ -127,6 +139,37 @@ served_by_all() {
 # --- 5. checks -----------------------------------------------------------------------------
 wait_for 60 "every user replica serving" served_by_all
 log "every replica routed ($(requests) requests, $(failed) failed)"
+
+if [ "$HA" = 1 ]; then
+  task_of() { docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_$1" | head -n 1; }
+  rabbitmqctl_json() { docker exec "$(task_of rabbitmq2)" rabbitmqctl "$@" --formatter json 2>/dev/null; }
+  running_brokers() { rabbitmqctl_json cluster_status | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["running_nodes"]))'; }
+  trace_queue_type() {
+    rabbitmqctl_json list_queues name type \
+      | python3 -c 'import json,sys; print(next((q["type"] for q in json.load(sys.stdin) if q["name"] == "goms.trace"), ""))'
+  }
+  published() {
+    docker exec "$(gateway_container)" python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9901/metrics").read().decode())' \
+      | awk '$1 == "goms_trace_events_published_total" {print $2}'
+  }
+  brokers_are() { [ "$(running_brokers)" = "$1" ]; }
+  queue_is_quorum() { [ "$(trace_queue_type)" = quorum ]; }
+  wait_for 120 "a RabbitMQ cluster of three" brokers_are 3
+  wait_for 60 "goms.trace declared as a quorum queue" queue_is_quorum
+  log "HA: RabbitMQ cluster of 3, goms.trace is $(trace_queue_type); etcd members: $(docker exec "$(task_of etcd2)" etcdctl member list 2>/dev/null | wc -l)"
+  before_loss=$(requests)
+  log "HA: scale etcd (a member) and rabbitmq (the first node) to 0 under traffic"
+  docker service scale --detach "${STACK}_etcd=0" "${STACK}_rabbitmq=0" >/dev/null
+  wait_for 60 "two RabbitMQ nodes left" brokers_are 2
+  published_after_loss=$(published)
+  more_published() { [ "$(published)" -gt "$published_after_loss" ]; }
+  wait_for 60 "the gateway publishing trace events again" more_published
+  enough_after_loss() { [ "$(requests)" -gt $((before_loss + 300)) ]; }
+  wait_for 60 "300 requests after the loss" enough_after_loss
+  [ "$(failed)" = 0 ] || fail "$(failed) requests failed after losing an etcd member and a broker node"
+  log "HA: $(( $(requests) - before_loss )) requests since the loss, 0 failed; trace events published: $(published)"
+  docker service scale --detach "${STACK}_etcd=1" "${STACK}_rabbitmq=1" >/dev/null
+fi
 
 victim=$(docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_user" | head -n 1)
 victim_node=$(docker inspect --format '{{.Config.Hostname}}' "$victim")
