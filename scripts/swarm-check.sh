@@ -154,8 +154,20 @@ if [ "$HA" = 1 ]; then
   }
   brokers_are() { [ "$(running_brokers)" = "$1" ]; }
   queue_is_quorum() { [ "$(trace_queue_type)" = quorum ]; }
+  queue_members() {
+    docker exec "$(task_of rabbitmq2)" rabbitmqctl list_queues name members 2>/dev/null \
+      | awk '$1 == "goms.trace"' | grep -o 'rabbit@' | wc -l
+  }
+  has_three_members() { [ "$(queue_members)" = 3 ]; }
   wait_for 120 "a RabbitMQ cluster of three" brokers_are 3
   wait_for 60 "goms.trace declared as a quorum queue" queue_is_quorum
+  # A quorum queue's members are the nodes in the cluster when it was declared: the gateway
+  # may have declared it before the other nodes joined. Nodes that join later are added, as
+  # an operator does (docs/deployment.md); RabbitMQ 3.10 does not do it by itself.
+  for node in rabbit@rabbitmq rabbit@rabbitmq2 rabbit@rabbitmq3; do
+    docker exec "$(task_of rabbitmq2)" rabbitmq-queues grow "$node" all --queue-pattern '^goms\.trace' >/dev/null 2>&1 || true
+  done
+  wait_for 30 "goms.trace replicated on all three nodes" has_three_members
   log "HA: RabbitMQ cluster of 3, goms.trace is $(trace_queue_type); etcd members: $(docker exec "$(task_of etcd2)" etcdctl member list 2>/dev/null | wc -l)"
   before_loss=$(requests)
   log "HA: scale etcd (a member) and rabbitmq (the first node) to 0 under traffic"
