@@ -60,7 +60,7 @@ impl Brokers {
 
 /// Which broker a client tries next. It keeps to the broker it reached; when that one is lost
 /// or cannot be reached, it moves to the next at once, and only after a whole round of
-/// failures does it wait, longer after each round (250 ms doubling up to 3 s).
+/// failures does it wait: 500 ms, doubling with each round up to 3 s.
 #[derive(Debug, Default)]
 pub struct Failover {
     turn: usize,
