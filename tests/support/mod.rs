@@ -39,12 +39,24 @@ where
     }
 }
 
-/// A port nothing listens on right now.
+/// A port nothing listens on right now, for a process the test starts to bind.
+///
+/// It is picked below the kernel's ephemeral range (32768 and up) and below the containers'
+/// ports (30000 and up), for the reason [`container_host_port`] gives: an ephemeral port can
+/// be taken by any outgoing connection between this check and the process's bind, and the
+/// process then fails to start (a TLS test's service never registered in one CI run).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral port")
-        .port()
+    static PICKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos()) as usize
+        + std::process::id() as usize * 31;
+    let free = |port: u16| std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
+    (0..5_000)
+        .map(|n| n + PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 104_729)
+        .map(|n| 20_000 + ((seed + n * 7_919) % 10_000) as u16)
+        .find(|&port| free(port))
+        .expect("a free port between 20000 and 29999")
 }
 
 /// A host port for a container to publish on, which stays its own for the container's life.
