@@ -44,19 +44,10 @@ where
 /// It is picked below the kernel's ephemeral range (32768 and up) and below the containers'
 /// ports (30000 and up), for the reason [`container_host_port`] gives: an ephemeral port can
 /// be taken by any outgoing connection between this check and the process's bind, and the
-/// process then fails to start (a TLS test's service never registered in one CI run).
+/// process then fails to start.
 pub fn free_port() -> u16 {
     static PICKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let seed = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos()) as usize
-        + std::process::id() as usize * 31;
-    let free = |port: u16| std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
-    (0..5_000)
-        .map(|n| n + PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 104_729)
-        .map(|n| 20_000 + ((seed + n * 7_919) % 10_000) as u16)
-        .find(|&port| free(port))
-        .expect("a free port between 20000 and 29999")
+    unbound_port_in(20_000, 10_000, 5_000, &PICKS)
 }
 
 /// A host port for a container to publish on, which stays its own for the container's life.
@@ -66,16 +57,28 @@ pub fn free_port() -> u16 {
 /// does not look whether another process holds a port before it hands it to docker-proxy.
 pub fn container_host_port() -> u16 {
     static PICKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    unbound_port_in(30_000, 2_700, 2_000, &PICKS)
+}
+
+/// A port of `low..low + span` that nothing is bound to now, out of up to `tries` picks.
+/// The picks are spread by the time, the process id and `picks` (the caller's count), so
+/// that tests running at once rarely try the same port.
+fn unbound_port_in(
+    low: u16,
+    span: u16,
+    tries: usize,
+    picks: &std::sync::atomic::AtomicUsize,
+) -> u16 {
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.subsec_nanos()) as usize
         + std::process::id() as usize * 31;
     let free = |port: u16| std::net::TcpListener::bind(("0.0.0.0", port)).is_ok();
-    (0..2_000)
-        .map(|n| n + PICKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 104_729)
-        .map(|n| 30_000 + ((seed + n * 7_919) % 2_700) as u16)
+    (0..tries)
+        .map(|n| n + picks.fetch_add(1, std::sync::atomic::Ordering::Relaxed) * 104_729)
+        .map(|n| low + ((seed + n * 7_919) % usize::from(span)) as u16)
         .find(|&port| free(port))
-        .expect("a free port between 30000 and 32700")
+        .unwrap_or_else(|| panic!("no free port between {low} and {}", low + span - 1))
 }
 
 /// Whether a container failed to start only because its host port was taken meanwhile.
