@@ -88,8 +88,8 @@ fn main() {
         per_request(started.elapsed(), n)
     };
     let journal_dir = tempfile::tempdir().expect("a temporary folder");
-    let (journal, _) =
-        Journal::open(journal_dir.path(), Arc::default()).expect("a journal in a temporary folder");
+    let (journal, _) = Journal::open(journal_dir.path(), 128, Arc::default())
+        .expect("a journal in a temporary folder");
     let with_journal = fill(&EventQueue::new(usize::MAX, Some(journal)));
     let queue = EventQueue::new(usize::MAX, None);
     let build = fill(&queue);

@@ -61,6 +61,7 @@ async fn publish(amqp: &str, queue: &str, events: usize, offset: usize) -> f64 {
         queue: queue.to_string(),
         queue_type: Default::default(),
         queue_capacity: events,
+        buffer_max_bytes: 64 * 1024 * 1024,
         publish_interval: defaults.publish_interval,
         compression: defaults.compression,
         spool_dir: spool.path().to_path_buf(),

@@ -369,7 +369,8 @@ async fn over_its_memory_limit_a_gateway_sheds_new_requests_spills_its_trace_que
     let (_folder, routes) = route_file("services:\n  user:\n    upload: /upload\n");
     // The broker is away (nothing listens at the default test amqpAddr), and events wait in
     // memory for a minute between publishes: each request's two events hold its 64 KiB JSON
-    // body twice, so memory climbs with traffic until the guard acts.
+    // body twice, so memory climbs with traffic until the guard acts. The trace buffers'
+    // own bound (`trace.bufferMaxBytes`) is set past the limit, so that the guard is what acts.
     let limit = 128u64 << 20;
     let gateway = Goms::gateway_with(
         &etcd.endpoint(),
@@ -379,6 +380,7 @@ async fn over_its_memory_limit_a_gateway_sheds_new_requests_spills_its_trace_que
             ("GOMS__GATEWAY__MEMORY_LIMIT", "128MiB"),
             ("GOMS__TRACE__PUBLISH_INTERVAL", "60s"),
             ("GOMS__TRACE__QUEUE_CAPACITY", "1000000"),
+            ("GOMS__TRACE__BUFFER_MAX_BYTES", "1GiB"),
             ("GOMS__TRACE__BODY_MAX_BYTES", "65536"),
         ],
     )

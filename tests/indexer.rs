@@ -223,6 +223,7 @@ fn start_publisher(amqp_url: String, spool: &tempfile::TempDir) -> (TraceSink, R
         queue: "goms.trace".into(),
         queue_type: Default::default(),
         queue_capacity: 10_000,
+        buffer_max_bytes: 64 * 1024 * 1024,
         publish_interval: Duration::from_millis(50),
         compression: Default::default(),
         spool_dir: spool.path().to_path_buf(),

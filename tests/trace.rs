@@ -447,11 +447,9 @@ async fn a_broker_outage_under_load_fails_no_request_and_loses_no_event() {
     );
 }
 
-/// A broker that accepts connections and never answers (as behind a partition) holds each
-/// connection attempt for the full connect timeout. The publisher must keep draining its
-/// in-memory queue meanwhile: the request path must never find it full and write the spool.
-#[tokio::test]
-async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
+/// An AMQP URL whose listener accepts connections and never answers, and the task that holds
+/// them (abort it to let them go).
+async fn silent_broker() -> (String, tokio::task::JoinHandle<()>) {
     let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = silent.local_addr().unwrap().port();
     let held = tokio::spawn(async move {
@@ -460,8 +458,16 @@ async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
             sockets.push(socket);
         }
     });
+    (format!("amqp://guest:guest@127.0.0.1:{port}/%2f"), held)
+}
+
+/// A broker that accepts connections and never answers (as behind a partition) holds each
+/// connection attempt for the full connect timeout. The publisher must keep draining its
+/// in-memory queue meanwhile: the request path must never find it full and write the spool.
+#[tokio::test]
+async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
+    let (url, held) = silent_broker().await;
     let spool = tempfile::tempdir().unwrap();
-    let url = format!("amqp://guest:guest@127.0.0.1:{port}/%2f");
     let (sink, running) = start_small_queue_publisher(url, &spool);
 
     // Inside one 5 s connection attempt.
@@ -475,6 +481,46 @@ async fn a_broker_that_never_answers_leaves_spool_writes_to_the_publisher() {
     assert_eq!(stats.overflowed.load(Ordering::Relaxed), 0);
     assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
     assert_eq!(stats.published.load(Ordering::Relaxed), 0);
+    running.shutdown(Duration::from_secs(10)).await;
+    held.abort();
+}
+
+/// `trace.bufferMaxBytes` bounds what events hold in memory, queued or in flight. With room
+/// for one buffer, and a broker that never answers (so events wait in memory through the
+/// connection attempt), the events that would need a second buffer go to the spool from the
+/// request path, counted as overflowed; the buffer in use never passes the bound, and every
+/// event reaches the spool.
+#[tokio::test]
+async fn events_past_the_buffer_bound_go_to_the_spool_and_none_is_lost() {
+    let (url, held) = silent_broker().await;
+    let spool = tempfile::tempdir().unwrap();
+    let (sink, running) = start_publisher(PublisherSettings {
+        queue_capacity: 10_000,
+        buffer_max_bytes: framing::MESSAGE_BUFFER_BYTES as u64,
+        ..small_queue_settings(url, &spool)
+    });
+    let stats = sink.stats();
+
+    // 2 KiB each: a buffer holds some 250 before a unit closes.
+    let total = 1000u64;
+    let pad = "x".repeat(2048);
+    for id in 0..total {
+        sink.emit_with(1, |out| {
+            out.extend_from_slice(
+                format!("{{\"eventId\":\"big-{id}\",\"pad\":\"{pad}\"}}\n").as_bytes(),
+            )
+        });
+        assert!(stats.buffers.in_use() <= 1, "past the bound at event {id}");
+    }
+    assert!(
+        stats.overflowed.load(Ordering::Relaxed) > 0,
+        "no event found the buffer bound"
+    );
+    eventually("every event spooled", Duration::from_secs(20), || async {
+        stats.spooled.load(Ordering::Relaxed) == total
+    })
+    .await;
+    assert_eq!(stats.dropped.load(Ordering::Relaxed), 0);
     running.shutdown(Duration::from_secs(10)).await;
     held.abort();
 }
@@ -792,6 +838,7 @@ fn small_queue_settings(amqp_url: String, spool: &tempfile::TempDir) -> Publishe
         queue: "goms.trace".into(),
         queue_type: Default::default(),
         queue_capacity: 100,
+        buffer_max_bytes: 8 * 1024 * 1024,
         publish_interval: Duration::from_millis(20),
         compression: TraceCompression::Lz4,
         spool_dir: spool.path().to_path_buf(),

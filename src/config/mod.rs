@@ -109,6 +109,12 @@ pub struct TraceConfig {
     /// full spool drops.
     #[serde(default = "default_queue_capacity")]
     pub queue_capacity: usize,
+    /// The most memory the in-process queue's event buffers may hold, counting events that
+    /// wait and those sent and awaiting the broker's confirms, in bytes or with `KiB`, `MiB`
+    /// or `GiB`. Buffers are 576 KiB each; past the bound events go to the spool. The
+    /// journal has a slot for each buffer, so it is also the journal's size. Default `64MiB`.
+    #[serde(default = "default_buffer_max_bytes", deserialize_with = "byte_size")]
+    pub buffer_max_bytes: u64,
     /// How long the publisher lets events gather before it sends them and waits for the
     /// broker's confirms, unless the queue (`queueCapacity`) is already half full. Each round
     /// trip costs the broker a write and a sync, so a longer wait costs it less CPU and
@@ -130,7 +136,7 @@ pub struct TraceConfig {
     #[serde(default = "default_spool_max_bytes")]
     pub spool_max_bytes: u64,
     /// Keep a copy of the in-process queue in a memory-mapped file of the node's spool
-    /// folder (`queue.journal`, sparse, at most 72 MiB), so that the events a SIGKILLed or
+    /// folder (`queue.journal`, sparse, as large as `bufferMaxBytes`), so that the events a SIGKILLed or
     /// crashed process held in memory are replayed by its next start. Default true.
     #[serde(default = "default_true")]
     pub journal: bool,
@@ -637,6 +643,9 @@ fn default_trace_queue() -> String {
 fn default_queue_capacity() -> usize {
     10_000
 }
+fn default_buffer_max_bytes() -> u64 {
+    64 * 1024 * 1024
+}
 fn default_spool_dir() -> PathBuf {
     PathBuf::from("/tmp/goms-spool")
 }
@@ -712,6 +721,11 @@ fn etcd_endpoints<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Stri
 }
 
 /// A size in bytes: a number, or a number with `KiB`, `MiB` or `GiB` (`400MiB`).
+fn byte_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u64, D::Error> {
+    optional_byte_size(deserializer)?
+        .ok_or_else(|| serde::de::Error::custom("a size is needed here (`64MiB`)"))
+}
+
 fn optional_byte_size<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -853,6 +867,13 @@ impl GomsConfig {
         }
         if self.trace.queue_capacity == 0 {
             return Err("trace.queueCapacity must be at least 1".into());
+        }
+        let buffer_bytes = crate::trace::framing::MESSAGE_BUFFER_BYTES as u64;
+        if self.trace.buffer_max_bytes < buffer_bytes {
+            return Err(format!(
+                "trace.bufferMaxBytes must hold at least one event buffer ({} KiB)",
+                buffer_bytes / 1024
+            ));
         }
         let brokers = crate::trace::amqp::Brokers::parse(&self.amqp_addr);
         if brokers.urls().is_empty() {
@@ -1031,6 +1052,20 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(error.contains("trace.publishInterval"), "{error}");
+    }
+
+    #[test]
+    fn the_trace_buffer_bound_takes_a_size_and_refuses_less_than_one_buffer() {
+        let read = |text: &str| GomsConfig::check_file(Path::new("goms.yml"), text).unwrap();
+        assert_eq!(read("trace: {}\n").trace.buffer_max_bytes, 64 * 1024 * 1024);
+        let config = read("trace:\n  bufferMaxBytes: 16MiB\n");
+        assert_eq!(config.trace.buffer_max_bytes, 16 * 1024 * 1024);
+        assert!(config.validate().is_ok());
+        let error = read("trace:\n  bufferMaxBytes: 64KiB\n")
+            .validate()
+            .unwrap_err();
+        assert!(error.contains("trace.bufferMaxBytes"), "{error}");
+        assert!(error.contains("576 KiB"), "{error}");
     }
 
     #[test]

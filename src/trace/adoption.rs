@@ -171,10 +171,10 @@ fn adopt_journal(
     if !path.exists() {
         return Ok(0);
     }
-    let (journal, recovered) = Journal::open(dir, stats.clone())?;
-    let events: u64 = recovered.units.iter().map(|unit| unit.count() as u64).sum();
+    let left_over = Journal::take_over(dir)?;
+    let events: u64 = left_over.units.iter().map(|unit| unit.count() as u64).sum();
     if events > 0 {
-        let appended = lock(spool).append(&recovered.units)?;
+        let appended = lock(spool).append(&left_over.units)?;
         if appended.dropped > 0 {
             stats
                 .dropped
@@ -185,8 +185,7 @@ fn adopt_journal(
             );
         }
     }
-    drop(journal);
-    fs::remove_file(&path).map_err(|source| AdoptError::Io { path, source })?;
+    left_over.remove()?;
     Ok(events)
 }
 

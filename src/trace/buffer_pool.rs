@@ -5,8 +5,12 @@
 //! such sizes out from pages the kernel has to fault in and zero as they are first written,
 //! a large share of the publisher thread's time (`docs/benchmarks-archive.md`). A buffer that is
 //! reused stays mapped.
+//!
+//! [`BufferBudget`] bounds how many message buffers are in use at once (`trace.bufferMaxBytes`):
+//! held by events that wait in the queue or were sent and await the broker's confirms.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use super::lock;
 
@@ -58,9 +62,95 @@ impl BufferPool {
     }
 }
 
+/// How many message buffers may be in use at once, and how many are. A unit of events takes
+/// a [`BufferPermit`] when it opens and gives it back when it drops: once its events are
+/// confirmed by the broker or written to the spool.
+#[derive(Debug)]
+pub struct BufferBudget {
+    in_use: AtomicUsize,
+    limit: usize,
+    /// What one buffer takes, for the byte figures.
+    buffer_bytes: usize,
+}
+
+impl BufferBudget {
+    pub fn new(limit: usize, buffer_bytes: usize) -> Arc<Self> {
+        Arc::new(BufferBudget {
+            in_use: AtomicUsize::new(0),
+            limit,
+            buffer_bytes,
+        })
+    }
+
+    /// No bound: for a queue that is not the publisher's (benchmarks, tests).
+    pub fn unlimited() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// A permit for one more buffer, or `None` when all are in use.
+    pub fn try_take(self: &Arc<Self>) -> Option<BufferPermit> {
+        self.in_use
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |in_use| {
+                (in_use < self.limit).then_some(in_use + 1)
+            })
+            .ok()
+            .map(|_| BufferPermit(self.clone()))
+    }
+
+    pub fn in_use(&self) -> usize {
+        self.in_use.load(Ordering::Relaxed)
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    pub fn is_limited(&self) -> bool {
+        self.limit != usize::MAX
+    }
+
+    /// The bytes the buffers in use take, and the most they may take (`None` unbounded).
+    pub fn bytes(&self) -> (usize, Option<usize>) {
+        let limit = self.is_limited().then(|| self.limit * self.buffer_bytes);
+        (self.in_use() * self.buffer_bytes, limit)
+    }
+}
+
+impl Default for BufferBudget {
+    fn default() -> Self {
+        BufferBudget {
+            in_use: AtomicUsize::new(0),
+            limit: usize::MAX,
+            buffer_bytes: 0,
+        }
+    }
+}
+
+/// One buffer of a [`BufferBudget`] in use, until this drops.
+#[derive(Debug)]
+pub struct BufferPermit(Arc<BufferBudget>);
+
+impl Drop for BufferPermit {
+    fn drop(&mut self) {
+        self.0.in_use.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_hands_out_its_limit_and_takes_permits_back_as_they_drop() {
+        let budget = BufferBudget::new(2, 100);
+        let first = budget.try_take().expect("one");
+        let _second = budget.try_take().expect("two");
+        assert!(budget.try_take().is_none(), "past the limit");
+        assert_eq!(budget.bytes(), (200, Some(200)));
+        drop(first);
+        assert_eq!(budget.in_use(), 1);
+        assert!(budget.try_take().is_some(), "room again");
+    }
 
     #[test]
     fn returned_buffers_are_handed_out_again_up_to_the_number_kept() {

@@ -20,7 +20,7 @@
 
 use std::borrow::Cow;
 
-use super::buffer_pool::BufferPool;
+use super::buffer_pool::{BufferPermit, BufferPool};
 use super::event::TraceEvent;
 pub use crate::config::TraceCompression;
 
@@ -198,9 +198,8 @@ fn decode_lz4(body: &[u8]) -> Result<Cow<'_, [u8]>, DecodeError> {
 pub struct EncodedEvents {
     lines: Vec<u8>,
     count: usize,
-    /// Where the queue keeps a copy that outlives the process, until these are confirmed or
-    /// spooled (see `trace::journal`).
-    copy: JournalCopy,
+    /// What the queue holds for these events until they are confirmed or spooled.
+    held: Held,
 }
 
 /// Somewhere a unit keeps a copy of its lines for as long as it lives: the queue's slot in
@@ -211,24 +210,28 @@ pub trait KeepsCopy: Send + Sync + std::fmt::Debug {
     fn copy(&mut self, lines: &[u8], appended: usize, count: usize);
 }
 
-/// A unit's copy, if it has one. A clone has none (only the queued unit is kept), and two
-/// units compare by their events alone.
+/// What a queued unit holds while it lives: its copy in the journal, if it has one (see
+/// `trace::journal`), and its place in the queue's [`BufferBudget`]. A clone holds neither
+/// (only the queued unit counts), and two units compare by their events alone.
 #[derive(Debug, Default)]
-struct JournalCopy(Option<Box<dyn KeepsCopy>>);
+struct Held {
+    copy: Option<Box<dyn KeepsCopy>>,
+    permit: Option<BufferPermit>,
+}
 
-impl Clone for JournalCopy {
+impl Clone for Held {
     fn clone(&self) -> Self {
-        JournalCopy(None)
+        Held::default()
     }
 }
 
-impl PartialEq for JournalCopy {
+impl PartialEq for Held {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl Eq for JournalCopy {}
+impl Eq for Held {}
 
 impl EncodedEvents {
     pub fn from_events<'a>(events: impl IntoIterator<Item = &'a TraceEvent>) -> Self {
@@ -255,8 +258,13 @@ impl EncodedEvents {
         EncodedEvents {
             lines: buffer,
             count: 0,
-            copy: JournalCopy::default(),
+            held: Held::default(),
         }
+    }
+
+    /// Counts these events' buffer in the queue's budget until they are dropped.
+    pub(super) fn hold(&mut self, permit: BufferPermit) {
+        self.held.permit = Some(permit);
     }
 
     /// Copies these events, and every later append, into `slot` until they are dropped.
@@ -264,16 +272,17 @@ impl EncodedEvents {
         if !self.lines.is_empty() {
             slot.copy(&self.lines, self.count, self.count);
         }
-        self.copy = JournalCopy(Some(slot));
+        self.held.copy = Some(slot);
     }
 
     pub(super) fn has_copy(&self) -> bool {
-        self.copy.0.is_some()
+        self.held.copy.is_some()
     }
 
     /// The allocation, for [`EncodedEvents::reusing`].
     pub fn into_buffer(self) -> Vec<u8> {
-        // The journal's slot, if any, is freed here: the events left the process.
+        // The journal's slot and the budget's permit, if any, are freed here: the events
+        // left the process.
         self.lines
     }
 
@@ -285,7 +294,7 @@ impl EncodedEvents {
         debug_assert_eq!(event_count(&self.lines[start..]), count);
         debug_assert!(self.lines.ends_with(b"\n"));
         self.count += count;
-        if let Some(slot) = &mut self.copy.0 {
+        if let Some(slot) = &mut self.held.copy {
             slot.copy(&self.lines[start..], count, self.count);
         }
     }

@@ -16,12 +16,17 @@
 //! unmapped from the process ([`Journal::release_pages`]): they stay in the file and the
 //! page cache, but the process's resident memory (`RssFile`) no longer keeps every slot an
 //! outage ever filled. A slot holds one unit's
-//! worth ([`MESSAGE_BUFFER_BYTES`]); events past a full slot, and units that find every slot
-//! in use, are queued without a copy and counted (`goms_trace_events_unjournaled_total`).
+//! worth ([`MESSAGE_BUFFER_BYTES`]), and there is a slot for each buffer the queue may have
+//! in use (`trace.bufferMaxBytes`): every unit a SIGKILL can catch in memory, queued or in
+//! flight, has its copy, and the file is no larger than that. Events past a full slot (one
+//! request larger than a message), and units that find every slot in use, are queued
+//! without a copy and counted (`goms_trace_events_unjournaled_total`).
 //!
-//! Layout: [`SLOTS`] slots of [`SLOT_BYTES`], each a 16-byte header (`count: u32`, unused
-//! `u32`, `len: u64`, little-endian as the machine writes them) followed by `len` bytes of
-//! complete lines. A header is written after the bytes it counts.
+//! Layout: slots of [`SLOT_BYTES`], as many as the file holds, each a 16-byte header
+//! (`count: u32`, unused `u32`, `len: u64`, little-endian as the machine writes them)
+//! followed by `len` bytes of complete lines. A header is written after the bytes it counts.
+//! A run reads every slot the file holds before sizing it for its own bound, so a smaller
+//! `trace.bufferMaxBytes` than the previous run's loses nothing.
 
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -33,9 +38,6 @@ use super::framing::{self, EncodedEvents, KeepsCopy, MESSAGE_BUFFER_BYTES};
 use super::lock;
 use super::stats::PublisherStats;
 
-/// Units that can be queued or in flight with a copy at once: a busy gateway holds a few per
-/// emitting thread, plus up to 8 batches awaiting confirms.
-pub const SLOTS: usize = 128;
 const HEADER_BYTES: usize = 16;
 pub const SLOT_BYTES: usize = HEADER_BYTES + MESSAGE_BUFFER_BYTES;
 /// The journal's name in the node's spool folder.
@@ -55,6 +57,8 @@ pub enum JournalError {
 /// The mapped file and its free slots.
 pub struct Journal {
     map: Mapping,
+    /// Slots in the file.
+    slots: usize,
     free: Mutex<Vec<usize>>,
     /// Counts events queued without a copy (`unjournaled`): no slot free, or the unit
     /// outgrew its slot.
@@ -70,39 +74,43 @@ pub struct Recovered {
 }
 
 impl Journal {
-    /// Opens (or creates) `dir`'s journal, takes what a previous run left in it, and clears it.
+    /// Opens (or creates) `dir`'s journal with room for `slots` units, takes what a previous
+    /// run left in it, and clears it.
     pub fn open(
         dir: &Path,
+        slots: usize,
         stats: Arc<PublisherStats>,
     ) -> Result<(Arc<Journal>, Recovered), JournalError> {
-        let path = dir.join(JOURNAL_FILE);
+        let (file, path, recovered) = open_and_recover(dir, Recovery::Clear)?;
         let io = |source| JournalError::Io {
             path: path.clone(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(io)?;
-        // Two processes of one node (one spool folder) would write the same slots.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(JournalError::Locked { path });
-        }
-        let length = SLOTS * SLOT_BYTES;
+        let slots = slots.max(1);
+        let length = slots * SLOT_BYTES;
         file.set_len(length as u64).map_err(io)?;
         let map = Mapping::new(&file, length).map_err(io)?;
         let journal = Journal {
             map,
-            free: Mutex::new((0..SLOTS).rev().collect()),
+            slots,
+            free: Mutex::new((0..slots).rev().collect()),
             stats,
             path,
             _file: file,
         };
-        let recovered = journal.take_left_over();
         Ok((Arc::new(journal), recovered))
+    }
+
+    /// Reads what `dir`'s journal holds without clearing it: the folder's node is gone and
+    /// another adopts its events (`trace::adoption`), which removes the file
+    /// ([`LeftOver::remove`]) only once they are spooled.
+    pub fn take_over(dir: &Path) -> Result<LeftOver, JournalError> {
+        let (file, path, recovered) = open_and_recover(dir, Recovery::Keep)?;
+        Ok(LeftOver {
+            units: recovered.units,
+            path,
+            _file: file,
+        })
     }
 
     /// A free slot for a new unit, or `None` when all are in use.
@@ -125,55 +133,17 @@ impl Journal {
     /// Removes the file on a clean exit, once every slot is free; the next run starts from
     /// an empty folder then.
     pub fn remove_if_clear(&self) {
-        if lock(&self.free).len() == SLOTS {
+        if lock(&self.free).len() == self.slots {
             let _ = std::fs::remove_file(&self.path);
         }
     }
 
-    fn take_left_over(&self) -> Recovered {
-        let mut units = Vec::new();
-        for index in 0..SLOTS {
-            let (count, len) = self.header(index);
-            if len == 0 {
-                continue;
-            }
-            let data = self.data(index);
-            // A header never counts past the slot; one that does is not ours (a damaged
-            // file): its slot is cleared and nothing is taken from it.
-            if len <= data.len() && count > 0 {
-                let lines = &data[..len];
-                if let Some(unit) = whole_lines(lines) {
-                    units.push(unit);
-                }
-            }
-            self.write_header(index, 0, 0);
-        }
-        Recovered { units }
-    }
-
     fn slot_ptr(&self, index: usize) -> *mut u8 {
-        assert!(index < SLOTS);
-        // In bounds: the mapping is SLOTS * SLOT_BYTES long.
-        unsafe { self.map.ptr.add(index * SLOT_BYTES) }
-    }
-
-    fn header(&self, index: usize) -> (usize, usize) {
-        let slot = self.slot_ptr(index);
-        // The header is 16 bytes at the start of the slot; slots start at multiples of
-        // SLOT_BYTES (a multiple of 8) from a page-aligned mapping.
-        unsafe {
-            let count = std::ptr::read_volatile(slot.cast::<u32>());
-            let len = std::ptr::read_volatile(slot.add(8).cast::<u64>());
-            (count as usize, len as usize)
-        }
+        self.map.slot_ptr(index)
     }
 
     fn write_header(&self, index: usize, count: usize, len: usize) {
-        let slot = self.slot_ptr(index);
-        unsafe {
-            std::ptr::write_volatile(slot.cast::<u32>(), count as u32);
-            std::ptr::write_volatile(slot.add(8).cast::<u64>(), len as u64);
-        }
+        self.map.write_header(index, count, len)
     }
 
     /// Unmaps the whole pages of slot `index`'s first `written` bytes (`MADV_DONTNEED` on a
@@ -193,13 +163,85 @@ impl Journal {
             }
         }
     }
+}
 
-    fn data(&self, index: usize) -> &[u8] {
-        // Read only while no `Slot` owns the index (at open, before any is handed out).
-        unsafe {
-            std::slice::from_raw_parts(self.slot_ptr(index).add(HEADER_BYTES), MESSAGE_BUFFER_BYTES)
+/// A gone node's journal, read and still locked.
+pub struct LeftOver {
+    pub units: Vec<EncodedEvents>,
+    path: PathBuf,
+    _file: File,
+}
+
+impl LeftOver {
+    /// Deletes the journal: its events are safe elsewhere.
+    pub fn remove(self) -> Result<(), JournalError> {
+        std::fs::remove_file(&self.path).map_err(|source| JournalError::Io {
+            path: self.path.clone(),
+            source,
+        })
+    }
+}
+
+/// Whether reading a journal clears the slots it read.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Recovery {
+    Clear,
+    Keep,
+}
+
+/// Opens and locks `dir`'s journal file, creating it if need be, and reads every slot's
+/// events: the file as a previous run of any size left it.
+fn open_and_recover(
+    dir: &Path,
+    recovery: Recovery,
+) -> Result<(File, PathBuf, Recovered), JournalError> {
+    let path = dir.join(JOURNAL_FILE);
+    let io = |source| JournalError::Io {
+        path: path.clone(),
+        source,
+    };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(&path)
+        .map_err(io)?;
+    // Two processes of one node (one spool folder) would write the same slots.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(JournalError::Locked { path });
+    }
+    let slots = file.metadata().map_err(io)?.len() as usize / SLOT_BYTES;
+    let recovered = if slots == 0 {
+        Recovered { units: Vec::new() }
+    } else {
+        let map = Mapping::new(&file, slots * SLOT_BYTES).map_err(io)?;
+        take_left_over(&map, recovery)
+    };
+    Ok((file, path, recovered))
+}
+
+/// The events of every slot in use, each slot cleared after it is read if so asked.
+fn take_left_over(map: &Mapping, recovery: Recovery) -> Recovered {
+    let mut units = Vec::new();
+    for index in 0..map.slots() {
+        let (count, len) = map.header(index);
+        if len == 0 {
+            continue;
+        }
+        let data = map.data(index);
+        // A header never counts past the slot; one that does is not ours (a damaged
+        // file): its slot is cleared and nothing is taken from it.
+        if len <= data.len() && count > 0 {
+            if let Some(unit) = whole_lines(&data[..len]) {
+                units.push(unit);
+            }
+        }
+        if recovery == Recovery::Clear {
+            map.write_header(index, 0, 0);
         }
     }
+    Recovered { units }
 }
 
 /// The complete lines of a slot, as a unit: a slot's bytes end at a line's end, so this
@@ -309,6 +351,44 @@ impl Mapping {
     }
 }
 
+impl Mapping {
+    fn slots(&self) -> usize {
+        self.len / SLOT_BYTES
+    }
+
+    fn slot_ptr(&self, index: usize) -> *mut u8 {
+        assert!(index < self.slots());
+        // In bounds: the mapping holds `slots()` whole slots.
+        unsafe { self.ptr.add(index * SLOT_BYTES) }
+    }
+
+    fn header(&self, index: usize) -> (usize, usize) {
+        let slot = self.slot_ptr(index);
+        // The header is 16 bytes at the start of the slot; slots start at multiples of
+        // SLOT_BYTES (a multiple of 8) from a page-aligned mapping.
+        unsafe {
+            let count = std::ptr::read_volatile(slot.cast::<u32>());
+            let len = std::ptr::read_volatile(slot.add(8).cast::<u64>());
+            (count as usize, len as usize)
+        }
+    }
+
+    fn write_header(&self, index: usize, count: usize, len: usize) {
+        let slot = self.slot_ptr(index);
+        unsafe {
+            std::ptr::write_volatile(slot.cast::<u32>(), count as u32);
+            std::ptr::write_volatile(slot.add(8).cast::<u64>(), len as u64);
+        }
+    }
+
+    fn data(&self, index: usize) -> &[u8] {
+        // Read only while no `Slot` owns the index (at open, before any is handed out).
+        unsafe {
+            std::slice::from_raw_parts(self.slot_ptr(index).add(HEADER_BYTES), MESSAGE_BUFFER_BYTES)
+        }
+    }
+}
+
 impl Drop for Mapping {
     fn drop(&mut self) {
         unsafe {
@@ -320,6 +400,8 @@ impl Drop for Mapping {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const SLOTS: usize = 8;
 
     fn line(n: usize) -> Vec<u8> {
         format!("{{\"eventId\":\"e{n}\"}}\n").into_bytes()
@@ -343,7 +425,7 @@ mod tests {
     fn slots_in_use_when_the_process_dies_are_recovered_and_cleared() {
         let dir = tempfile::tempdir().unwrap();
         {
-            let (journal, recovered) = Journal::open(dir.path(), Arc::default()).unwrap();
+            let (journal, recovered) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
             assert!(recovered.units.is_empty());
             let mut held = journal.acquire().unwrap();
             held.copy(&line(1), 1, 1);
@@ -353,21 +435,21 @@ mod tests {
             drop(freed);
             held.die();
         }
-        let (journal, recovered) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let (journal, recovered) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
         assert_eq!(
             ids(&recovered.units),
             ["{\"eventId\":\"e1\"}", "{\"eventId\":\"e2\"}"]
         );
         assert_eq!(recovered.units[0].count(), 2);
         drop(journal);
-        let (_journal, again) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let (_journal, again) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
         assert!(again.units.is_empty(), "recovered slots are cleared");
     }
 
     #[test]
     fn a_unit_that_outgrows_its_slot_keeps_the_prefix_and_counts_the_rest() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let (journal, _) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
         let mut slot = journal.acquire().unwrap();
         slot.copy(&line(1), 1, 1);
         let big = vec![b'x'; MESSAGE_BUFFER_BYTES];
@@ -376,7 +458,7 @@ mod tests {
         assert_eq!(journal.stats.unjournaled.load(Ordering::Relaxed), 2);
         slot.die();
         drop(journal);
-        let (_, recovered) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let (_, recovered) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
         assert_eq!(ids(&recovered.units), ["{\"eventId\":\"e1\"}"]);
     }
 
@@ -408,7 +490,7 @@ mod tests {
     #[test]
     fn a_freed_slot_leaves_the_processs_resident_memory_and_keeps_nothing_for_the_next_run() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let (journal, _) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
         let address = journal.map.ptr as usize;
         let before = resident_kib_of_mapping(address);
         let mut slot = journal.acquire().unwrap();
@@ -427,7 +509,7 @@ mod tests {
         again.copy(&line(1), 1, 1);
         again.die();
         drop(journal);
-        let (_, recovered) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let (_, recovered) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
         assert_eq!(
             ids(&recovered.units),
             ["{\"eventId\":\"e1\"}"],
@@ -438,7 +520,7 @@ mod tests {
     #[test]
     fn every_slot_in_use_means_no_copy() {
         let dir = tempfile::tempdir().unwrap();
-        let (journal, _) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let (journal, _) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
         let held: Vec<Slot> = (0..SLOTS).map(|_| journal.acquire().unwrap()).collect();
         assert!(journal.acquire().is_none());
         drop(held);
@@ -446,13 +528,52 @@ mod tests {
     }
 
     #[test]
+    fn a_run_with_fewer_slots_recovers_every_slot_the_last_run_held_and_sizes_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (journal, _) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
+            let held: Vec<Slot> = (0..SLOTS).map(|_| journal.acquire().unwrap()).collect();
+            for (n, mut slot) in held.into_iter().enumerate() {
+                slot.copy(&line(n), 1, 1);
+                slot.die();
+            }
+        }
+        let (journal, recovered) = Journal::open(dir.path(), 2, Arc::default()).unwrap();
+        assert_eq!(ids(&recovered.units).len(), SLOTS, "the last slot too");
+        let length = std::fs::metadata(dir.path().join(JOURNAL_FILE))
+            .unwrap()
+            .len();
+        assert_eq!(length, 2 * SLOT_BYTES as u64);
+        let _held = (journal.acquire().unwrap(), journal.acquire().unwrap());
+        assert!(journal.acquire().is_none());
+    }
+
+    #[test]
+    fn a_gone_nodes_journal_is_read_whole_and_kept_until_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (journal, _) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
+            let mut slot = journal.acquire().unwrap();
+            slot.copy(&line(7), 1, 1);
+            slot.die();
+        }
+        let left_over = Journal::take_over(dir.path()).unwrap();
+        assert_eq!(ids(&left_over.units), ["{\"eventId\":\"e7\"}"]);
+        drop(left_over);
+        let again = Journal::take_over(dir.path()).unwrap();
+        assert_eq!(ids(&again.units).len(), 1, "kept until removed");
+        again.remove().unwrap();
+        assert!(!dir.path().join(JOURNAL_FILE).exists());
+    }
+
+    #[test]
     fn a_second_process_of_the_same_node_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let (_journal, _) = Journal::open(dir.path(), Arc::default()).unwrap();
+        let (_journal, _) = Journal::open(dir.path(), SLOTS, Arc::default()).unwrap();
         // flock locks belong to the open file, so a second open in this process is refused
         // as another process's would be.
         assert!(matches!(
-            Journal::open(dir.path(), Arc::default()),
+            Journal::open(dir.path(), SLOTS, Arc::default()),
             Err(JournalError::Locked { .. })
         ));
     }

@@ -6,8 +6,9 @@
 //! Imports point one way, down this list: a module uses only those above it.
 //! - [`context`](TraceContext): `X-Request-Id` and the W3C trace context.
 //! - `event`: the trace event document ([`TraceEvent`]), header redaction and body capping.
+//! - `buffer_pool`: large buffers the queue and the publisher reuse, and the budget that
+//!   bounds the queue's (`trace.bufferMaxBytes`).
 //! - `stats`: what the pipeline did with events ([`PublisherStats`]), counted by all below.
-//! - `buffer_pool`: large buffers the queue and the publisher reuse.
 //! - [`framing`]: several events per AMQP message, one JSON document per line; the format
 //!   the publisher writes and the [`indexer`](crate::indexer) reads.
 //! - `journal`: the queue's copy in a memory-mapped file, which outlives a SIGKILLed process.
@@ -37,6 +38,7 @@ pub mod search;
 mod spool;
 mod stats;
 
+pub use buffer_pool::BufferBudget;
 pub use context::{request_id_or_new, TraceContext, REQUEST_ID_HEADER, TRACEPARENT_HEADER};
 pub use event::{
     daily_index, new_event_id, AttemptTiming, BodyCapture, BodyKind, EventKind, Redactor,
@@ -70,6 +72,7 @@ pub fn publisher_settings(config: &GomsConfig) -> PublisherSettings {
         queue: config.trace.queue.clone(),
         queue_type: config.trace.queue_type,
         queue_capacity: config.trace.queue_capacity,
+        buffer_max_bytes: config.trace.buffer_max_bytes,
         publish_interval: config.trace.publish_interval,
         compression: config.trace.compression,
         spool_dir: config.trace.spool_dir.clone(),

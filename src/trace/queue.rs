@@ -16,8 +16,11 @@
 //! ([`EventQueue::recycle`]) and shards fill them again, so their memory stays mapped instead
 //! of being faulted in again, 4 KiB at a time, for every message.
 //!
-//! The bound counts entries (one [`EventQueue::push`]: a gateway request's two events, or one
-//! event) across all shards. A push past it is refused and the caller spools the events. The
+//! Two bounds hold. One counts entries (one [`EventQueue::push`]: a gateway request's two
+//! events, or one event) across all shards. The other counts buffers ([`BufferBudget`],
+//! `trace.bufferMaxBytes`): a unit holds its buffer from the push that opens it until its
+//! events are confirmed or spooled, so it also bounds the batches in flight, and the journal
+//! has a slot for each. A push past either is refused and the caller spools the events. The
 //! push that fills the queue halfway wakes the publisher ([`EventQueue::half_full`]), which
 //! otherwise looks only at its interval: at full load the default queue fills in little more
 //! than the default interval, so without the wake requests would spool events themselves
@@ -28,7 +31,7 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use super::buffer_pool::BufferPool;
+use super::buffer_pool::{BufferBudget, BufferPool};
 use super::framing::{self, EncodedEvents};
 use super::journal::Journal;
 use crate::per_thread::PerThread;
@@ -48,6 +51,8 @@ pub struct EventQueue {
     /// Set once the publisher drains for good; pushes are refused from then on.
     closed: AtomicBool,
     spare_buffers: BufferPool,
+    /// Buffers in use by units queued or in flight, and the most that may be.
+    budget: Arc<BufferBudget>,
     /// Signalled by the push that brings the queue to half its capacity, and by
     /// [`EventQueue::request_spill`].
     filled_halfway: Notify,
@@ -65,6 +70,8 @@ struct Shard {
 }
 
 impl EventQueue {
+    /// A queue of `capacity` entries with no bound on its buffers; see
+    /// [`EventQueue::bounded_by`].
     pub fn new(capacity: usize, journal: Option<Arc<Journal>>) -> Self {
         EventQueue {
             shards: PerThread::default(),
@@ -73,10 +80,20 @@ impl EventQueue {
             half: (capacity / 2).max(1),
             closed: AtomicBool::new(false),
             spare_buffers: BufferPool::new(SPARE_BUFFERS, framing::MESSAGE_BUFFER_BYTES),
+            budget: BufferBudget::unlimited(),
             filled_halfway: Notify::new(),
             spill_wanted: AtomicBool::new(false),
             journal,
         }
+    }
+
+    /// Holds the units' buffers, queued and in flight, to `budget`'s limit; spare buffers are
+    /// kept only up to that many too.
+    pub fn bounded_by(mut self, budget: Arc<BufferBudget>) -> Self {
+        let spares = SPARE_BUFFERS.min(budget.limit());
+        self.spare_buffers = BufferPool::new(spares, framing::MESSAGE_BUFFER_BYTES);
+        self.budget = budget;
+        self
     }
 
     /// Appends `count` events that `write` puts down as complete lines, unless the queue is
@@ -100,8 +117,12 @@ impl EventQueue {
             .last()
             .is_some_and(|open| open.has_room_for(count))
         {
-            let buffer = self.spare_buffers.take();
-            shard.units.push(self.new_unit(buffer));
+            let Some(unit) = self.new_unit() else {
+                drop(shard);
+                self.queued.fetch_sub(1, Ordering::Relaxed);
+                return Err(write);
+            };
+            shard.units.push(unit);
         }
         let open = shard.units.last_mut().expect("a unit is open");
         open.append_with(count, write);
@@ -118,13 +139,16 @@ impl EventQueue {
         Ok(())
     }
 
-    /// A unit with a slot in the journal when one is free.
-    fn new_unit(&self, buffer: Vec<u8>) -> EncodedEvents {
-        let mut unit = EncodedEvents::reusing(buffer);
+    /// A unit in a spare buffer, with a slot in the journal when one is free; `None` when the
+    /// budget's buffers are all in use.
+    fn new_unit(&self) -> Option<EncodedEvents> {
+        let permit = self.budget.try_take()?;
+        let mut unit = EncodedEvents::reusing(self.spare_buffers.take());
+        unit.hold(permit);
         if let Some(slot) = self.journal.as_ref().and_then(Journal::acquire) {
             unit.keep_copy_in(Box::new(slot));
         }
-        unit
+        Some(unit)
     }
 
     /// Entries waiting.
@@ -240,6 +264,30 @@ mod tests {
         assert_eq!(ids(&queue.take_all()).len(), 2);
         assert!(queue.is_empty());
         assert!(queue.push(1, event(3)).is_ok(), "room again once taken");
+    }
+
+    #[test]
+    fn units_past_the_buffer_budget_hand_their_events_back_until_a_unit_leaves() {
+        let queue = EventQueue::new(10_000, None).bounded_by(BufferBudget::new(1, 1));
+        let full = framing::MAX_EVENTS_PER_MESSAGE;
+        for n in 0..full {
+            assert!(queue.push(1, event(n)).is_ok());
+        }
+        assert!(
+            queue.push(1, event(full)).is_err(),
+            "a second unit is past the budget"
+        );
+        assert_eq!(queue.len(), full, "the refused push is not counted");
+        let taken = queue.take_all();
+        assert!(
+            queue.push(1, event(full)).is_err(),
+            "taken units still hold their buffer"
+        );
+        queue.recycle(taken);
+        assert!(
+            queue.push(1, event(full)).is_ok(),
+            "room once the unit left"
+        );
     }
 
     #[tokio::test]

@@ -1,8 +1,12 @@
 //! What the trace pipeline did with events, counted for `/metrics`
 //! (`goms_trace_events_*_total`): the request path, the queue's journal, the spool, adoption
-//! and the publisher all count here, so it sits below them all.
+//! and the publisher all count here, so it sits below them all but the buffer pool, whose
+//! budget it reports (`goms_trace_buffer_bytes`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use super::buffer_pool::BufferBudget;
 
 /// Counters exported at `/metrics` (`goms_trace_events_*_total`).
 #[derive(Debug, Default)]
@@ -25,6 +29,18 @@ pub struct PublisherStats {
     pub adopted: AtomicU64,
     /// Folders of nodes that are gone, adopted whole and removed.
     pub folders_adopted: AtomicU64,
+    /// The queue's buffers in use and their bound (`trace.bufferMaxBytes`).
+    pub buffers: Arc<BufferBudget>,
+}
+
+impl PublisherStats {
+    /// Counters starting at 0, with the queue's buffer budget.
+    pub fn with_buffers(buffers: Arc<BufferBudget>) -> Self {
+        PublisherStats {
+            buffers,
+            ..PublisherStats::default()
+        }
+    }
 }
 
 impl PublisherStats {
@@ -87,5 +103,21 @@ impl PublisherStats {
             "goms_trace_spool_folders_adopted_total {}",
             self.folders_adopted.load(Ordering::Relaxed)
         );
+        self.render_buffers(out);
+    }
+
+    /// `goms_trace_buffer_bytes` and its limit: the memory the queue's units hold, queued or
+    /// in flight. Spare buffers kept for reuse are not counted.
+    fn render_buffers(&self, out: &mut String) {
+        use std::fmt::Write;
+        let (in_use, limit) = self.buffers.bytes();
+        let _ = writeln!(out, "# HELP goms_trace_buffer_bytes Memory held by trace event buffers: events queued, or sent and awaiting the broker's confirms.");
+        let _ = writeln!(out, "# TYPE goms_trace_buffer_bytes gauge");
+        let _ = writeln!(out, "goms_trace_buffer_bytes {in_use}");
+        if let Some(limit) = limit {
+            let _ = writeln!(out, "# HELP goms_trace_buffer_limit_bytes trace.bufferMaxBytes, in whole buffers; past it events go to the spool.");
+            let _ = writeln!(out, "# TYPE goms_trace_buffer_limit_bytes gauge");
+            let _ = writeln!(out, "goms_trace_buffer_limit_bytes {limit}");
+        }
     }
 }

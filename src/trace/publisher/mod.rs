@@ -36,7 +36,8 @@ use tokio::task::JoinHandle;
 use tracing::{error, info, warn};
 
 use super::adoption;
-use super::framing::{BodyEncoder, EncodedEvents, TraceCompression};
+use super::buffer_pool::BufferBudget;
+use super::framing::{BodyEncoder, EncodedEvents, TraceCompression, MESSAGE_BUFFER_BYTES};
 use super::journal::Journal;
 use super::queue::EventQueue;
 use super::spool::FolderLock;
@@ -57,6 +58,10 @@ pub struct PublisherSettings {
     pub queue: String,
     pub queue_type: QueueType,
     pub queue_capacity: usize,
+    /// The most memory the queue's event buffers may hold, queued or in flight
+    /// (`trace.bufferMaxBytes`), in whole buffers of [`MESSAGE_BUFFER_BYTES`]: past it,
+    /// events go to the spool. The journal has a slot for each.
+    pub buffer_max_bytes: u64,
     /// How long events gather before they are sent and confirmed, unless the queue is
     /// already half full (`trace.publishInterval`). The broker's cost is per confirmed batch (it writes and
     /// syncs the messages before it confirms them), so fewer, larger batches cost it less CPU
@@ -74,6 +79,14 @@ pub struct PublisherSettings {
     /// every minute (see `trace::adoption`); set by
     /// [`for_node`](PublisherSettings::for_node), which makes `spool_dir` a node's folder.
     pub adopt_orphans: bool,
+}
+
+impl PublisherSettings {
+    /// `buffer_max_bytes` in whole message buffers, at least one.
+    pub fn buffer_count(&self) -> usize {
+        let buffers = self.buffer_max_bytes / MESSAGE_BUFFER_BYTES as u64;
+        usize::try_from(buffers).unwrap_or(usize::MAX).max(1)
+    }
 }
 
 /// The publisher loop, prepared but not yet running: [`Publisher::run`] drives it inside
@@ -94,7 +107,7 @@ fn open_journal(
     spool: &SpoolWriter,
     stats: Arc<PublisherStats>,
 ) -> Option<Arc<Journal>> {
-    match Journal::open(&settings.spool_dir, stats) {
+    match Journal::open(&settings.spool_dir, settings.buffer_count(), stats) {
         Ok((journal, recovered)) => {
             let events = event_count(&recovered.units);
             if events > 0 {
@@ -120,14 +133,16 @@ impl Publisher {
     pub fn prepare(settings: PublisherSettings) -> Result<(TraceSink, Publisher), SpoolError> {
         let folder_lock = FolderLock::take_own(&settings.spool_dir)?;
         let spool = Spool::open(&settings.spool_dir, settings.spool_max_bytes)?;
-        let stats = Arc::<PublisherStats>::default();
+        let budget = BufferBudget::new(settings.buffer_count(), MESSAGE_BUFFER_BYTES);
+        let stats = Arc::new(PublisherStats::with_buffers(budget.clone()));
         let spool = SpoolWriter::new(spool, stats.clone());
         let journal = if settings.journal {
             open_journal(&settings, &spool, stats)
         } else {
             None
         };
-        let queue = Arc::new(EventQueue::new(settings.queue_capacity, journal.clone()));
+        let queue = EventQueue::new(settings.queue_capacity, journal.clone()).bounded_by(budget);
+        let queue = Arc::new(queue);
         let sink = TraceSink::new(queue.clone(), spool.clone());
         let publisher = Publisher {
             settings,
