@@ -112,9 +112,10 @@ async fn metrics_kib(port: u16) -> Option<(u64, u64)> {
         .send();
     let text = request.await.ok()?.text().await.ok()?;
     let kib = |name: &str| -> Option<u64> {
-        let line = text
-            .lines()
-            .find(|l| l.strip_prefix(name)?.starts_with(' '))?;
+        let line = text.lines().find(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' '))
+        })?;
         Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? / 1024)
     };
     Some((
