@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Re-creates goms's vendored pingora crates: each crate's source as published on crates.io,
+# plus goms's patch for it (vendor/CRATE.patch). Cargo.toml's [patch.crates-io] builds goms
+# against them. Run it after changing a patch, or with a new version to move to (then update
+# Cargo.toml's pingora version to match and run `cargo update -p pingora-core -p pingora-proxy`).
+#   scripts/vendor-pingora.sh [--version V] [CRATE ...]
+#       CRATE: pingora-core, pingora-proxy (default: both); V: default 0.9.1, the vendored one
+# vendor/README.md lists what each patch changes and why.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+version=0.9.1
+crates=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --version) version=$2; shift 2 ;;
+    -h|--help) sed -n '2,8p' "$0"; exit 0 ;;
+    pingora-core|pingora-proxy) crates+=("$1"); shift ;;
+    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[ ${#crates[@]} -gt 0 ] || crates=(pingora-core pingora-proxy)
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+
+for crate in "${crates[@]}"; do
+  curl -sSfL "https://static.crates.io/crates/$crate/$crate-$version.crate" | tar -xz -C "$scratch"
+  source="$scratch/$crate-$version"
+  rm -f "$source/Cargo.lock" "$source/.cargo_vcs_info.json"
+  # An empty patch (a crate vendored before its first change) applies as nothing.
+  if [ -s "vendor/$crate.patch" ]; then
+    patch -d "$source" -p1 --no-backup-if-mismatch < "vendor/$crate.patch"
+  fi
+  rm -rf "vendor/$crate"
+  mv "$source" "vendor/$crate"
+  echo "vendor/$crate: $crate $version with vendor/$crate.patch applied" >&2
+done
