@@ -163,7 +163,8 @@ async fn main() -> ExitCode {
         "[soak] traffic over; {} faults injected; checking",
         injected.len()
     );
-    let verdict = verdict::judge(&stack, &answers, &injected, &samples, run_for).await;
+    let outage_loop = args.outage_loop > 0;
+    let verdict = verdict::judge(&stack, &answers, &injected, &samples, run_for, outage_loop).await;
     verdict.print();
     if verdict.passed() {
         println!("[soak] PASSED (seed {})", args.seed);

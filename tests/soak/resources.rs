@@ -167,11 +167,22 @@ fn socket_local_ports() -> std::collections::HashMap<u64, u16> {
     ports
 }
 
+/// How long after an outage's end its after-value is read: the replay is done by then.
+const AFTER_OUTAGE: f64 = 10.0;
+
+/// A gateway's sample [`AFTER_OUTAGE`] after the end of each outage that it lived through.
+pub fn after_each_outage<'a>(series: &[&'a Sample], outages: &[(f64, f64)]) -> Vec<&'a Sample> {
+    outages
+        .iter()
+        .filter_map(|(_, ended)| series.iter().find(|s| s.at >= ended + AFTER_OUTAGE))
+        .copied()
+        .collect()
+}
+
 /// For `--outage-loop`: the long-lived gateway's memory before each outage, at its highest
 /// during it, and `AFTER` its end, one line per outage. After-values that keep climbing
 /// outage after outage are a leak; after-values that level off are buffers finding their size.
 pub fn outage_table(samples: &[Sample], outages: &[(f64, f64)]) -> Vec<String> {
-    const AFTER: f64 = 10.0;
     let series: Vec<&Sample> = samples.iter().filter(|s| s.gateway == 0).collect();
     let mib = |kib: u64| kib as f64 / 1024.0;
     let show = |s: Option<&&Sample>| {
@@ -195,7 +206,7 @@ pub fn outage_table(samples: &[Sample], outages: &[(f64, f64)]) -> Vec<String> {
             .iter()
             .filter(|s| s.at >= *started && s.at <= *ended)
             .max_by_key(|s| s.anon_kib);
-        let after = series.iter().find(|s| s.at >= ended + AFTER);
+        let after = series.iter().find(|s| s.at >= ended + AFTER_OUTAGE);
         lines.push(format!(
             "{:>6}  {} | {} | {}",
             n + 1,

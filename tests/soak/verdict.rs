@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::faults::{Injected, Killed};
-use crate::resources::Sample;
+use crate::resources::{after_each_outage, Sample};
 use crate::stack::Stack;
 use crate::traffic::{Answer, Method, Outcome};
 
@@ -80,6 +80,7 @@ pub async fn judge(
     injected: &[Injected],
     samples: &[Sample],
     run_for: f64,
+    outage_loop: bool,
 ) -> Verdict {
     let mut verdict = Verdict::default();
     let kills: Vec<(Killed, f64)> = injected
@@ -95,7 +96,8 @@ pub async fn judge(
     idempotent(&mut verdict, answers);
     posts(&mut verdict, answers, &kills);
     trace_events(&mut verdict, stack, answers, &kills).await;
-    resources(&mut verdict, samples);
+    let outages: Vec<(f64, f64)> = injected.iter().map(|i| (i.started, i.ended)).collect();
+    resources(&mut verdict, samples, outage_loop.then_some(&outages[..]));
     verdict
 }
 
@@ -371,7 +373,11 @@ async fn dropped_events(stack: &Stack) -> u64 {
     dropped
 }
 
-fn resources(verdict: &mut Verdict, samples: &[Sample]) {
+/// Each gateway's memory and descriptors over its last life. Judged on the medians of the
+/// middle and last thirds: of the whole series, or with `outages` (`--outage-loop`) of the
+/// samples 10 s after each outage, since memory in that loop swings with each outage and
+/// replay, and a leak is an after-value that climbs outage after outage.
+fn resources(verdict: &mut Verdict, samples: &[Sample], outages: Option<&[(f64, f64)]>) {
     let gateways = samples.iter().map(|s| s.gateway).max().map_or(0, |g| g + 1);
     for gateway in 0..gateways {
         let mine: Vec<&Sample> = samples.iter().filter(|s| s.gateway == gateway).collect();
@@ -407,8 +413,19 @@ fn resources(verdict: &mut Verdict, samples: &[Sample]) {
             ));
             continue;
         }
-        let third = series.len() / 3;
-        let (middle, last) = (&series[third..2 * third], &series[series.len() - third..]);
+        let (judged, over) = match outages {
+            Some(outages) => (
+                after_each_outage(&series, outages),
+                "10 s after each outage",
+            ),
+            None => (series, "the series"),
+        };
+        let third = judged.len() / 3;
+        if third == 0 {
+            verdict.info(format!("gateway-{gateway}: too few samples to judge"));
+            continue;
+        }
+        let (middle, last) = (&judged[third..2 * third], &judged[judged.len() - third..]);
         // Medians: a fault's replay or reconnect raises memory for seconds, which says
         // nothing of a leak; a leak raises the median.
         let median = |part: &[&Sample], of: fn(&Sample) -> u64| {
@@ -432,7 +449,7 @@ fn resources(verdict: &mut Verdict, samples: &[Sample]) {
         verdict.check(
             growth <= ANON_GROWTH_ALLOWED && fds_last <= fds_middle + FD_SLACK as u64,
             format!(
-                "resources, gateway-{gateway} over {span:.0}s: RssAnon {anon_middle:.1} -> {anon_last:.1} MiB ({:+.1}%, at most {:+.0}%), own open fds {fds_middle} -> {fds_last} (at most +{FD_SLACK}; client connections apart); medians of the middle and last thirds. RssFile (page cache, not judged) {file_middle:.1} -> {file_last:.1} MiB",
+                "resources, gateway-{gateway} over {span:.0}s: RssAnon {anon_middle:.1} -> {anon_last:.1} MiB ({:+.1}%, at most {:+.0}%), own open fds {fds_middle} -> {fds_last} (at most +{FD_SLACK}; client connections apart); medians of the middle and last thirds of {over}. RssFile (page cache, not judged) {file_middle:.1} -> {file_last:.1} MiB",
                 growth * 100.0,
                 ANON_GROWTH_ALLOWED * 100.0
             ),
