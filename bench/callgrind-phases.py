@@ -79,7 +79,7 @@ def phases(total: int, costs: dict[str, int]) -> list[tuple[str, int]]:
     finish = pick(costs, r"^pingora_proxy::HttpProxy<SV,C>::finish::\{\{closure\}\}$")
     logging = pick(costs, "^" + re.escape(GATEWAY) + r"logging::\{\{closure\}\}$")
     trace_emit = pick(costs, r"^goms::trace::publisher::sink::TraceSink::emit_with$")
-    dashboard = pick(costs, r"^goms::gateway::dashboard::Dashboard::record$")
+    dashboard = pick(costs, r"^goms::gateway::request_log::RequestLog::record$")
     publisher = pick(costs, r"^goms::trace::publisher::in_flight::InFlight::send::\{\{closure\}\}$")
 
     rows = [

@@ -63,6 +63,10 @@ where
     /// Get an [HttpSession] to the given server.
     ///
     /// The second return value indicates whether the session is connected via a reused stream.
+    ///
+    /// Connecting (TCP, then TLS) is most of this future's size, some 8 KiB, which the future
+    /// of every request that awaits it would carry, and copy when it is boxed. The connects
+    /// are boxed here instead, so that only the requests that open a connection pay for them.
     pub async fn get_http_session<P: Peer + Send + Sync + 'static>(
         &self,
         peer: &P,
@@ -83,7 +87,7 @@ where
                 return Ok((HttpSession::H1(h1), true));
             }
             // Step 3: Try and create a new Custom session
-            let (connection, reused) = self.custom.get_http_session(peer).await?;
+            let (connection, reused) = Box::pin(self.custom.get_http_session(peer)).await?;
             // We create the Connector before TLS, so we need to make sure that the server also supports the same custom protocol
             match connection {
                 Connection::Session(s) => {
@@ -107,8 +111,11 @@ where
             .get_peer_options()
             .is_none_or(|o| o.alpn.get_max_http_version() == 1);
         if h1_only {
-            let (h1, reused) = self.h1.get_http_session(peer).await?;
-            Ok((HttpSession::H1(h1), reused))
+            if let Some(h1) = self.h1.reused_http_session(peer).await {
+                return Ok((HttpSession::H1(h1), true));
+            }
+            let h1 = Box::pin(self.h1.new_http_session(peer)).await?;
+            Ok((HttpSession::H1(h1), false))
         } else {
             // the peer allows h2, we first check the h2 reuse pool
             let reused_h2 = self.h2.reused_http_session(peer).await?;
@@ -127,7 +134,7 @@ where
                     return Ok((HttpSession::H1(h1), true));
                 }
             }
-            let session = self.h2.new_http_session(peer).await?;
+            let session = Box::pin(self.h2.new_http_session(peer)).await?;
             Ok((session, false))
         }
     }

@@ -41,6 +41,15 @@ impl Connector {
         Ok((http, reused))
     }
 
+    /// A session on a new connection, without looking in the pool first.
+    pub async fn new_http_session<P: Peer + Send + Sync + 'static>(
+        &self,
+        peer: &P,
+    ) -> Result<HttpSession> {
+        let stream = self.transport.new_stream(peer).await?;
+        Ok(HttpSession::new_with_options(stream, peer))
+    }
+
     pub async fn reused_http_session<P: Peer + Send + Sync + 'static>(
         &self,
         peer: &P,
