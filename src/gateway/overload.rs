@@ -127,8 +127,8 @@ fn status_bytes(status: &str, field: &str) -> Option<u64> {
 }
 
 /// The process's memory on `/metrics`: anonymous and file-backed resident memory apart (the
-/// trace journal's mapped pages are the second kind), the allocator's committed memory, and
-/// the guard's state when there is one.
+/// trace journal's mapped pages are the second kind), the allocator's committed and reserved
+/// memory, and the guard's state when there is one.
 pub fn render_prometheus(out: &mut String, guard: Option<&MemoryGuard>) {
     use std::fmt::Write;
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -165,6 +165,13 @@ pub fn render_prometheus(out: &mut String, guard: Option<&MemoryGuard>) {
         "The most memory the allocator has had committed.",
         peak,
     );
+    if let Some(reserved) = crate::allocator::reserved() {
+        gauge(
+            "goms_process_allocator_reserved_bytes",
+            "Address space the allocator (mimalloc) has reserved: committed, and ready to commit.",
+            reserved,
+        );
+    }
     let Some(guard) = guard else { return };
     gauge(
         "goms_gateway_memory_limit_bytes",

@@ -2,8 +2,8 @@
 //! `/proc` once a second, per incarnation (a gateway started again is a new series).
 //! Memory is read apart: `RssAnon` (what the process holds: queues, buffers, the allocator)
 //! and `RssFile` (page cache, which the kernel takes back under pressure: mostly the binary's
-//! own pages, plus the trace journal's slots in use), with the allocator's committed memory
-//! and the trace queue's buffers in use (`goms_trace_buffer_bytes`) from the gateway's
+//! own pages, plus the trace journal's slots in use), with the allocator's committed and
+//! reserved memory and the trace queue's buffers in use (`goms_trace_buffer_bytes`) from the gateway's
 //! `/metrics`.
 //!
 //! Descriptors are counted without the client connections on the gateway's public port:
@@ -25,6 +25,8 @@ pub struct Sample {
     pub file_kib: u64,
     /// mimalloc's committed memory, from `/metrics`; 0 when it did not answer in time.
     pub committed_kib: u64,
+    /// mimalloc's reserved address space, from `/metrics`; 0 when it did not answer.
+    pub reserved_kib: u64,
     /// The trace queue's event buffers in use, from `/metrics`; 0 when it did not answer.
     pub trace_buffer_kib: u64,
     /// Open descriptors other than client connections.
@@ -70,6 +72,7 @@ pub async fn sample_until(stack: &Stack, t0: Instant, until: Instant) -> Vec<Sam
                     anon_kib: memory.anon,
                     file_kib: memory.file,
                     committed_kib: 0,
+                    reserved_kib: 0,
                     trace_buffer_kib: 0,
                     fds: fds.len() - client_connections,
                     client_connections,
@@ -79,7 +82,11 @@ pub async fn sample_until(stack: &Stack, t0: Instant, until: Instant) -> Vec<Sam
         drop(processes);
         for (port, mut sample) in taken {
             let figures = metrics_kib(port).await.unwrap_or_default();
-            (sample.committed_kib, sample.trace_buffer_kib) = figures;
+            (
+                sample.committed_kib,
+                sample.reserved_kib,
+                sample.trace_buffer_kib,
+            ) = figures;
             samples.push(sample);
         }
     }
@@ -103,9 +110,9 @@ fn memory_kib(pid: i32) -> Option<Memory> {
     })
 }
 
-/// mimalloc's committed memory and the trace queue's buffers in use, as the gateway on
-/// `port` reports them.
-async fn metrics_kib(port: u16) -> Option<(u64, u64)> {
+/// mimalloc's committed and reserved memory and the trace queue's buffers in use, as the
+/// gateway on `port` reports them.
+async fn metrics_kib(port: u16) -> Option<(u64, u64, u64)> {
     let request = crate::support::http()
         .get(format!("http://127.0.0.1:{port}/metrics"))
         .timeout(Duration::from_millis(500))
@@ -120,6 +127,7 @@ async fn metrics_kib(port: u16) -> Option<(u64, u64)> {
     };
     Some((
         kib("goms_process_allocator_committed_bytes")?,
+        kib("goms_process_allocator_reserved_bytes").unwrap_or(0),
         kib("goms_trace_buffer_bytes").unwrap_or(0),
     ))
 }
@@ -188,16 +196,17 @@ pub fn outage_table(samples: &[Sample], outages: &[(f64, f64)]) -> Vec<String> {
     let show = |s: Option<&&Sample>| {
         s.map_or("-".to_string(), |s| {
             format!(
-                "{:.1}+{:.1} ({:.1}; {:.1})",
+                "{:.1}+{:.1} ({:.1}/{:.1}; {:.1})",
                 mib(s.anon_kib),
                 mib(s.file_kib),
                 mib(s.committed_kib),
+                mib(s.reserved_kib),
                 mib(s.trace_buffer_kib)
             )
         })
     };
     let mut lines = vec![
-        "outage  RssAnon+RssFile (allocator committed; trace buffers in use) MiB: before | highest during | 10 s after"
+        "outage  RssAnon+RssFile (allocator committed/reserved; trace buffers in use) MiB: before | highest during | 10 s after"
             .to_string(),
     ];
     for (n, (started, ended)) in outages.iter().enumerate() {
