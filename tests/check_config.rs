@@ -39,6 +39,8 @@ fn shipped_files_are_valid() {
     ]);
     assert!(ok, "{text}");
     assert!(text.contains("services.yml: ok"), "{text}");
+    // The shipped file routes the echo service's gRPC calls too, and the count says so.
+    assert!(text.contains("routes, 1 gRPC name)"), "{text}");
 }
 
 #[test]

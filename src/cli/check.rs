@@ -21,9 +21,15 @@ pub fn run(config: Option<&Path>, routes: Option<&Path>) -> anyhow::Result<()> {
     }
     if let Some(path) = routes {
         let spec = load_routes_file(&path)?;
-        let count: usize = spec.0.values().map(|s| s.routes.len()).sum();
+        let routes: usize = spec.0.values().map(|s| s.routes.len()).sum();
+        let grpc: usize = spec.0.values().map(|s| s.policy.grpc.len()).sum();
+        let grpc = match grpc {
+            0 => String::new(),
+            1 => ", 1 gRPC name".to_string(),
+            n => format!(", {n} gRPC names"),
+        };
         println!(
-            "{}: ok ({} services, {count} routes)",
+            "{}: ok ({} services, {routes} routes{grpc})",
             path.display(),
             spec.0.len()
         );
