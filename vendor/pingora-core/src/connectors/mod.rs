@@ -261,7 +261,7 @@ impl TransportConnector {
                         // test_reusable_stream: we assume server would never actively send data
                         // first on an idle stream.
                         #[cfg(unix)]
-                        if peer.matches_fd(stream.id())
+                        if connected_to(&stream, peer)
                             && test_reusable_stream(&mut stream, &self.unexpected_data_conn_count)
                         {
                             Some(stream)
@@ -475,6 +475,20 @@ impl PreferredHttpVersion {
 
 use futures::future::FutureExt;
 use tokio::io::AsyncReadExt;
+
+/// Whether a pooled connection leads to `peer`. The address the connection was made to is in
+/// its socket digest (set by `l4::connect`), so the check is a comparison, not the
+/// `getpeername` system call that `Peer::matches_fd` makes on every reuse; a connection
+/// without that address, or one through a proxy, is checked as before. A connection closed
+/// by the server meanwhile is found by `test_reusable_stream`.
+#[cfg(unix)]
+fn connected_to<P: Peer>(stream: &Stream, peer: &P) -> bool {
+    let digest = stream.get_socket_digest();
+    match digest.as_ref().and_then(|digest| digest.peer_addr.get()) {
+        Some(Some(made_to)) if peer.get_proxy().is_none() => made_to == peer.address(),
+        _ => peer.matches_fd(stream.id()),
+    }
+}
 
 /// Test whether a stream is already closed or not reusable (server sent unexpected data)
 fn test_reusable_stream(stream: &mut Stream, unexpected_data_conn_count: &AtomicU64) -> bool {
