@@ -215,6 +215,8 @@ pub trait KeepsCopy: Send + Sync + std::fmt::Debug {
 /// (only the queued unit counts), and two units compare by their events alone.
 #[derive(Debug, Default)]
 struct Held {
+    // Fields drop in order: the slot is free before the permit is, and the journal has a slot
+    // per permit, so a unit that got a permit always finds a slot.
     copy: Option<Box<dyn KeepsCopy>>,
     permit: Option<BufferPermit>,
 }
