@@ -59,8 +59,8 @@ impl Brokers {
 }
 
 /// Which broker a client tries next. It keeps to the broker it reached; when that one is lost
-/// or cannot be reached, it moves to the next at once, and only after a whole round of
-/// failures does it wait: 500 ms, doubling with each round up to 3 s.
+/// or cannot be reached, it moves to the next at once. Only once every broker of the list has
+/// failed does it wait: 500 ms, doubling each time the whole list fails again, up to 3 s.
 #[derive(Debug, Default)]
 pub struct Failover {
     turn: usize,
