@@ -71,6 +71,12 @@ def phases(total: int, costs: dict[str, int]) -> list[tuple[str, int]]:
     pick_peer = pick(costs, "^" + re.escape(GATEWAY) + r"upstream_peer::\{\{closure\}\}$")
     pool = pick(costs, r"^pingora_core::connectors::http::Connector<C>::(get|release)_http_session::\{\{closure\}\}$")
     proxy = pick(costs, r"^pingora_proxy::HttpProxy<SV,C>::proxy_to_upstream::\{\{closure\}\}$")
+    if proxy == 0:
+        # Inlined into `process_request` since pingora-proxy's change 1 (vendor/README.md): the
+        # forwarding is then what `process_request` spends besides the filter and `finish`.
+        process_request = pick(costs, r"^pingora_proxy::HttpProxy<SV,C>::process_request::\{\{closure\}\}$")
+        finish_inside = pick(costs, r"^pingora_proxy::HttpProxy<SV,C>::finish::\{\{closure\}\}$")
+        proxy = max(process_request - request_filter - finish_inside, 0)
     response = pick(
         costs,
         r"^pingora_proxy::proxy_h1::<impl pingora_proxy::HttpProxy<SV,C>>::h1_response_filter::\{\{closure\}\}$",

@@ -33,6 +33,10 @@
 #   --bare-pingora     also measure `pingora`: a bare pingora round-robin proxy (examples/bare_pingora.rs,
 #                      built with cargo), doing what the nginx front end does, with --threads threads;
 #                      the floor goms's gateway is built on
+#   --own-app-floor    also measure `floor-sessions` and `floor-raw` (examples/own_app_floor.rs): the
+#                      same round robin with pingora's proxy replaced by a proxy of its own, on
+#                      pingora-core's HTTP/1 sessions and on raw bytes with httparse; what an owned
+#                      forwarding path costs before any goms feature (issue 35's next step)
 #   --profile          afterwards, profile the gateway with `perf record -g` during a GET run at the
 #                      lowest connection count (--profile-seconds, default 10); prints the hottest
 #                      symbols and keeps profile.txt (and perf.data with --keep or --out)
@@ -66,6 +70,7 @@ SMOKE=0
 TRACING=0
 EXTRA_TRACE_ENV=()
 BARE_PINGORA=0
+OWN_APP_FLOOR=0
 TLS=0
 H2=0
 H2_STREAMS=10
@@ -94,6 +99,7 @@ while [ $# -gt 0 ]; do
             case "${2:-}" in GOMS__*=*) EXTRA_TRACE_ENV+=("$2") ;; *) die "--trace-env takes GOMS__NAME=value, got '${2:-}'" ;; esac
             shift 2 ;;
         --bare-pingora) BARE_PINGORA=1; shift ;;
+        --own-app-floor) OWN_APP_FLOOR=1; shift ;;
         --tls) TLS=1; shift ;;
         --http2) TLS=1; H2=1; shift ;;
         --h2-streams) H2_STREAMS=${2:?}; shift 2 ;;
@@ -537,6 +543,23 @@ if [ "$BARE_PINGORA" = 1 ]; then
 fi
 
 # ---------------------------------------------------------------------------------------------
+# Optional front ends: proxies of their own on pingora's server (--own-app-floor), no goms code.
+# ---------------------------------------------------------------------------------------------
+declare -A FLOOR_PORT FLOOR_PID
+if [ "$OWN_APP_FLOOR" = 1 ]; then
+    log "building the own-app floors: cargo build --release --locked --example own_app_floor"
+    (cd "$REPO" && cargo build --release --locked --example own_app_floor)
+    for mode in sessions raw; do
+        free_port; FLOOR_PORT[$mode]=$FREE_PORT
+        mapfile -t vg < <(VG "floor-$mode")
+        ${vg[@]+"${vg[@]}"} "$REPO/target/release/examples/own_app_floor" "$mode" \
+            "127.0.0.1:${FLOOR_PORT[$mode]}" "$GW_THREADS" \
+            "127.0.0.1:$U1" "127.0.0.1:$U2" "127.0.0.1:$U3" > "$T/floor-$mode.log" 2>&1 &
+        FLOOR_PID[$mode]=$!; PIDS+=("$!")
+    done
+fi
+
+# ---------------------------------------------------------------------------------------------
 # Readiness and a round-robin check: six GETs through each proxy must reach all three ports.
 # ---------------------------------------------------------------------------------------------
 FRONTENDS=(goms nginx haproxy direct)
@@ -566,6 +589,12 @@ fi
 if [ -n "$BP_PID" ]; then
     FRONTENDS=("${FRONTENDS[0]}" pingora "${FRONTENDS[@]:1}")
     URL[pingora]="http://127.0.0.1:$BPP"; PID_OF[pingora]=$BP_PID
+fi
+if [ "$OWN_APP_FLOOR" = 1 ]; then
+    FRONTENDS=("${FRONTENDS[0]}" floor-sessions floor-raw "${FRONTENDS[@]:1}")
+    for mode in sessions raw; do
+        URL[floor-$mode]="http://127.0.0.1:${FLOOR_PORT[$mode]}"; PID_OF[floor-$mode]=${FLOOR_PID[$mode]}
+    done
 fi
 for fe in "${FRONTENDS[@]}"; do
     [ -z "${PID_OF[$fe]}" ] || alive "${PID_OF[$fe]}" "$fe"
@@ -695,7 +724,7 @@ callgrind_total() { # callgrind_total NAME: the instruction total of NAME's newe
     awk '/^totals:/ { print $2; exit }' "$f"
 }
 if [ "$CALLGRIND" = 1 ]; then
-    declare -A CG_NAME=([goms]=gateway [goms+trace]=gateway-trace [goms+trace-nodash]=gateway-trace-nodash [pingora]=pingora [nginx]=nginx [haproxy]=haproxy)
+    declare -A CG_NAME=([goms]=gateway [goms+trace]=gateway-trace [goms+trace-nodash]=gateway-trace-nodash [pingora]=pingora [floor-sessions]=floor-sessions [floor-raw]=floor-raw [nginx]=nginx [haproxy]=haproxy)
     declare -A CG_DUMP
     CG_OUT=$T/instructions.tsv
     printf 'scenario\tfrontend\trequests\tinstructions_per_request\n' > "$CG_OUT"
