@@ -2,9 +2,11 @@
 # Re-creates goms's vendored pingora crates: each crate's source as published on crates.io,
 # plus goms's patch for it (vendor/CRATE.patch). Cargo.toml's [patch.crates-io] builds goms
 # against them. Run it after changing a patch, or with a new version to move to (then update
-# Cargo.toml's pingora version to match and run `cargo update -p pingora-core -p pingora-proxy`).
+# Cargo.toml's pingora version to match and run `cargo update -p pingora-core -p pingora-proxy
+# -p pingora-http`).
 #   scripts/vendor-pingora.sh [--version V] [CRATE ...]
-#       CRATE: pingora-core, pingora-proxy (default: both); V: default 0.9.1, the vendored one
+#       CRATE: pingora-core, pingora-proxy, pingora-http (default: all three); V: default 0.9.1,
+#       the vendored one
 #   scripts/vendor-pingora.sh --write-patch [CRATE ...]
 #       the other way: after editing vendor/CRATE by hand, writes vendor/CRATE.patch as the
 #       difference from the published source
@@ -18,12 +20,12 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --version) version=$2; shift 2 ;;
     --write-patch) write_patch=1; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
-    pingora-core|pingora-proxy) crates+=("$1"); shift ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    pingora-core|pingora-proxy|pingora-http) crates+=("$1"); shift ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-[ ${#crates[@]} -gt 0 ] || crates=(pingora-core pingora-proxy)
+[ ${#crates[@]} -gt 0 ] || crates=(pingora-core pingora-proxy pingora-http)
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 

@@ -9,14 +9,16 @@
 
 use std::net::IpAddr;
 
-use http::HeaderValue;
+use http::{HeaderName, HeaderValue};
 use pingora::http::RequestHeader;
 
 use crate::config::AllowList;
 
-pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
-pub const X_FORWARDED_PROTO: &str = "x-forwarded-proto";
-pub const X_FORWARDED_HOST: &str = "x-forwarded-host";
+// `HeaderName`s rather than strings: pingora-http then inserts them without parsing the name
+// again (vendor/README.md, pingora-http's change 1).
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// The client of a request as the gateway believes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -77,18 +79,18 @@ pub fn set_headers(
         _ => peer_text,
     };
     upstream_request.insert_header(X_FORWARDED_FOR, chain)?;
-    let keep = |request: &RequestHeader, name: &str| {
+    let keep = |request: &RequestHeader, name: &HeaderName| {
         client.via_trusted_proxy && request.headers.contains_key(name)
     };
-    if !keep(upstream_request, X_FORWARDED_PROTO) {
+    if !keep(upstream_request, &X_FORWARDED_PROTO) {
         let proto = if https { "https" } else { "http" };
         upstream_request.insert_header(X_FORWARDED_PROTO, proto)?;
     }
-    if !keep(upstream_request, X_FORWARDED_HOST) {
+    if !keep(upstream_request, &X_FORWARDED_HOST) {
         match host_of(upstream_request) {
             Some(host) => upstream_request.insert_header(X_FORWARDED_HOST, host)?,
             None => {
-                upstream_request.remove_header(X_FORWARDED_HOST);
+                upstream_request.remove_header(&X_FORWARDED_HOST);
             }
         }
     }
@@ -136,7 +138,7 @@ mod tests {
         (client, request)
     }
 
-    fn field<'a>(request: &'a RequestHeader, name: &str) -> &'a str {
+    fn field(request: &RequestHeader, name: HeaderName) -> &str {
         request.headers.get(name).unwrap().to_str().unwrap()
     }
 

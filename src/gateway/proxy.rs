@@ -44,12 +44,25 @@ use crate::config::{AllowList, Balance, LimitsConfig, Route, Transform};
 use crate::registry::drain::InFlight;
 use crate::registry::Drain;
 use crate::trace::{
-    request_id_or_new, BodyCapture, TraceContext, TraceSink, ATTEMPT_HEADER, REQUEST_ID_HEADER,
-    TRACEPARENT_HEADER,
+    request_id_or_new, BodyCapture, TraceContext, TraceSink, REQUEST_ID_HEADER, TRACEPARENT_HEADER,
 };
 
 /// Header carrying the shared service key.
 pub const CALL_SERVICE_KEY_HEADER: &str = "call-service-key";
+
+/// The names the gateway sets on every upstream request (and the response's request id), as
+/// `HeaderName`s: pingora-http inserts these without parsing the name again, where a string
+/// costs a parse and, for these non-standard names, an allocation each time
+/// (vendor/README.md, pingora-http's change 1).
+mod set_header {
+    use http::HeaderName;
+
+    pub const CALL_SERVICE_KEY: HeaderName =
+        HeaderName::from_static(super::CALL_SERVICE_KEY_HEADER);
+    pub const ATTEMPT: HeaderName = HeaderName::from_static(crate::trace::ATTEMPT_HEADER);
+    pub const REQUEST_ID: HeaderName = HeaderName::from_static(crate::trace::REQUEST_ID_HEADER);
+    pub const TRACEPARENT: HeaderName = HeaderName::from_static(crate::trace::TRACEPARENT_HEADER);
+}
 /// How long a request that came before the gateway's first membership listing waits for it
 /// before it is answered 503 (naming etcd).
 const FIRST_LISTING_WAIT: Duration = Duration::from_secs(5);
@@ -746,12 +759,13 @@ impl ProxyHttp for GatewayProxy {
             ctx.form_to_json = Some(Vec::new());
         }
         upstream_request.remove_header(&http::header::EXPECT);
-        upstream_request.remove_header(CALL_SERVICE_KEY_HEADER);
-        upstream_request.insert_header(CALL_SERVICE_KEY_HEADER, self.call_service_key.clone())?;
-        upstream_request.insert_header(ATTEMPT_HEADER, attempt_value(ctx.tried.len()))?;
+        // An insert replaces every value the client sent under the name.
+        upstream_request
+            .insert_header(set_header::CALL_SERVICE_KEY, self.call_service_key.clone())?;
+        upstream_request.insert_header(set_header::ATTEMPT, attempt_value(ctx.tried.len()))?;
         if let Some(record) = ctx.record.as_ref() {
-            upstream_request.insert_header(REQUEST_ID_HEADER, record.request_id.as_str())?;
-            upstream_request.insert_header(TRACEPARENT_HEADER, record.trace.traceparent())?;
+            upstream_request.insert_header(set_header::REQUEST_ID, record.request_id.as_str())?;
+            upstream_request.insert_header(set_header::TRACEPARENT, record.trace.traceparent())?;
         }
         let peer = session.client_addr().and_then(|a| a.as_inet());
         if let (Some(peer), Some(client)) = (peer, ctx.client.as_ref()) {
@@ -845,7 +859,7 @@ impl ProxyHttp for GatewayProxy {
         ctx: &mut RequestCtx,
     ) -> pingora::Result<()> {
         if let Some(record) = ctx.record.as_ref() {
-            response.insert_header(REQUEST_ID_HEADER, record.request_id.as_str())?;
+            response.insert_header(set_header::REQUEST_ID, record.request_id.as_str())?;
         }
         if session.req_header().version == http::Version::HTTP_10 {
             unchunk_for_http_1_0(session, response);
