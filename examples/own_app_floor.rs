@@ -150,6 +150,8 @@ impl HttpServerApp for SessionsFloor {
             client.write_response_body(body, false).await.ok()?;
         }
         client.finish_body().await.ok()?;
+        // As pingora's connector does on release: keep-alive as the answer allows.
+        upstream.respect_keepalive();
         if let Some(stream) = upstream.reuse().await {
             self.0.put_idle(index, stream);
         }
