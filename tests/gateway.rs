@@ -130,6 +130,37 @@ async fn forwards_method_query_body_and_headers_as_goms_echo() {
     assert_eq!(body["data"]["headers"]["X-Request-Id"], id.as_str());
 }
 
+/// Hop-by-hop fields (RFC 9110 section 7.6.1) are the client connection's own: the replica gets
+/// none of them, and every other field as sent.
+#[tokio::test]
+async fn hop_by_hop_headers_end_at_the_gateway() {
+    let stack = stack(1).await;
+    let hop_by_hop = [
+        ("Keep-Alive", "timeout=5"),
+        ("Proxy-Connection", "keep-alive"),
+        ("Proxy-Authorization", "Basic Z29tczpnb21z"),
+        ("TE", "trailers"),
+        ("Trailer", "X-Checksum"),
+    ];
+    let mut request = http()
+        .get(stack.url("/api/user/login"))
+        .header("X-Kept", "end to end");
+    for (name, value) in hop_by_hop {
+        request = request.header(name, value);
+    }
+    let body = json_of(request).await;
+    let headers = &body["data"]["headers"];
+    assert_eq!(headers["X-Kept"], "end to end", "{headers}");
+    for (name, _) in hop_by_hop {
+        let echoed = headers
+            .as_object()
+            .unwrap()
+            .keys()
+            .find(|echoed| echoed.eq_ignore_ascii_case(name));
+        assert!(echoed.is_none(), "{name} reached the replica: {headers}");
+    }
+}
+
 #[tokio::test]
 async fn json_and_multipart_bodies_are_decoded() {
     let stack = stack(1).await;
