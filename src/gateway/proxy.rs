@@ -63,6 +63,7 @@ mod set_header {
     pub const REQUEST_ID: HeaderName = HeaderName::from_static(crate::trace::REQUEST_ID_HEADER);
     pub const TRACEPARENT: HeaderName = HeaderName::from_static(crate::trace::TRACEPARENT_HEADER);
 }
+
 /// How long a request that came before the gateway's first membership listing waits for it
 /// before it is answered 503 (naming etcd).
 const FIRST_LISTING_WAIT: Duration = Duration::from_secs(5);
