@@ -206,22 +206,23 @@ async fn read_message(
 fn parse_request(bytes: &[u8]) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    match request.parse(bytes).ok()? {
-        httparse::Status::Complete(len) => Some(Head {
-            len,
-            body_len: content_length(request.headers),
-        }),
-        httparse::Status::Partial => None,
-    }
+    let parsed = request.parse(bytes).ok()?;
+    head_of(parsed, request.headers)
 }
 
 fn parse_response(bytes: &[u8]) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut headers);
-    match response.parse(bytes).ok()? {
+    let parsed = response.parse(bytes).ok()?;
+    head_of(parsed, response.headers)
+}
+
+/// The head's length and its body's, once httparse has the whole head.
+fn head_of(parsed: httparse::Status<usize>, headers: &[httparse::Header<'_>]) -> Option<Head> {
+    match parsed {
         httparse::Status::Complete(len) => Some(Head {
             len,
-            body_len: content_length(response.headers),
+            body_len: content_length(headers),
         }),
         httparse::Status::Partial => None,
     }

@@ -122,6 +122,43 @@ trap 'exit 143' TERM
 . scripts/lib/swarm-nodes.sh
 NODES_WORK=$WORK
 
+# --- the RabbitMQ cluster's checks (--ha and --nodes) ------------------------------------------
+# Each mode defines `in_broker CMD...`, which runs CMD in a broker's container that stays up.
+# shellcheck disable=SC2317  # called through wait_for
+rabbitmqctl_json() { in_broker rabbitmqctl "$@" --formatter json 2>/dev/null; }
+# shellcheck disable=SC2317
+running_brokers() {
+  rabbitmqctl_json cluster_status | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["running_nodes"]))'
+}
+# shellcheck disable=SC2317
+trace_queue_type() {
+  rabbitmqctl_json list_queues name type \
+    | python3 -c 'import json,sys; print(next((q["type"] for q in json.load(sys.stdin) if q["name"] == "goms.trace"), ""))'
+}
+# shellcheck disable=SC2317
+trace_queue_members() {
+  in_broker rabbitmqctl list_queues name members 2>/dev/null | awk '$1 == "goms.trace"' | grep -o 'rabbit@' | wc -l
+}
+# shellcheck disable=SC2317
+brokers_are() { [ "$(running_brokers)" = "$1" ]; }
+# shellcheck disable=SC2317
+queue_is_quorum() { [ "$(trace_queue_type)" = quorum ]; }
+# shellcheck disable=SC2317
+has_three_members() { [ "$(trace_queue_members)" = 3 ]; }
+# Waits for three running brokers and for goms.trace as a quorum queue on all three.
+broker_cluster_of_three() {
+  wait_for 240 "a RabbitMQ cluster of three" brokers_are 3
+  wait_for 120 "goms.trace declared as a quorum queue" queue_is_quorum
+  # A quorum queue's members are the nodes in the cluster when it was declared: the gateway
+  # may have declared it before the other nodes joined. Nodes that join later are added, as
+  # an operator does (docs/deployment.md); RabbitMQ 3.10 does not do it by itself.
+  local node
+  for node in rabbit@rabbitmq rabbit@rabbitmq2 rabbit@rabbitmq3; do
+    in_broker rabbitmq-queues grow "$node" all --queue-pattern '^goms\.trace' >/dev/null 2>&1 || true
+  done
+  wait_for 60 "goms.trace replicated on all three nodes" has_three_members
+}
+
 # --- stage 3 (--nodes 3): three nodes on this machine, one of them cut off -------------------
 # Called after the images are built; everything it makes goes in cleanup (swarm_nodes_down).
 # shellcheck disable=SC2317  # the helpers inside are called through wait_for
@@ -173,23 +210,8 @@ run_nodes_check() {
   user_count_is() { [ "$(user_nodes | grep -c .)" = "$1" ]; }
   wait_for 300 "the gateway's /healthz on $BASE" curl -fsS --max-time 2 "$BASE/healthz"
   wait_for 180 "/cluster listing 3 user nodes" user_count_is 3
-  rabbitmqctl_json() { on1 rabbitmq rabbitmqctl "$@" --formatter json 2>/dev/null; }
-  brokers_are() {
-    [ "$(rabbitmqctl_json cluster_status | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["running_nodes"]))')" = "$1" ]
-  }
-  queue_is_quorum() {
-    rabbitmqctl_json list_queues name type \
-      | python3 -c 'import json,sys; sys.exit(not any(q["name"] == "goms.trace" and q["type"] == "quorum" for q in json.load(sys.stdin)))'
-  }
-  has_three_members() {
-    [ "$(on1 rabbitmq rabbitmqctl list_queues name members 2>/dev/null | awk '$1 == "goms.trace"' | grep -o 'rabbit@' | wc -l)" = 3 ]
-  }
-  wait_for 240 "a RabbitMQ cluster of three" brokers_are 3
-  wait_for 120 "goms.trace declared as a quorum queue" queue_is_quorum
-  for i in rabbit@rabbitmq rabbit@rabbitmq2 rabbit@rabbitmq3; do
-    on1 rabbitmq rabbitmq-queues grow "$i" all --queue-pattern '^goms\.trace' >/dev/null 2>&1 || true
-  done
-  wait_for 60 "goms.trace replicated on all three nodes" has_three_members
+  in_broker() { on1 rabbitmq "$@"; }
+  broker_cluster_of_three
   etcd_members=$(on1 etcd etcdctl member list 2>/dev/null | grep -c started || true)
   for i in $(seq "$NODES"); do
     log "node $i ($(node_ip "$i")): $(node_docker "$i" ps --format '{{.Label "com.docker.swarm.service.name"}}' | sed "s/^${STACK}_//" | sort | tr '\n' ' ')"
@@ -423,32 +445,13 @@ log "every replica routed ($(requests) requests, $(failed) failed)"
 
 if [ "$HA" = 1 ]; then
   task_of() { docker ps -q --filter "label=com.docker.swarm.service.name=${STACK}_$1" | head -n 1; }
-  rabbitmqctl_json() { docker exec "$(task_of rabbitmq2)" rabbitmqctl "$@" --formatter json 2>/dev/null; }
-  running_brokers() { rabbitmqctl_json cluster_status | python3 -c 'import json,sys; print(len(json.load(sys.stdin)["running_nodes"]))'; }
-  trace_queue_type() {
-    rabbitmqctl_json list_queues name type \
-      | python3 -c 'import json,sys; print(next((q["type"] for q in json.load(sys.stdin) if q["name"] == "goms.trace"), ""))'
-  }
+  # rabbitmq2: the check takes the first broker away below.
+  in_broker() { docker exec "$(task_of rabbitmq2)" "$@"; }
   published() {
     docker exec "$(gateway_container)" python3 -c 'import urllib.request; print(urllib.request.urlopen("http://127.0.0.1:9901/metrics").read().decode())' \
       | awk '$1 == "goms_trace_events_published_total" {print $2}'
   }
-  brokers_are() { [ "$(running_brokers)" = "$1" ]; }
-  queue_is_quorum() { [ "$(trace_queue_type)" = quorum ]; }
-  queue_members() {
-    docker exec "$(task_of rabbitmq2)" rabbitmqctl list_queues name members 2>/dev/null \
-      | awk '$1 == "goms.trace"' | grep -o 'rabbit@' | wc -l
-  }
-  has_three_members() { [ "$(queue_members)" = 3 ]; }
-  wait_for 120 "a RabbitMQ cluster of three" brokers_are 3
-  wait_for 60 "goms.trace declared as a quorum queue" queue_is_quorum
-  # A quorum queue's members are the nodes in the cluster when it was declared: the gateway
-  # may have declared it before the other nodes joined. Nodes that join later are added, as
-  # an operator does (docs/deployment.md); RabbitMQ 3.10 does not do it by itself.
-  for node in rabbit@rabbitmq rabbit@rabbitmq2 rabbit@rabbitmq3; do
-    docker exec "$(task_of rabbitmq2)" rabbitmq-queues grow "$node" all --queue-pattern '^goms\.trace' >/dev/null 2>&1 || true
-  done
-  wait_for 30 "goms.trace replicated on all three nodes" has_three_members
+  broker_cluster_of_three
   log "HA: RabbitMQ cluster of 3, goms.trace is $(trace_queue_type); etcd members: $(docker exec "$(task_of etcd2)" etcdctl member list 2>/dev/null | wc -l)"
   before_loss=$(requests)
   log "HA: scale etcd (a member) and rabbitmq (the first node) to 0 under traffic"
