@@ -123,6 +123,9 @@ def main() -> None:
         print(f"| {name} | {cost / requests:,.0f} | {100 * cost / total:.1f}% |")
     covered = sum(cost for _, cost in rows)
     print(f"| **total** | **{total / requests:,.0f}** | 100% |")
+    dashboard = dict(rows)["end: dashboard record"]
+    if dashboard:
+        print(f"\nThe dashboard's record is {100 * dashboard / total:.1f}% of this total (target: at most 3%).")
     if abs(covered - total) > total * 0.001:
         print(f"\n(rows add up to {covered / requests:,.0f}: the nesting assumed here does not hold)")
 
