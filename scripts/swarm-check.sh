@@ -191,8 +191,7 @@ run_nodes_check() {
   # --- stack ---
   cp -r config "$WORK/config"
   echo "swarm-check key $$" >"$WORK/goms.key"
-  { cat compose/ha/rabbitmq.conf; echo "cluster_partition_handling = pause_minority"; } >"$WORK/rabbitmq.conf"
-  export GOMS_CONFIG_DIR=$WORK/config GOMS_KEY_FILE=$WORK/goms.key GOMS_RABBITMQ_CONF=$WORK/rabbitmq.conf
+  export GOMS_CONFIG_DIR=$WORK/config GOMS_KEY_FILE=$WORK/goms.key
   export GOMS_GATEWAY_PORT=8080
   BASE=http://$(node_ip 1):$GOMS_GATEWAY_PORT
   log "docker stack deploy ${STACK_FILES[*]} $STACK (gateways on $(node_ip 1)..$(node_ip "$NODES"):8080, host mode)"
