@@ -36,7 +36,9 @@
 #   --own-app-floor    also measure `floor-sessions` and `floor-raw` (examples/own_app_floor.rs): the
 #                      same round robin with pingora's proxy replaced by a proxy of its own, on
 #                      pingora-core's HTTP/1 sessions and on raw bytes with httparse; what an owned
-#                      forwarding path costs before any goms feature (issue 35's next step)
+#                      forwarding path costs before any goms feature (issue 35's next step); and
+#                      `pingora-handoff` (bare_pingora --handoff): pingora-proxy behind an app that
+#                      reads each request's first bytes, the path of a request an owned path passes on
 #   --profile          afterwards, profile the gateway with `perf record -g` during a GET run at the
 #                      lowest connection count (--profile-seconds, default 10); prints the hottest
 #                      symbols and keeps profile.txt (and perf.data with --keep or --out)
@@ -557,6 +559,12 @@ if [ "$OWN_APP_FLOOR" = 1 ]; then
             "127.0.0.1:$U1" "127.0.0.1:$U2" "127.0.0.1:$U3" > "$T/floor-$mode.log" 2>&1 &
         FLOOR_PID[$mode]=$!; PIDS+=("$!")
     done
+    (cd "$REPO" && cargo build --release --locked --example bare_pingora)
+    free_port; FLOOR_PORT[handoff]=$FREE_PORT
+    mapfile -t vg < <(VG pingora-handoff)
+    ${vg[@]+"${vg[@]}"} "$REPO/target/release/examples/bare_pingora" --handoff "127.0.0.1:${FLOOR_PORT[handoff]}" \
+        "$GW_THREADS" "127.0.0.1:$U1" "127.0.0.1:$U2" "127.0.0.1:$U3" > "$T/pingora-handoff.log" 2>&1 &
+    FLOOR_PID[handoff]=$!; PIDS+=("$!")
 fi
 
 # ---------------------------------------------------------------------------------------------
@@ -591,10 +599,11 @@ if [ -n "$BP_PID" ]; then
     URL[pingora]="http://127.0.0.1:$BPP"; PID_OF[pingora]=$BP_PID
 fi
 if [ "$OWN_APP_FLOOR" = 1 ]; then
-    FRONTENDS=("${FRONTENDS[0]}" floor-sessions floor-raw "${FRONTENDS[@]:1}")
+    FRONTENDS=("${FRONTENDS[0]}" floor-sessions floor-raw pingora-handoff "${FRONTENDS[@]:1}")
     for mode in sessions raw; do
         URL[floor-$mode]="http://127.0.0.1:${FLOOR_PORT[$mode]}"; PID_OF[floor-$mode]=${FLOOR_PID[$mode]}
     done
+    URL[pingora-handoff]="http://127.0.0.1:${FLOOR_PORT[handoff]}"; PID_OF[pingora-handoff]=${FLOOR_PID[handoff]}
 fi
 for fe in "${FRONTENDS[@]}"; do
     [ -z "${PID_OF[$fe]}" ] || alive "${PID_OF[$fe]}" "$fe"
@@ -724,7 +733,7 @@ callgrind_total() { # callgrind_total NAME: the instruction total of NAME's newe
     awk '/^totals:/ { print $2; exit }' "$f"
 }
 if [ "$CALLGRIND" = 1 ]; then
-    declare -A CG_NAME=([goms]=gateway [goms+trace]=gateway-trace [goms+trace-nodash]=gateway-trace-nodash [pingora]=pingora [floor-sessions]=floor-sessions [floor-raw]=floor-raw [nginx]=nginx [haproxy]=haproxy)
+    declare -A CG_NAME=([goms]=gateway [goms+trace]=gateway-trace [goms+trace-nodash]=gateway-trace-nodash [pingora]=pingora [floor-sessions]=floor-sessions [floor-raw]=floor-raw [pingora-handoff]=pingora-handoff [nginx]=nginx [haproxy]=haproxy)
     declare -A CG_DUMP
     CG_OUT=$T/instructions.tsv
     printf 'scenario\tfrontend\trequests\tinstructions_per_request\n' > "$CG_OUT"
