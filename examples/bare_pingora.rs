@@ -80,8 +80,9 @@ impl ServerApp for Handoff {
         let mut kept: Option<HttpPersistentSettings> = None;
         loop {
             // An owned path would parse these bytes and serve most requests itself; this one
-            // passes every request on. A pipelined request that pingora-proxy read past (its
-            // settings then carry a prefix) is not handled: the benchmark does not pipeline.
+            // passes every request on. Pipelining is off (pingora's default), so pingora-proxy
+            // does not reuse a connection it read past, and its settings carry no prefix that
+            // this one would replace.
             let mut first = BytesMut::with_capacity(4096);
             if stream.read_buf(&mut first).await.ok()? == 0 {
                 return None;
