@@ -549,8 +549,8 @@ fi
 # ---------------------------------------------------------------------------------------------
 declare -A FLOOR_PORT FLOOR_PID
 if [ "$OWN_APP_FLOOR" = 1 ]; then
-    log "building the own-app floors: cargo build --release --locked --example own_app_floor"
-    (cd "$REPO" && cargo build --release --locked --example own_app_floor)
+    log "building the own-app floors: cargo build --release --locked --example own_app_floor --example bare_pingora"
+    (cd "$REPO" && cargo build --release --locked --example own_app_floor --example bare_pingora)
     for mode in sessions raw; do
         free_port; FLOOR_PORT[$mode]=$FREE_PORT
         mapfile -t vg < <(VG "floor-$mode")
@@ -559,7 +559,6 @@ if [ "$OWN_APP_FLOOR" = 1 ]; then
             "127.0.0.1:$U1" "127.0.0.1:$U2" "127.0.0.1:$U3" > "$T/floor-$mode.log" 2>&1 &
         FLOOR_PID[$mode]=$!; PIDS+=("$!")
     done
-    (cd "$REPO" && cargo build --release --locked --example bare_pingora)
     free_port; FLOOR_PORT[handoff]=$FREE_PORT
     mapfile -t vg < <(VG pingora-handoff)
     ${vg[@]+"${vg[@]}"} "$REPO/target/release/examples/bare_pingora" --handoff "127.0.0.1:${FLOOR_PORT[handoff]}" \
